@@ -1,0 +1,70 @@
+// Argument checks shared by the CPU and CUDA launchers: each error names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+namespace fusedtech {
+
+inline void check_same_length(at::TensorList a, const char* a_name, at::TensorList b,
+                              const char* b_name) {
+  TORCH_CHECK(a.size() == b.size(), "fusedtech: ", b_name, " has ", b.size(), " tensors but ",
+              a_name, " has ", a.size());
+}
+
+// Every tensor at index i of `list` must match params[i] in device, shape and memory layout,
+// because kernels walk them as flat buffers in lockstep.
+inline void check_like_params(at::TensorList params, at::TensorList list, const char* name,
+                              std::optional<at::ScalarType> dtype) {
+  check_same_length(params, "params", list, name);
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.device() == p.device(), "fusedtech: ", name, "[", i, "] is on ", t.device(),
+                " but params[", i, "] is on ", p.device());
+    TORCH_CHECK(t.layout() == at::kStrided, "fusedtech: ", name, "[", i,
+                "] is sparse; fused optimizers support dense gradients only");
+    TORCH_CHECK(t.sizes() == p.sizes(), "fusedtech: ", name, "[", i, "] has shape ", t.sizes(),
+                " but params[", i, "] has shape ", p.sizes());
+    TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == p.strides()),
+                "fusedtech: ", name, "[", i,
+                "] must be dense with the same strides as params[", i, "]");
+    if (dtype) {
+      TORCH_CHECK(t.scalar_type() == *dtype, "fusedtech: ", name, "[", i, "] has dtype ",
+                  t.scalar_type(), ", expected ", *dtype);
+    }
+  }
+}
+
+inline void check_param_list(at::TensorList params) {
+  TORCH_CHECK(!params.empty(), "fusedtech: params is empty");
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fusedtech: params must be float32, float16 or bfloat16, got ", dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == dtype, "fusedtech: params[", i, "] has dtype ",
+                params[i].scalar_type(), " but params[0] has ", dtype,
+                "; group tensors by dtype before calling");
+    TORCH_CHECK(params[i].device() == params[0].device(), "fusedtech: params[", i, "] is on ",
+                params[i].device(), " but params[0] is on ", params[0].device());
+    TORCH_CHECK(params[i].numel() == 0 || params[i].is_non_overlapping_and_dense(),
+                "fusedtech: params[", i, "] must be dense (non-overlapping)");
+  }
+}
+
+inline void check_steps(at::TensorList params, at::TensorList steps) {
+  check_same_length(params, "params", steps, "steps");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat,
+                "fusedtech: steps[", i, "] must be a one-element float32 tensor");
+  }
+}
+
+}  // namespace fusedtech
+
+// AT_DISPATCH over the three storage dtypes the kernels support (double is refused earlier, so
+// instantiating it would only cost compile time).
+#define FT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)      \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

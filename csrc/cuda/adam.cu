@@ -1,0 +1,175 @@
+// Fused multi-tensor Adam/AdamW step on CUDA tensors: one launch per 32 tensors / 320 chunks.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "fusedtech/adam.h"
+#include "multi_tensor_apply.cuh"
+
+namespace fusedtech::cuda {
+namespace {
+
+constexpr int kDepth = 6;  // param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master
+using Meta = TensorListMeta<kDepth>;
+
+struct AdamArgs {
+  AdamHyper h;
+  double lr, beta1, beta2, weight_decay;
+  const float* lr_ptr;      // Tensor lr on the device, or null
+  const float* grad_scale;  // GradScaler's scale, or null
+  const float* found_inf;   // GradScaler's flag, or null
+};
+
+template <typename P, typename S>
+__device__ __forceinline__ void adam_element(int64_t i, P* p, const P* g, S* m, S* v, S* vmax,
+                                             float* master, float inv_scale, const AdamHyper& h,
+                                             const AdamTensorScalars& s) {
+  float pf = master ? master[i] : static_cast<float>(p[i]);
+  float mf = static_cast<float>(m[i]);
+  float vf = static_cast<float>(v[i]);
+  float vmaxf = h.amsgrad ? static_cast<float>(vmax[i]) : 0.0f;
+  adam_update(pf, static_cast<float>(g[i]) * inv_scale, mf, vf, vmaxf, h, s);
+  if (master) master[i] = pf;
+  p[i] = static_cast<P>(pf);
+  m[i] = static_cast<S>(mf);
+  v[i] = static_cast<S>(vf);
+  if (h.amsgrad) vmax[i] = static_cast<S>(vmaxf);
+}
+
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) adam_kernel(Meta meta, AdamArgs a) {
+  if (a.found_inf && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkElements;
+  const int64_t end = min(meta.numel[t], begin + kChunkElements);
+  P* p = static_cast<P*>(meta.addr[0][t]);
+  const P* g = static_cast<const P*>(meta.addr[1][t]);
+  S* m = static_cast<S*>(meta.addr[2][t]);
+  S* v = static_cast<S*>(meta.addr[3][t]);
+  S* vmax = static_cast<S*>(meta.addr[4][t]);
+  float* master = static_cast<float*>(meta.addr[5][t]);
+
+  // Once per block, in double, like torch's Python-float bias corrections.
+  const double lr = a.lr_ptr ? static_cast<double>(*a.lr_ptr) : a.lr;
+  const AdamTensorScalars s =
+      adam_tensor_scalars(lr, a.beta1, a.beta2, a.weight_decay, *meta.step[t]);
+  const float inv_scale = a.grad_scale ? 1.0f / *a.grad_scale : 1.0f;
+  const AdamHyper h = a.h;
+
+  // Vector body when every operand of this tensor is aligned (chunk starts are multiples of kILP,
+  // so the base address decides), then a scalar tail; otherwise scalar throughout.
+  const bool vec = aligned_for_vec<kILP>(p) && aligned_for_vec<kILP>(g) &&
+                   aligned_for_vec<kILP>(m) && aligned_for_vec<kILP>(v) &&
+                   (!h.amsgrad || aligned_for_vec<kILP>(vmax)) &&
+                   (!master || aligned_for_vec<kILP>(master));
+  int64_t scalar_from = begin;
+  if (vec) {
+    const int64_t nvec = (end - begin) / kILP;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      const int64_t i = begin + j * kILP;
+      Vec<P, kILP> pv = *reinterpret_cast<const Vec<P, kILP>*>(p + i);
+      const Vec<P, kILP> gv = *reinterpret_cast<const Vec<P, kILP>*>(g + i);
+      Vec<S, kILP> mv = *reinterpret_cast<const Vec<S, kILP>*>(m + i);
+      Vec<S, kILP> vv = *reinterpret_cast<const Vec<S, kILP>*>(v + i);
+      Vec<S, kILP> xv;
+      Vec<float, kILP> wv;
+      if (h.amsgrad) xv = *reinterpret_cast<const Vec<S, kILP>*>(vmax + i);
+      if (master) wv = *reinterpret_cast<const Vec<float, kILP>*>(master + i);
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) {
+        float pf = master ? wv.v[k] : static_cast<float>(pv.v[k]);
+        float mf = static_cast<float>(mv.v[k]);
+        float vf = static_cast<float>(vv.v[k]);
+        float xf = h.amsgrad ? static_cast<float>(xv.v[k]) : 0.0f;
+        adam_update(pf, static_cast<float>(gv.v[k]) * inv_scale, mf, vf, xf, h, s);
+        wv.v[k] = pf;
+        pv.v[k] = static_cast<P>(pf);
+        mv.v[k] = static_cast<S>(mf);
+        vv.v[k] = static_cast<S>(vf);
+        xv.v[k] = static_cast<S>(xf);
+      }
+      *reinterpret_cast<Vec<P, kILP>*>(p + i) = pv;
+      *reinterpret_cast<Vec<S, kILP>*>(m + i) = mv;
+      *reinterpret_cast<Vec<S, kILP>*>(v + i) = vv;
+      if (h.amsgrad) *reinterpret_cast<Vec<S, kILP>*>(vmax + i) = xv;
+      if (master) *reinterpret_cast<Vec<float, kILP>*>(master + i) = wv;
+    }
+    scalar_from = begin + nvec * kILP;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x) {
+    adam_element(i, p, g, m, v, vmax, master, inv_scale, h, s);
+  }
+}
+
+const float* optional_scalar(const std::optional<at::Tensor>& t, const char* name,
+                             const at::Device& device) {
+  if (!t) return nullptr;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1,
+              "fusedtech: ", name, " must be a one-element float32 tensor on ", device, ", got ",
+              t->scalar_type(), " on ", t->device());
+  return t->data_ptr<float>();
+}
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList master_params, at::TensorList steps, double lr,
+                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                    double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  check_param_list(params);
+  const bool has_master = !master_params.empty();
+  const auto pdtype = params[0].scalar_type();
+  const auto sdtype = has_master ? at::kFloat : pdtype;
+  check_like_params(params, grads, "grads", pdtype);
+  check_like_params(params, exp_avgs, "exp_avgs", sdtype);
+  check_like_params(params, exp_avg_sqs, "exp_avg_sqs", sdtype);
+  if (amsgrad) check_like_params(params, max_exp_avg_sqs, "max_exp_avg_sqs", sdtype);
+  if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
+  check_steps(params, steps);
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "fusedtech: adam_step (cuda) got params on ", device);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device() == device, "fusedtech: steps[", i, "] is on ",
+                steps[i].device(), " but params are on ", device);
+  }
+  c10::cuda::CUDAGuard guard(device);
+
+  AdamArgs args;
+  args.h = AdamHyper{static_cast<float>(beta1), static_cast<float>(beta2),
+                     static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                     static_cast<float>(eps), static_cast<float>(weight_decay), decoupled,
+                     amsgrad, maximize};
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.weight_decay = weight_decay;
+  args.lr_ptr = optional_scalar(lr_tensor, "lr", device);
+  args.grad_scale = optional_scalar(grad_scale, "grad_scale", device);
+  args.found_inf = optional_scalar(found_inf, "found_inf", device);
+
+  const std::array<at::TensorList, kDepth> lists{
+      params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
+      master_params};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  FT_DISPATCH_FLOAT_TYPES(pdtype, "adam_step_cuda", [&] {
+    using P = scalar_t;
+    auto run = [&](auto state_tag) {
+      using S = decltype(state_tag);
+      multi_tensor_apply<kDepth>(lists, steps, [&](const Meta& meta, int blocks) {
+        adam_kernel<P, S><<<blocks, kThreads, 0, stream>>>(meta, args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    if (has_master) run(float{}); else run(P{});
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtech_C, CUDA, m) { m.impl("adam_step_", &adam_step_cuda); }
+
+}  // namespace fusedtech::cuda

@@ -1,0 +1,65 @@
+// Adam / AdamW element update, shared by the CPU executor and the CUDA kernel.
+//
+// The order of operations follows torch.optim.Adam's single-tensor path so that fp32 results
+// agree with torch to rounding: lerp for the first moment, mul-then-addcmul for the second,
+// sqrt / bias_correction2_sqrt + eps for the denominator, and addcdiv's (value * m) / denom.
+#pragma once
+
+#include "fusedtech/common.h"
+
+namespace fusedtech {
+
+struct AdamHyper {
+  float beta1;
+  float beta2;
+  float one_minus_beta1;  // lerp weight, rounded once like torch's Scalar argument
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;
+  bool decoupled;  // AdamW: param *= 1 - lr * wd instead of grad += wd * param
+  bool amsgrad;
+  bool maximize;
+};
+
+// Depends on the tensor's step, not on the element: computed once per tensor (per CUDA block or
+// CPU chunk), in double as torch does it in Python floats.
+struct AdamTensorScalars {
+  float neg_step_size;  // -lr / (1 - beta1^step)
+  float bias_correction2_sqrt;
+  float decay_factor;  // 1 - lr * wd (AdamW only)
+};
+
+FT_HD AdamTensorScalars adam_tensor_scalars(double lr, double beta1, double beta2,
+                                            double weight_decay, double step) {
+  AdamTensorScalars s;
+  const double bias_correction1 = 1.0 - pow(beta1, step);
+  const double bias_correction2 = 1.0 - pow(beta2, step);
+  s.neg_step_size = static_cast<float>(-(lr / bias_correction1));
+  s.bias_correction2_sqrt = static_cast<float>(sqrt(bias_correction2));
+  s.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  return s;
+}
+
+// One element. `grad` arrives unscaled (GradScaler's division happens in the caller's load).
+FT_HD void adam_update(float& param, float grad, float& exp_avg, float& exp_avg_sq,
+                       float& max_exp_avg_sq, const AdamHyper& h, const AdamTensorScalars& s) {
+  if (h.maximize) grad = -grad;
+  if (h.weight_decay != 0.0f) {
+    if (h.decoupled) {
+      param = param * s.decay_factor;
+    } else {
+      grad = grad + h.weight_decay * param;
+    }
+  }
+  exp_avg = ft_lerp(exp_avg, grad, h.one_minus_beta1);
+  exp_avg_sq = exp_avg_sq * h.beta2 + h.one_minus_beta2 * grad * grad;
+  float second = exp_avg_sq;
+  if (h.amsgrad) {
+    max_exp_avg_sq = ft_max(max_exp_avg_sq, exp_avg_sq);
+    second = max_exp_avg_sq;
+  }
+  const float denom = ft_sqrt(second) / s.bias_correction2_sqrt + h.eps;
+  param = param + (s.neg_step_size * exp_avg) / denom;
+}
+
+}  // namespace fusedtech

@@ -1,0 +1,23 @@
+// The schema of every compiled op, once. Each device registers its implementation next to its
+// kernels: csrc/cpu/*.cpp for CPU (always built), csrc/cuda/*.cu for CUDA (built when nvcc and a
+// CUDA build of torch are present, into the separate module fusedtech._C_cuda).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fusedtech._C runs the static registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedtech_C, m) {
+  // Optimizers: one call updates every tensor of one (device, dtype) group in place.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
+      "Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale, "
+      "Tensor? found_inf) -> ()");
+}

@@ -1,0 +1,167 @@
+"""Which implementations can run here, which one an op uses, and why the others can't.
+
+Backends: ``cuda`` (compiled CUDA kernels), ``triton`` (Triton kernels; on CPU tensors only under
+TRITON_INTERPRET=1, for tests), ``cpu`` (compiled C++ kernels) and ``torch`` (the pure-PyTorch
+reference). The automatic choice is the fastest one available for the tensors' device; a backend
+asked for by name (``FUSEDTECH_BACKEND`` or :func:`use_backend`) that cannot run raises
+:class:`BackendUnavailableError` saying why.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import json
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+# Preference per device type for the automatic choice.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtech_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run the op on these tensors."""
+
+
+def _build_info() -> dict:
+    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError:
+        return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension(name: str):
+    """Imports fusedtech.<name>; returns (module or None, reason it is missing)."""
+    try:
+        return importlib.import_module(f"fusedtech.{name}"), ""
+    except ImportError as e:
+        key = "cuda" if name == "_C_cuda" else "cpu"
+        built = _build_info().get(key)
+        if built and built != "built":
+            return None, f"the {key} extension was not built ({built})"
+        return None, f"fusedtech.{name} could not be imported ({e}); reinstall with `pip install --no-build-isolation -e .`"
+
+
+def cpu_extension():
+    return _load_extension("_C")[0]
+
+
+def cuda_extension():
+    mod, _ = _load_extension("_C")  # the CUDA module registers kernels for schemas defined in _C
+    if mod is None:
+        return None
+    return _load_extension("_C_cuda")[0]
+
+
+def _triton_importable() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"Triton is not installed ({e})"
+    return True, ""
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run on tensors of `device_type` here, else the reason."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, not {device_type} tensors"
+        mod, why = _load_extension("_C")
+        return None if mod is not None else why
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, not {device_type} tensors"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+        if cuda_extension() is None:
+            return _load_extension("_C_cuda")[1] or _load_extension("_C")[1]
+        return None
+    # triton
+    ok, why = _triton_importable()
+    if not ok:
+        return why
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA GPU is visible to torch"
+    if device_type == "cpu":
+        if interpreting():
+            return None
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
+    return f"Triton does not run on {device_type} tensors"
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that can run here: for one device type, or for any device when None."""
+    if device is None:
+        types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        types = [torch.device(device).type]
+    return [b for b in BACKENDS if any(why_unavailable(b, t) is None for t in types)]
+
+
+def requested_backend() -> str | None:
+    """The backend asked for by use_backend() or, failing that, FUSEDTECH_BACKEND."""
+    name = _requested.get() or os.environ.get("FUSEDTECH_BACKEND") or None
+    if name is not None and name not in BACKENDS + ("auto",):
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    return None if name == "auto" else name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run the ops inside the block on backend `name` ('auto' or None restores the automatic choice)."""
+    if name is not None and name not in BACKENDS + ("auto",):
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+_warned: set = set()
+
+
+def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
+    """The backend that runs `op` on `device`, out of the backends that implement it."""
+    device_type = torch.device(device).type
+    wanted = requested_backend()
+    if wanted is not None:
+        if wanted not in implemented:
+            raise BackendUnavailableError(
+                f"fusedtech: backend {wanted!r} was requested but {op} has no {wanted} implementation "
+                f"(it has: {', '.join(implemented)})")
+        why = why_unavailable(wanted, device_type)
+        if why is not None:
+            raise BackendUnavailableError(f"fusedtech: backend {wanted!r} was requested for {op} but is unavailable: {why}")
+        return wanted
+    order = _AUTO_ORDER.get(device_type, ("torch",))
+    skipped = []
+    for name in order:
+        if name not in implemented:
+            continue
+        why = why_unavailable(name, device_type)
+        if why is None:
+            if skipped and (op, device_type) not in _warned:
+                _warned.add((op, device_type))
+                warnings.warn(f"fusedtech: {op} on {device_type} uses the {name} backend because "
+                              + "; ".join(f"{b} is unavailable: {w}" for b, w in skipped), stacklevel=3)
+            return name
+        skipped.append((name, why))
+    raise BackendUnavailableError(f"fusedtech: no backend can run {op} on {device_type} tensors")

@@ -1,0 +1,1 @@
+"""Fused counterparts of ``torch.nn.utils``."""

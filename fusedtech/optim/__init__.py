@@ -1,0 +1,9 @@
+"""Drop-in for ``torch.optim``: ``import fusedtech.optim as optim`` works in place of
+``import torch.optim as optim``. Fused classes replace torch's; everything else (lr_scheduler,
+swa_utils, the optimizers not fused yet) is torch's own."""
+from torch.optim import *  # noqa: F401,F403 - the namespace we mirror
+from torch.optim import Optimizer, lr_scheduler, swa_utils  # noqa: F401
+
+from .adam import Adam, AdamW, FusedAdam, FusedAdamW  # noqa: F401
+
+FUSED = ("Adam", "AdamW")

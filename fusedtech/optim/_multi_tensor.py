@@ -1,0 +1,153 @@
+"""What every fused optimizer does around its kernel: collect the parameters of a param group into
+(device, dtype) buckets, one kernel call each; create state lazily in torch's layout; honour
+GradScaler's contract (grad_scale / found_inf); keep fp32 master weights when asked.
+
+The per-parameter Python loop here only gathers references (torch's own optimizers do the same in
+``_init_group``); all arithmetic happens in one kernel call per bucket.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """True if t's elements fill its storage span with no gaps or overlaps, in any dim order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda s: s[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class Bucket:
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    states: dict = field(default_factory=lambda: defaultdict(list))
+    steps: list = field(default_factory=list)
+    masters: list = field(default_factory=list)
+    # (param, working copy) pairs for parameters that are not dense or whose gradient has other
+    # strides: the kernel updates the copy and the copy is written back after it.
+    writeback: list = field(default_factory=list)
+
+
+def check_param(name: str, p: torch.Tensor) -> None:
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    if torch.is_complex(p):
+        raise RuntimeError(f"{name} does not support complex parameters; use the torch.optim class")
+    if p.dtype not in SUPPORTED:
+        raise TypeError(f"{name} supports float32, float16 and bfloat16 parameters, got {p.dtype}")
+
+
+def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
+            initial_state=None, master_weights: bool = False, with_step: bool = True) -> dict:
+    """Buckets of the group's parameters that have a gradient, keyed by (device, dtype).
+
+    state_keys name the per-parameter state tensors, created on first use as zeros shaped and
+    laid out like the parameter (initial_state(p, key) may give another start value). With
+    master_weights, fp16/bf16 parameters get an fp32 ``master_param`` and fp32 states.
+    """
+    buckets: dict = defaultdict(Bucket)
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        check_param(name, p)
+        state = optimizer.state[p]
+        use_master = master_weights and p.dtype in LOW_PRECISION
+        state_dtype = torch.float32 if use_master else p.dtype
+        if len(state) == 0:
+            if with_step:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for key in state_keys:
+                init = initial_state(p, key) if initial_state is not None else None
+                state[key] = (torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                              if init is None else init.to(state_dtype))
+        if use_master and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+
+        work, grad = p, p.grad
+        if not dense(p) or grad.stride() != p.stride() or (use_master and state["master_param"].stride() != p.stride()):
+            work = p.detach().contiguous()
+            grad = grad.contiguous()
+        elif not dense(grad):
+            grad = grad.contiguous()
+        b = buckets[(p.device, p.dtype, state_dtype)]
+        if work is not p:
+            b.writeback.append((p, work))
+        b.params.append(work)
+        b.grads.append(grad)
+        for key in state_keys:
+            s = state[key]
+            if s.stride() != work.stride() or s.dtype != state_dtype or s.device != p.device:
+                # Loaded from a checkpoint with another layout, dtype or device: relayout once.
+                s = state[key] = torch.empty_like(work, dtype=state_dtype).copy_(s)
+            b.states[key].append(s)
+        if use_master:
+            m = state["master_param"]
+            if m.stride() != work.stride():
+                m = state["master_param"] = torch.empty_like(work, dtype=torch.float32).copy_(m)
+            b.masters.append(m)
+        if with_step:
+            step = state["step"]
+            if step.device != p.device or step.dtype != torch.float32:
+                # torch keeps non-fused steps on the CPU; our kernels read them on the device.
+                step = state["step"] = step.to(device=p.device, dtype=torch.float32)
+            b.steps.append(step)
+    return buckets
+
+
+def scaler_tensors(optimizer, device: torch.device):
+    """GradScaler's grad_scale and found_inf (set on the optimizer around step()) on `device`."""
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    found_inf = getattr(optimizer, "found_inf", None)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+    if found_inf is not None:
+        found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+    return grad_scale, found_inf
+
+
+def undo_skipped_steps(steps: list, found_inf) -> None:
+    """After the kernel: a step GradScaler skipped (found_inf = 1) must not count."""
+    if found_inf is not None and steps:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+def finish(bucket: Bucket) -> None:
+    for p, work in bucket.writeback:
+        p.detach().copy_(work)
+
+
+def lr_args(lr, device):
+    """(float lr, lr tensor on device or None): a Tensor lr stays on the device, no sync."""
+    if isinstance(lr, torch.Tensor):
+        return 0.0, lr.detach().to(device=device, dtype=torch.float32)
+    return float(lr), None
+
+
+def restore_fp32_state(optimizer, state_dict: dict, keys: tuple[str, ...]) -> None:
+    """torch's load_state_dict casts every state tensor to its parameter's dtype; with master
+    weights the states are fp32, so take them again from the state_dict being loaded."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for pid, p in zip(saved_ids, params):
+        saved = state_dict["state"].get(pid)
+        if not saved or not groups[id(p)].get("master_weights") or p.dtype not in LOW_PRECISION:
+            continue
+        state = optimizer.state[p]
+        for key in keys + ("master_param",):
+            if key in saved and torch.is_tensor(saved[key]):
+                state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+        if "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)

@@ -1,0 +1,88 @@
+"""Backend discovery, selection and override."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fusedtech
+from fusedtech import _backend
+
+
+def test_torch_backend_always_available():
+    assert "torch" in fusedtech.available_backends("cpu")
+    assert fusedtech.why_unavailable("torch", "cpu") is None
+
+
+def test_cpu_extension_built():
+    # setup.py always builds the CPU extension; if it failed, the reason is what this prints.
+    assert fusedtech.why_unavailable("cpu", "cpu") is None, fusedtech.why_unavailable("cpu", "cpu")
+
+
+def test_cuda_backend_reason_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    why = fusedtech.why_unavailable("cuda", "cuda")
+    assert why is not None and "GPU" in why
+
+
+def test_use_backend_overrides_and_restores():
+    assert _backend.requested_backend() in (None, os.environ.get("FUSEDTECH_BACKEND"))
+    with fusedtech.use_backend("torch"):
+        assert _backend.select("adam_step", torch.device("cpu"), ("cpu", "torch")) == "torch"
+        with fusedtech.use_backend("cpu"):
+            assert _backend.select("adam_step", torch.device("cpu"), ("cpu", "torch")) == "cpu"
+        assert _backend.requested_backend() == "torch"
+
+
+def test_requested_unavailable_backend_raises_with_reason():
+    with fusedtech.use_backend("cuda"):
+        with pytest.raises(fusedtech.BackendUnavailableError, match="cuda.*CPU tensors|cuda.*unavailable"):
+            _backend.select("adam_step", torch.device("cpu"), ("cuda", "cpu", "torch"))
+
+
+def test_requested_backend_not_implemented_raises():
+    with fusedtech.use_backend("triton"):
+        with pytest.raises(fusedtech.BackendUnavailableError, match="no triton implementation"):
+            _backend.select("some_op", torch.device("cpu"), ("cpu", "torch"))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(fusedtech.BackendUnavailableError, match="unknown backend"):
+        with fusedtech.use_backend("tpu"):
+            pass
+
+
+def test_env_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("FUSEDTECH_BACKEND", "torch")
+    assert _backend.select("adam_step", torch.device("cpu"), ("cpu", "torch")) == "torch"
+    monkeypatch.setenv("FUSEDTECH_BACKEND", "cuda")
+    with pytest.raises(fusedtech.BackendUnavailableError):
+        _backend.select("adam_step", torch.device("cpu"), ("cpu", "torch", "cuda"))
+
+
+def test_automatic_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # An op with no cpu implementation falls back to torch on CPU tensors, without a warning:
+        # torch is the only implementation it has for that device.
+        assert _backend.select("op_a", torch.device("cpu"), ("torch",)) == "torch"
+    assert not caught
+    monkeypatch.setattr(_backend, "why_unavailable",
+                        lambda b, d: "pretend not built" if b == "cpu" else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _backend.select("op_b", torch.device("cpu"), ("cpu", "torch")) == "torch"
+        assert _backend.select("op_b", torch.device("cpu"), ("cpu", "torch")) == "torch"
+    assert len(caught) == 1 and "pretend not built" in str(caught[0].message)
+
+
+def test_python_m_fusedtech_reports_every_backend():
+    out = subprocess.run([sys.executable, "-m", "fusedtech"], capture_output=True, text=True, check=True).stdout
+    for name in ("cuda", "triton", "cpu", "torch"):
+        assert f"  {name}" in out
+    assert torch.__version__ in out
+    assert "GPU" in out
