@@ -1,0 +1,54 @@
+"""Shared by the benchmark modules (benchmarks/bench_*.py): time one call with pytest-benchmark and
+record what the report needs (bytes moved, so GB/s; the device copy of the same bytes, so the
+fraction of copy bandwidth).
+
+Every timed case calls ``measure(benchmark, fn, ...)``. A module adds, for each shape it times, a
+``copy`` case (``impl="copy"``) through ``copy_fn`` moving the same number of bytes, so that the
+report can put each implementation next to a device-to-device copy measured in the same run.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+QUICK = os.environ.get("FUSEDTECH_BENCH_QUICK", "0") == "1"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(dev: torch.device):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure(benchmark, fn, *, dev: torch.device, op: str, impl: str, case: str, dtype, bytes_moved: int,
+            calls: int | None = None, rounds: int | None = None, **extra):
+    """Times fn. A round runs `calls` back-to-back calls then synchronizes, so on a GPU the launch
+    queue stays full and the sync is amortised; the report divides by `calls`."""
+    if calls is None:
+        calls = 20 if dev.type == "cuda" else (1 if bytes_moved > (1 << 24) else 5)
+    if rounds is None:
+        rounds = 3 if QUICK else (30 if dev.type == "cuda" else 7)
+
+    def round_():
+        for _ in range(calls):
+            fn()
+        _sync(dev)
+
+    for _ in range(2):  # warm-up: compilation, autotuning, allocator
+        round_()
+    benchmark.extra_info.update(
+        op=op, impl=impl, case=case, dtype=str(dtype).replace("torch.", ""), bytes=int(bytes_moved),
+        calls_per_round=calls, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", **extra)
+    benchmark.pedantic(round_, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def copy_fn(nbytes: int, dev: torch.device):
+    """A device copy that reads nbytes/2 and writes nbytes/2: the yardstick for nbytes moved."""
+    n = max(1, nbytes // 2 // 4)
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
