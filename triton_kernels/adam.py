@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import chunk_table, pointer_table, tl_dtype
+from .rounding import round_to
 
 CHUNK = 2048  # elements per program
 # Column of each operand in the pointer table.
@@ -84,16 +85,16 @@ def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
         if AMSGRAD:
             vmax_ptr = tl.load(base + 4).to(tl.pointer_type(STATE))
             vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-            tl.store(vmax_ptr + offs, vmax.to(STATE), mask=mask)
+            tl.store(vmax_ptr + offs, round_to(vmax, STATE), mask=mask)
             second = vmax
         # IEEE sqrt and division (Triton's defaults are approximate) to agree with torch to rounding.
         denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
         p = p + tl.div_rn(neg_step_size * m, denom)
         if HAS_MASTER:
             tl.store(w_ptr + offs, p, mask=mask)
-        tl.store(p_ptr + offs, p.to(PARAM), mask=mask)
-        tl.store(m_ptr + offs, m.to(STATE), mask=mask)
-        tl.store(v_ptr + offs, v.to(STATE), mask=mask)
+        tl.store(p_ptr + offs, round_to(p, PARAM), mask=mask)
+        tl.store(m_ptr + offs, round_to(m, STATE), mask=mask)
+        tl.store(v_ptr + offs, round_to(v, STATE), mask=mask)
 
 
 _hyper_cache: dict = {}
