@@ -59,6 +59,8 @@ def run(opt_cls, params, steps=20, backend=None, start=0, **kw):
 
 
 def _steps(opt, params, steps, backend=None, start=0):
+    if params and isinstance(params[0], dict):
+        params = [p for g in params for p in g["params"]]
     for s in range(start, start + steps):
         set_grads(params, s)
         with fusedtech.use_backend(backend):

@@ -1,0 +1,53 @@
+"""Ahead-of-time GPU compilation of the optimizer kernels, and the nvcc build of the CUDA extension."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import fusedtech
+from aot import compile_for_gpus
+
+ADAM_SIGNATURE = {"ptrs": "*i64", "chunks": "*i64", "hyper": "*fp64", "lr": "fp32", "lr_ptr": "*fp32",
+                  "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "beta1": "fp32", "beta2": "fp32",
+                  "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32"}
+
+
+@pytest.mark.parametrize("param,state,master", [("float32", "float32", False), ("bfloat16", "bfloat16", False),
+                                                ("float16", "float32", True)])
+@pytest.mark.parametrize("flags", [dict(AMSGRAD=True, HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True,
+                                        HAS_LR_PTR=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True),
+                                   dict(AMSGRAD=False, HAS_WEIGHT_DECAY=False, DECOUPLED=False, MAXIMIZE=False,
+                                        HAS_LR_PTR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)],
+                         ids=["all-options", "plain"])
+def test_adam_triton_kernel_compiles_for_sm80_sm90(param, state, master, flags):
+    import triton.language as tl
+    from fusedtech.triton_kernels.adam import _adam_kernel
+    consts = dict(PARAM=getattr(tl, param), STATE=getattr(tl, state), HAS_MASTER=master, BLOCK=1024, **flags)
+    for compiled in compile_for_gpus(_adam_kernel, ADAM_SIGNATURE, consts):
+        ptx = compiled.asm["ptx"]
+        # IEEE sqrt and division, as the parity with torch assumes (not the approximate forms).
+        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+        assert "sqrt.approx.f32" not in ptx
+
+
+def _nvcc_usable():
+    return shutil.which("nvcc") is not None and torch.version.cuda is not None
+
+
+def test_cuda_extension_built_with_nvcc():
+    """Where nvcc and a CUDA build of torch exist (as here and in CI), setup.py must have compiled
+    csrc/cuda/*.cu for sm_80/sm_90; a failure is recorded in _build_info.json with the compiler's
+    message, which this test prints."""
+    if not _nvcc_usable():
+        pytest.skip("no nvcc or not a CUDA build of torch")
+    if os.environ.get("FUSEDTECH_BUILD_CUDA") == "0":
+        pytest.skip("FUSEDTECH_BUILD_CUDA=0")
+    path = os.path.join(os.path.dirname(fusedtech.__file__), "_build_info.json")
+    with open(path) as f:
+        info = json.load(f)
+    assert info["cuda"] == "built", info["cuda"]
+    assert info["cpu"] == "built", info["cpu"]
+    so = [n for n in os.listdir(os.path.dirname(fusedtech.__file__)) if n.startswith("_C_cuda") and n.endswith(".so")]
+    assert so, "the CUDA extension library is missing"
