@@ -2,6 +2,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../checks.h"
 #include "fusedtech/adam.h"
 #include "multi_tensor.h"
@@ -9,32 +11,32 @@
 namespace fusedtech::cpu {
 namespace {
 
-template <typename P, typename S>
-void adam_chunk(const Chunk& c, P* param, const P* grad, S* exp_avg, S* exp_avg_sq,
-                S* max_exp_avg_sq, float* master, float inv_grad_scale, bool has_grad_scale,
-                const AdamHyper& h, const AdamTensorScalars& s) {
-  float p[kBlockElements], g[kBlockElements], m[kBlockElements], v[kBlockElements],
+// One chunk, staged through fp32 blocks so that the update loop is a plain SIMD loop over floats
+// whatever the storage dtypes. h and s arrive by value: as locals the compiler knows they cannot
+// alias the arrays, hoists every option test out of the loop and vectorises it.
+template <typename P, typename S, bool AMSGRAD, bool MASTER>
+void adam_chunk(const Chunk& c, P* __restrict param, const P* __restrict grad, S* __restrict exp_avg,
+                S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, float* __restrict master,
+                float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s) {
+  alignas(64) float p[kBlockElements], g[kBlockElements], m[kBlockElements], v[kBlockElements],
       vmax[kBlockElements];
   for (int64_t b = c.begin; b < c.end; b += kBlockElements) {
     const int64_t n = std::min(kBlockElements, c.end - b);
     for (int64_t i = 0; i < n; ++i) {
-      p[i] = master ? master[b + i] : to_float(param[b + i]);
-      g[i] = to_float(grad[b + i]);
+      p[i] = MASTER ? master[b + i] : to_float(param[b + i]);
+      g[i] = to_float(grad[b + i]) * inv_grad_scale;
       m[i] = to_float(exp_avg[b + i]);
       v[i] = to_float(exp_avg_sq[b + i]);
-      vmax[i] = h.amsgrad ? to_float(max_exp_avg_sq[b + i]) : 0.0f;
-    }
-    if (has_grad_scale) {
-      for (int64_t i = 0; i < n; ++i) g[i] = g[i] * inv_grad_scale;
+      vmax[i] = AMSGRAD ? to_float(max_exp_avg_sq[b + i]) : 0.0f;
     }
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) adam_update(p[i], g[i], m[i], v[i], vmax[i], h, s);
     for (int64_t i = 0; i < n; ++i) {
-      if (master) master[b + i] = p[i];
+      if (MASTER) master[b + i] = p[i];
       param[b + i] = from_float<P>(p[i]);
       exp_avg[b + i] = from_float<S>(m[i]);
       exp_avg_sq[b + i] = from_float<S>(v[i]);
-      if (h.amsgrad) max_exp_avg_sq[b + i] = from_float<S>(vmax[i]);
+      if (AMSGRAD) max_exp_avg_sq[b + i] = from_float<S>(vmax[i]);
     }
   }
 }
@@ -61,9 +63,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
               params[0].device());
 
   if (found_inf && found_inf->item<double>() != 0.0) return;  // GradScaler: skip the step
-  const bool has_grad_scale = grad_scale.has_value();
   const float inv_grad_scale =
-      has_grad_scale ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.0f;
+      grad_scale ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.0f;
   if (lr_tensor) lr = lr_tensor->item<double>();
 
   const AdamHyper h{static_cast<float>(beta1), static_cast<float>(beta2),
@@ -78,18 +79,26 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
   FT_DISPATCH_FLOAT_TYPES(pdtype, "adam_step_cpu", [&] {
     using P = scalar_t;
-    auto run = [&](auto state_tag) {
+    auto run = [&](auto state_tag, auto amsgrad_tag, auto master_tag) {
       using S = decltype(state_tag);
+      constexpr bool kAmsgrad = decltype(amsgrad_tag)::value;
+      constexpr bool kMaster = decltype(master_tag)::value;
       for_each_chunk(params, [&](const Chunk& c) {
         const int64_t t = c.tensor;
-        adam_chunk<P, S>(c, params[t].data_ptr<P>(), grads[t].const_data_ptr<P>(),
-                         exp_avgs[t].data_ptr<S>(), exp_avg_sqs[t].data_ptr<S>(),
-                         amsgrad ? max_exp_avg_sqs[t].data_ptr<S>() : nullptr,
-                         has_master ? master_params[t].data_ptr<float>() : nullptr,
-                         inv_grad_scale, has_grad_scale, h, per_tensor[t]);
+        adam_chunk<P, S, kAmsgrad, kMaster>(
+            c, params[t].data_ptr<P>(), grads[t].const_data_ptr<P>(), exp_avgs[t].data_ptr<S>(),
+            exp_avg_sqs[t].data_ptr<S>(), kAmsgrad ? max_exp_avg_sqs[t].data_ptr<S>() : nullptr,
+            kMaster ? master_params[t].data_ptr<float>() : nullptr, inv_grad_scale, h,
+            per_tensor[t]);
       });
     };
-    if (has_master) run(float{}); else run(P{});
+    using T = std::true_type;
+    using F = std::false_type;
+    if (has_master) {
+      amsgrad ? run(float{}, T{}, T{}) : run(float{}, F{}, T{});
+    } else {
+      amsgrad ? run(P{}, T{}, F{}) : run(P{}, F{}, F{});
+    }
   });
 }
 
