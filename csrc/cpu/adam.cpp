@@ -11,33 +11,25 @@
 namespace fusedtech::cpu {
 namespace {
 
-// One chunk, staged through fp32 blocks so that the update loop is a plain SIMD loop over floats
-// whatever the storage dtypes. h and s arrive by value: as locals the compiler knows they cannot
-// alias the arrays, hoists every option test out of the loop and vectorises it.
+// One chunk: a single SIMD loop, each element loaded into fp32 locals, updated, stored back.
+// h and s arrive by value: as locals the compiler knows they cannot alias the arrays, hoists every
+// option test out of the loop and vectorises it.
 template <typename P, typename S, bool AMSGRAD, bool MASTER>
-void adam_chunk(const Chunk& c, P* __restrict param, const P* __restrict grad, S* __restrict exp_avg,
+__attribute__((noinline)) void adam_chunk(const Chunk& c, P* __restrict param, const P* __restrict grad, S* __restrict exp_avg,
                 S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, float* __restrict master,
                 float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s) {
-  alignas(64) float p[kBlockElements], g[kBlockElements], m[kBlockElements], v[kBlockElements],
-      vmax[kBlockElements];
-  for (int64_t b = c.begin; b < c.end; b += kBlockElements) {
-    const int64_t n = std::min(kBlockElements, c.end - b);
-    for (int64_t i = 0; i < n; ++i) {
-      p[i] = MASTER ? master[b + i] : to_float(param[b + i]);
-      g[i] = to_float(grad[b + i]) * inv_grad_scale;
-      m[i] = to_float(exp_avg[b + i]);
-      v[i] = to_float(exp_avg_sq[b + i]);
-      vmax[i] = AMSGRAD ? to_float(max_exp_avg_sq[b + i]) : 0.0f;
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) adam_update(p[i], g[i], m[i], v[i], vmax[i], h, s);
-    for (int64_t i = 0; i < n; ++i) {
-      if (MASTER) master[b + i] = p[i];
-      param[b + i] = from_float<P>(p[i]);
-      exp_avg[b + i] = from_float<S>(m[i]);
-      exp_avg_sq[b + i] = from_float<S>(v[i]);
-      if (AMSGRAD) max_exp_avg_sq[b + i] = from_float<S>(vmax[i]);
-    }
+  const int64_t begin = c.begin, end = c.end;
+  for (int64_t i = begin; i < end; ++i) {
+    float p = MASTER ? master[i] : to_float(param[i]);
+    float m = to_float(exp_avg[i]);
+    float v = to_float(exp_avg_sq[i]);
+    float vmax = AMSGRAD ? to_float(max_exp_avg_sq[i]) : 0.0f;
+    adam_update(p, to_float(grad[i]) * inv_grad_scale, m, v, vmax, h, s);
+    if (MASTER) master[i] = p;
+    param[i] = from_float<P>(p);
+    exp_avg[i] = from_float<S>(m);
+    exp_avg_sq[i] = from_float<S>(v);
+    if (AMSGRAD) max_exp_avg_sq[i] = from_float<S>(vmax);
   }
 }
 

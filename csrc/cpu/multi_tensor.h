@@ -13,8 +13,6 @@ namespace fusedtech::cpu {
 // Large enough to amortise the per-chunk setup (bias corrections, pointer fetches), small enough
 // that a ResNet-sized parameter list yields many more chunks than cores.
 constexpr int64_t kChunkElements = 64 * 1024;
-// Elements converted to fp32 at a time; a block of each operand fits comfortably in L1.
-constexpr int64_t kBlockElements = 256;
 
 struct Chunk {
   int64_t tensor;

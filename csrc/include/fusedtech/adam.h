@@ -41,25 +41,25 @@ FT_HD AdamTensorScalars adam_tensor_scalars(double lr, double beta1, double beta
 }
 
 // One element. `grad` arrives unscaled (GradScaler's division happens in the caller's load).
+// Options are applied as selects, not branches: the CPU loops then if-convert and vectorise, and
+// on the GPU the conditions are uniform across a warp anyway. Each select keeps torch's exact
+// arithmetic for the option it stands for (nothing is multiplied by 1 or added as 0).
 FT_HD void adam_update(float& param, float grad, float& exp_avg, float& exp_avg_sq,
                        float& max_exp_avg_sq, const AdamHyper& h, const AdamTensorScalars& s) {
-  if (h.maximize) grad = -grad;
-  if (h.weight_decay != 0.0f) {
-    if (h.decoupled) {
-      param = param * s.decay_factor;
-    } else {
-      grad = grad + h.weight_decay * param;
-    }
-  }
-  exp_avg = ft_lerp(exp_avg, grad, h.one_minus_beta1);
-  exp_avg_sq = exp_avg_sq * h.beta2 + h.one_minus_beta2 * grad * grad;
-  float second = exp_avg_sq;
-  if (h.amsgrad) {
-    max_exp_avg_sq = ft_max(max_exp_avg_sq, exp_avg_sq);
-    second = max_exp_avg_sq;
-  }
+  const bool decay = h.weight_decay != 0.0f;
+  float p = param;
+  float g = ft_select(h.maximize, -grad, grad);
+  g = ft_select(decay & !h.decoupled, g + h.weight_decay * p, g);
+  p = ft_select(decay & h.decoupled, p * s.decay_factor, p);
+  const float m = ft_lerp(exp_avg, g, h.one_minus_beta1);
+  const float v = exp_avg_sq * h.beta2 + h.one_minus_beta2 * g * g;
+  const float vmax = ft_max(max_exp_avg_sq, v);
+  const float second = ft_select(h.amsgrad, vmax, v);
   const float denom = ft_sqrt(second) / s.bias_correction2_sqrt + h.eps;
-  param = param + (s.neg_step_size * exp_avg) / denom;
+  param = p + (s.neg_step_size * m) / denom;
+  exp_avg = m;
+  exp_avg_sq = v;
+  max_exp_avg_sq = ft_select(h.amsgrad, vmax, max_exp_avg_sq);
 }
 
 }  // namespace fusedtech

@@ -8,7 +8,9 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FT_HD __host__ __device__ __forceinline__
 #else
-#define FT_HD inline
+// always_inline: the CPU executors call these inside `omp simd` loops, which vectorise only what
+// is inlined.
+#define FT_HD inline __attribute__((always_inline))
 #endif
 
 namespace fusedtech {
@@ -21,16 +23,35 @@ FT_HD float ft_sqrt(float x) {
 #endif
 }
 
+// c ? a : b for a condition that is uniform over a loop (an option flag). On the GPU a plain
+// select; on the CPU a bit blend, because GCC does not vectorise a select on a scalar bool but
+// does vectorise integer ops with a loop-invariant mask. Both give exactly a or b.
+FT_HD float ft_select(bool c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  uint32_t ua, ub;
+  __builtin_memcpy(&ua, &a, 4);
+  __builtin_memcpy(&ub, &b, 4);
+  const uint32_t r = (ua & mask) | (ub & ~mask);
+  float out;
+  __builtin_memcpy(&out, &r, 4);
+  return out;
+#endif
+}
+
 FT_HD float ft_max(float a, float b) {
   // NaN-propagating like torch.maximum: a NaN in either operand wins.
-  return (a != a || a > b) ? a : b;
+  // Non-short-circuit | and &: branch-free, so loops calling this if-convert and vectorise.
+  return ((a != a) | (a > b)) ? a : b;
 }
 
 // torch.lerp's formula for a scalar weight (ATen/native/Lerp.h): which branch is taken depends on
 // the weight only, so the branch is uniform across a tensor and keeps loops vectorisable.
 FT_HD float ft_lerp(float self, float end, float weight) {
-  return (weight < 0.5f && weight > -0.5f) ? self + weight * (end - self)
-                                           : end - (end - self) * (1.0f - weight);
+  return ft_select((weight < 0.5f) & (weight > -0.5f), self + weight * (end - self),
+                   end - (end - self) * (1.0f - weight));
 }
 
 }  // namespace fusedtech
