@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU: build the extension against the device's own torch, run every
+# test (the GPU-marked ones included), then the full benchmark suite; everything lands in $OUT
+# (at most 8 files come back from the device: keep this list short).
+#
+#   device run:  bash benchmarks/gpu_run.sh        (OUT is set by the device tool)
+#   then here:   copy $OUT's files to benchmarks/results/<date>-<gpu>/ and commit them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# Wheels carried in .whl/ (pytest-benchmark, tqdm ... when the device lacks them), per the device README.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+{ time python3 setup.py build_ext --inplace; } > "$OUT/build.log" 2>&1 || echo "build failed (see build.log)"
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{ python3 -m fusedtech; echo; nvidia-smi; } > "$OUT/env.txt" 2>&1
+python3 -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -25
+python3 -m benchmarks.run --out "$OUT" 2>&1 | tail -60
+ls -la "$OUT"
