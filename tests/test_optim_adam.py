@@ -464,3 +464,26 @@ def test_gpu_capturable_step_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert opt.state[params[0]]["step"].item() == before + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reused_buckets_follow_state_and_layout_changes(backend):
+    """step() reuses last step's buckets; loading new state, a gradient that disappears or one
+    with another layout must all be picked up."""
+    p_ours, p_ref = make_params(), make_params()
+    ours = run(optim.Adam, p_ours, steps=3, backend=backend, lr=1e-2)
+    ref = run(torch.optim.Adam, p_ref, steps=3, foreach=False, lr=1e-2)
+    # Replace our state with torch's (different tensors, different values) mid-training.
+    for a, b in zip(p_ours, p_ref):
+        a.data.copy_(b.data)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    _steps(ours, p_ours, 2, backend, start=3)
+    _steps(ref, p_ref, 2, start=3)
+    assert_close_params_and_state(ref, p_ref, ours, p_ours, **FP32_TOL)
+    # A gradient laid out differently from its (transposed) parameter goes through the slow path.
+    for ps, opt in ((p_ours, ours), (p_ref, ref)):
+        set_grads(ps, 50)
+        ps[5].grad = ps[5].grad.contiguous()
+        with fusedtech.use_backend(backend if opt is ours else None):
+            opt.step()
+    assert_close_params_and_state(ref, p_ref, ours, p_ours, **FP32_TOL)

@@ -33,6 +33,7 @@ class _FusedAdamStep:
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        mt.forget_plans(self)
         mt.restore_fp32_state(self, state_dict, _STATE + ("max_exp_avg_sq",))
 
     @torch.no_grad()
