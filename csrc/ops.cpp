@@ -20,4 +20,18 @@ TORCH_LIBRARY(fusedtech_C, m) {
       "Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] master_params, float lr, Tensor? lr_tensor, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, bool first_step, Tensor? grad_scale, "
+      "Tensor? found_inf) -> ()");
+  m.def(
+      "rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
+      "Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(e!)[] master_params, "
+      "float lr, Tensor? lr_tensor, float alpha, float eps, float weight_decay, float momentum, "
+      "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def(
+      "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
+      "Tensor(c!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float lr_decay, "
+      "float weight_decay, float eps, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
 }

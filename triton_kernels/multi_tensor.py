@@ -63,3 +63,10 @@ def tl_dtype(dtype: torch.dtype):
     if dtype not in _DTYPES:
         raise TypeError(f"fusedtech: Triton kernels take float32, float16 or bfloat16 tensors, got {dtype}")
     return getattr(tl, _DTYPES[dtype])
+
+
+def launch_scalars(like: torch.Tensor, lr_tensor, grad_scale, found_inf):
+    """Pointers for the optional scalar operands; an absent one passes a placeholder the kernel
+    never reads (its HAS_* flag is off)."""
+    lr_ptr = lr_tensor.to(device=like.device, dtype=torch.float32) if lr_tensor is not None else like
+    return lr_ptr, grad_scale if grad_scale is not None else like, found_inf if found_inf is not None else like

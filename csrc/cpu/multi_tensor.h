@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace fusedtech::cpu {
@@ -38,6 +40,30 @@ void for_each_chunk(at::TensorList tensors, Fn fn) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) fn(chunks[c]);
   });
+}
+
+// What every optimizer step reads before its loop: GradScaler's skip flag and scale, and the
+// learning rate when it is a (CPU) tensor.
+struct StepScalars {
+  bool skip;             // found_inf is set: the step changes nothing
+  float inv_grad_scale;  // 1 / grad_scale, or 1
+  double lr;
+};
+
+inline StepScalars step_scalars(double lr, const std::optional<at::Tensor>& lr_tensor,
+                                const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf) {
+  StepScalars s{false, 1.0f, lr};
+  if (found_inf && found_inf->item<double>() != 0.0) s.skip = true;
+  if (grad_scale) s.inv_grad_scale = static_cast<float>(1.0 / grad_scale->item<double>());
+  if (lr_tensor) s.lr = lr_tensor->item<double>();
+  return s;
+}
+
+// Calls fn(std::integral_constant<bool, b>) : turns a runtime flag into a template argument.
+template <typename Fn>
+void with_bool(bool b, Fn fn) {
+  if (b) fn(std::true_type{}); else fn(std::false_type{});
 }
 
 template <typename T>

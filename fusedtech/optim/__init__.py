@@ -4,6 +4,9 @@ swa_utils, the optimizers not fused yet) is torch's own."""
 from torch.optim import *  # noqa: F401,F403 - the namespace we mirror
 from torch.optim import Optimizer, lr_scheduler, swa_utils  # noqa: F401
 
+from .adagrad import Adagrad, FusedAdagrad  # noqa: F401
 from .adam import Adam, AdamW, FusedAdam, FusedAdamW  # noqa: F401
+from .rmsprop import FusedRMSprop, RMSprop  # noqa: F401
+from .sgd import SGD, FusedSGD  # noqa: F401
 
-FUSED = ("Adam", "AdamW")
+FUSED = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")

@@ -126,16 +126,9 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         b.originals.append(p)
         b.grads.append(grad)
         for key in state_keys:
-            s = state[key]
-            if s.stride() != work.stride() or s.dtype != state_dtype or s.device != p.device:
-                # Loaded from a checkpoint with another layout, dtype or device: relayout once.
-                s = state[key] = torch.empty_like(work, dtype=state_dtype).copy_(s)
-            b.states[key].append(s)
+            b.states[key].append(matching_state(state, key, work, state_dtype))
         if use_master:
-            m = state["master_param"]
-            if m.stride() != work.stride():
-                m = state["master_param"] = torch.empty_like(work, dtype=torch.float32).copy_(m)
-            b.masters.append(m)
+            b.masters.append(matching_state(state, "master_param", work, torch.float32))
         if with_step:
             step = state["step"]
             if step.device != p.device or step.dtype != torch.float32:
@@ -143,6 +136,14 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
                 step = state["step"] = step.to(device=p.device, dtype=torch.float32)
             b.steps.append(step)
     return buckets
+
+
+def matching_state(state: dict, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """state[key], relaid out once (to like's strides, device and `dtype`) if a checkpoint gave it another."""
+    s = state[key]
+    if s.stride() != like.stride() or s.dtype != dtype or s.device != like.device:
+        s = state[key] = torch.empty_like(like, dtype=dtype).copy_(s)
+    return s
 
 
 def scaler_tensors(optimizer, device: torch.device):
@@ -190,3 +191,35 @@ def restore_fp32_state(optimizer, state_dict: dict, keys: tuple[str, ...]) -> No
                 state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
         if "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)
+
+
+class FusedStepMixin:
+    """Shared by every fused optimizer; mixed in before the torch class it replaces.
+
+    Subclasses set ``_fused_state`` (the state tensors kept in fp32 with master weights) and
+    implement step(). Construction goes through the torch class, so arguments, defaults,
+    validation messages, param_groups and repr are torch's own.
+    """
+
+    _fused_state: tuple[str, ...] = ()
+
+    def _fused_setup(self, name: str, master_weights: bool, differentiable: bool) -> None:
+        if differentiable:
+            raise ValueError(f"fusedtech.optim.{name} does not support differentiable=True; "
+                             f"use torch.optim.{name} for higher-order optimization")
+        self._fusedtech_name = name
+        if master_weights:  # only then, so param_groups and repr stay exactly torch's otherwise
+            for group in self.param_groups:
+                group["master_weights"] = True
+            self.defaults["master_weights"] = True
+        # GradScaler then hands us grad_scale/found_inf instead of unscaling .grad itself.
+        self._step_supports_amp_scaling = True
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        forget_plans(self)
+        restore_fp32_state(self, state_dict, self._fused_state)
+
+    def _buckets(self, group, keys, **kw):
+        return collect(self, group, keys, name=f"fusedtech.optim.{self._fusedtech_name}",
+                       master_weights=group.get("master_weights", False), **kw)

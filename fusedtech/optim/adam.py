@@ -15,26 +15,10 @@ _STATE = ("exp_avg", "exp_avg_sq")
 _TORCH_HAS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
 
-class _FusedAdamStep:
-    """step() for Adam-family optimizers; mixed in before the torch class."""
+class _FusedAdamStep(mt.FusedStepMixin):
+    """step() for Adam-family optimizers."""
 
-    _fusedtech_name = "Adam"
-
-    def _fused_setup(self, master_weights: bool, differentiable: bool) -> None:
-        if differentiable:
-            raise ValueError(f"fusedtech.optim.{self._fusedtech_name} does not support differentiable=True; "
-                             f"use torch.optim.{self._fusedtech_name} for higher-order optimization")
-        if master_weights:  # only then, so param_groups and repr stay exactly torch's otherwise
-            for group in self.param_groups:
-                group["master_weights"] = True
-            self.defaults["master_weights"] = True
-        # GradScaler then hands us grad_scale/found_inf instead of unscaling .grad itself.
-        self._step_supports_amp_scaling = True
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        mt.forget_plans(self)
-        mt.restore_fp32_state(self, state_dict, _STATE + ("max_exp_avg_sq",))
+    _fused_state = _STATE + ("max_exp_avg_sq",)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -46,8 +30,7 @@ class _FusedAdamStep:
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
             keys = _STATE + (("max_exp_avg_sq",) if amsgrad else ())
-            buckets = mt.collect(self, group, keys, name=f"fusedtech.optim.{self._fusedtech_name}",
-                                 master_weights=group.get("master_weights", False))
+            buckets = self._buckets(group, keys)
             beta1, beta2 = (float(b) for b in group["betas"])
             for (device, _, _), b in buckets.items():
                 lr, lr_tensor = mt.lr_args(group["lr"], device)
@@ -73,16 +56,15 @@ class Adam(_FusedAdamStep, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, master_weights=False):
-        self._fusedtech_name = "Adam"
         if differentiable:
-            self._fused_setup(master_weights, differentiable)
+            self._fused_setup("Adam", master_weights, differentiable)
         extra = {"decoupled_weight_decay": decoupled_weight_decay} if _TORCH_HAS_DECOUPLED else {}
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          capturable=capturable, **extra)
         if not _TORCH_HAS_DECOUPLED:
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
-        self._fused_setup(master_weights, differentiable)
+        self._fused_setup("Adam", master_weights, differentiable)
 
 
 class AdamW(_FusedAdamStep, torch.optim.AdamW):
@@ -91,12 +73,11 @@ class AdamW(_FusedAdamStep, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                  master_weights=False):
-        self._fusedtech_name = "AdamW"
         if differentiable:
-            self._fused_setup(master_weights, differentiable)
+            self._fused_setup("AdamW", master_weights, differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          capturable=capturable)
-        self._fused_setup(master_weights, differentiable)
+        self._fused_setup("AdamW", master_weights, differentiable)
 
 
 FusedAdam = Adam

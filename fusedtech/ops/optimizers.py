@@ -1,0 +1,56 @@
+"""The fused SGD, RMSprop and Adagrad steps as torch.library ops, so torch.compile can trace a step.
+(Adam/AdamW: ops/adam.py.) Each op mutates its lists in place and dispatches at run time."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._multi_tensor import call, implementation
+
+T = torch.Tensor
+L = list[torch.Tensor]
+
+
+@torch.library.custom_op("fusedtech::sgd_step_", mutates_args=("params", "momentum_buffers", "master_params"))
+def _sgd_op(params: L, grads: L, momentum_buffers: L, master_params: L, lr: float, lr_tensor: Optional[T],
+            momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+            first_step: bool, grad_scale: Optional[T], found_inf: Optional[T]) -> None:
+    implementation("sgd_step_", "sgd", params[0].device)(
+        params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
+        nesterov, maximize, first_step, grad_scale, found_inf)
+
+
+@torch.library.custom_op("fusedtech::rmsprop_step_",
+                         mutates_args=("params", "square_avgs", "grad_avgs", "momentum_buffers", "master_params"))
+def _rmsprop_op(params: L, grads: L, square_avgs: L, grad_avgs: L, momentum_buffers: L, master_params: L,
+                lr: float, lr_tensor: Optional[T], alpha: float, eps: float, weight_decay: float,
+                momentum: float, maximize: bool, grad_scale: Optional[T], found_inf: Optional[T]) -> None:
+    implementation("rmsprop_step_", "rmsprop", params[0].device)(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, lr, lr_tensor, alpha, eps,
+        weight_decay, momentum, maximize, grad_scale, found_inf)
+
+
+@torch.library.custom_op("fusedtech::adagrad_step_", mutates_args=("params", "state_sums", "master_params"))
+def _adagrad_op(params: L, grads: L, state_sums: L, master_params: L, steps: L, lr: float,
+                lr_tensor: Optional[T], lr_decay: float, weight_decay: float, eps: float, maximize: bool,
+                grad_scale: Optional[T], found_inf: Optional[T]) -> None:
+    implementation("adagrad_step_", "adagrad", params[0].device)(
+        params, grads, state_sums, master_params, steps, lr, lr_tensor, lr_decay, weight_decay, eps,
+        maximize, grad_scale, found_inf)
+
+
+for _op in (_sgd_op, _rmsprop_op, _adagrad_op):
+    _op.register_fake(lambda *args: None)
+
+
+def sgd_step_(*args) -> None:
+    call(_sgd_op, "sgd_step_", "sgd", *args)
+
+
+def rmsprop_step_(*args) -> None:
+    call(_rmsprop_op, "rmsprop_step_", "rmsprop", *args)
+
+
+def adagrad_step_(*args) -> None:
+    call(_adagrad_op, "adagrad_step_", "adagrad", *args)
