@@ -22,62 +22,14 @@ import torch
 import fusedtech
 from fusedtech import optim
 from fusedtech.reference import adam as reference
-from conftest import HAS_CUDA, cpu_backends
+from conftest import cpu_backends
+from optim_common import assert_close_params_and_state, clone, make_params, run, set_grads, _steps
 
 BACKENDS = cpu_backends()
 FP32_TOL = dict(atol=1e-6, rtol=1e-5)
 LOWP_TOL = {torch.float16: dict(atol=1e-3, rtol=2e-3), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 PAIRS = [(torch.optim.Adam, optim.Adam), (torch.optim.AdamW, optim.AdamW)]
-
-
-def make_params(dtype=torch.float32, device="cpu", seed=0):
-    """Tensors of awkward shapes: empty ones at the start, middle and end, a 1-element one, a
-    transposed (dense, permuted) one, a strided non-dense view, and one that spans several
-    Triton/CPU chunks with a partial last chunk."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    tensors = [r(0), r(17, 33), r(33), r(0, 4), r(1), r(8, 6).t(), r(10, 12)[:, ::3], r(5000), r(3, 4, 5), r(0)]
-    return [torch.nn.Parameter(t.to(device)) for t in tensors]
-
-
-def set_grads(params, step, none_every=3):
-    g = torch.Generator().manual_seed(1000 + step)
-    for i, p in enumerate(params):
-        grad = torch.randn(p.shape, generator=g).to(p.dtype).to(p.device)
-        # Some parameters have no gradient on some steps: they must be skipped, step included.
-        p.grad = None if (i + step) % none_every == 0 and i % 2 == 1 else grad
-
-
-def run(opt_cls, params, steps=20, backend=None, start=0, **kw):
-    opt = opt_cls(params, **kw)
-    _steps(opt, params, steps, backend, start)
-    return opt
-
-
-def _steps(opt, params, steps, backend=None, start=0):
-    if params and isinstance(params[0], dict):
-        params = [p for g in params for p in g["params"]]
-    for s in range(start, start + steps):
-        set_grads(params, s)
-        with fusedtech.use_backend(backend):
-            opt.step()
-
-
-def clone(params):
-    return [torch.nn.Parameter(p.detach().clone()) for p in params]
-
-
-def assert_close_params_and_state(ref_opt, ref_params, opt, params, **tol):
-    for p_ref, p in zip(ref_params, params):
-        torch.testing.assert_close(p, p_ref, **tol)
-        s_ref, s = ref_opt.state[p_ref], opt.state[p]
-        assert set(s_ref) <= set(s), (set(s_ref), set(s))
-        for key in s_ref:
-            torch.testing.assert_close(s[key].cpu(), s_ref[key].cpu(), **tol, msg=lambda m: f"state {key}: {m}")
 
 
 CONFIGS = [

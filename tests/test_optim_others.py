@@ -1,0 +1,228 @@
+"""Fused SGD, RMSprop and Adagrad against torch.optim and against our oracles.
+
+Tolerances (documented here, never loosened to make a test pass):
+- float32 vs torch.optim (single-tensor path) after 20 steps: atol 1e-5, rtol 1e-5. Same
+  operation order; torch's CPU kernels contract a + alpha * b into an FMA where ours round twice
+  (seen: one ulp of values up to ~20 after 20 SGD steps at lr 0.1, i.e. ~2e-6).
+- float16 / bfloat16, kernel vs our oracle: two ulps of the storage dtype (fp16 rtol 2e-3,
+  bf16 rtol 1.6e-2) plus atol 1e-3 / 2e-2; states stored in the low-precision dtype can round
+  one ulp apart and carry it into the parameter.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import fusedtech
+from fusedtech import optim
+from conftest import cpu_backends
+from optim_common import assert_close_params_and_state, clone, make_params, run, set_grads, _steps
+
+BACKENDS = cpu_backends()
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+LOWP_TOL = {torch.float16: dict(atol=1e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
+
+# (torch class, fused class, configs): the OptimizerInfo of this file.
+INFOS = [
+    (torch.optim.SGD, optim.SGD, [dict(lr=0.05), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, dampening=0.3),
+                                  dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
+                                  dict(lr=0.05, momentum=0.5, weight_decay=0.05, maximize=True),
+                                  dict(lr=torch.tensor(0.02), momentum=0.9)]),
+    (torch.optim.RMSprop, optim.RMSprop, [dict(), dict(centered=True), dict(momentum=0.9), dict(weight_decay=0.1),
+                                          dict(lr=3e-3, alpha=0.9, centered=True, momentum=0.5, weight_decay=0.05,
+                                               maximize=True)]),
+    (torch.optim.Adagrad, optim.Adagrad, [dict(), dict(lr_decay=0.05), dict(initial_accumulator_value=0.5),
+                                          dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, eps=1e-6, maximize=True)]),
+]
+CASES = [(t, f, c) for t, f, cs in INFOS for c in cs]
+
+
+def _id(case):
+    t, _, c = case
+    return t.__name__ + "-" + (",".join(f"{k}={v}" for k, v in c.items()) or "default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_fp32_matches_torch(backend, case):
+    torch_cls, fused_cls, config = case
+    params = make_params()
+    ref_params = clone(params)
+    ref = run(torch_cls, ref_params, foreach=False, **copy.deepcopy(config))
+    fused = run(fused_cls, params, backend=backend, **copy.deepcopy(config))
+    assert_close_params_and_state(ref, ref_params, fused, params, **FP32_TOL)
+
+
+LOWP_CASES = [(t, f, cs[-1]) for t, f, cs in INFOS]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LOWP_CASES, ids=[_id(c) for c in LOWP_CASES])
+def test_low_precision_kernel_matches_oracle(backend, dtype, case):
+    _, fused_cls, config = case
+    config = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in config.items()}
+    params = make_params(dtype)
+    ref_params = clone(params)
+    ref = run(fused_cls, ref_params, backend="torch", **config)
+    fused = run(fused_cls, params, backend=backend, **config)
+    assert_close_params_and_state(ref, ref_params, fused, params, **LOWP_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
+def test_master_weights(backend, info):
+    _, fused_cls, configs = info
+    config = {k: v for k, v in configs[-1].items() if not isinstance(v, torch.Tensor)}
+    params = make_params(torch.bfloat16)
+    opt = run(fused_cls, params, backend=backend, master_weights=True, **config)
+    exact = [torch.nn.Parameter(p.detach().float()) for p in make_params(torch.bfloat16)]
+    exact_opt = fused_cls(exact, **config)
+    for s in range(20):
+        set_grads(params, s)
+        for pe, p in zip(exact, params):
+            pe.grad = None if p.grad is None else p.grad.float()
+        with fusedtech.use_backend(backend):  # same backend: same rounding, so only storage differs
+            exact_opt.step()
+    for pe, p in zip(exact, params):
+        if p not in opt.state or not opt.state[p]:
+            continue
+        master = opt.state[p]["master_param"]
+        torch.testing.assert_close(master, pe.detach(), **FP32_TOL)
+        assert torch.equal(p, master.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
+def test_state_dict_round_trip_with_torch(backend, info):
+    torch_cls, fused_cls, configs = info
+    config = {k: v for k, v in configs[-1].items() if not isinstance(v, torch.Tensor)}
+    p_torch = make_params()
+    t_opt = run(torch_cls, p_torch, steps=5, foreach=False, **config)
+    buf = io.BytesIO()
+    torch.save(t_opt.state_dict(), buf)
+    buf.seek(0)
+    p_ours = clone(p_torch)
+    f_opt = fused_cls(p_ours, **config)
+    f_opt.load_state_dict(torch.load(buf, weights_only=True))
+    _steps(t_opt, p_torch, 5, start=5)
+    _steps(f_opt, p_ours, 5, backend, start=5)
+    assert_close_params_and_state(t_opt, p_torch, f_opt, p_ours, **FP32_TOL)
+
+    p_ours = make_params()
+    f_opt = run(fused_cls, p_ours, steps=5, backend=backend, **config)
+    sd = f_opt.state_dict()
+    p_torch = clone(p_ours)
+    t_opt = torch_cls(p_torch, foreach=False, **config)
+    t_opt.load_state_dict(copy.deepcopy(sd))
+    assert t_opt.state_dict()["param_groups"] == sd["param_groups"]
+    _steps(t_opt, p_torch, 5, start=5)
+    _steps(f_opt, p_ours, 5, backend, start=5)
+    assert_close_params_and_state(t_opt, p_torch, f_opt, p_ours, **FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
+def test_grad_scaler_skip_changes_nothing(backend, info):
+    _, fused_cls, configs = info
+    config = {k: v for k, v in configs[-1].items() if not isinstance(v, torch.Tensor)}
+    params = make_params()
+    opt = run(fused_cls, params, steps=2, backend=backend, **config)
+    before = [p.detach().clone() for p in params]
+    state_before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state}
+    set_grads(params, 9)
+    opt.grad_scale, opt.found_inf = torch.tensor(64.0), torch.tensor(1.0)
+    with fusedtech.use_backend(backend):
+        opt.step()
+    del opt.grad_scale, opt.found_inf
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for p, st in state_before.items():
+        assert opt.state[p].keys() == st.keys()
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_first_step_buffer_is_the_gradient(backend):
+    """torch clones the (decayed, maximized) gradient into a new momentum buffer; a step skipped
+    by GradScaler creates none."""
+    params = make_params()
+    # dampening 0.5: a buffer wrongly updated from zeros would hold half the gradient.
+    opt = optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1, maximize=True)
+    set_grads(params, 0)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    with fusedtech.use_backend(backend):
+        opt.step()
+    assert all("momentum_buffer" not in opt.state[p] for p in params)
+    del opt.grad_scale, opt.found_inf
+    expected = {p: (-p.grad).add(p.detach(), alpha=0.1) for p in params if p.grad is not None}
+    with fusedtech.use_backend(backend):
+        opt.step()
+    for p, e in expected.items():
+        # Equal up to whether g + wd * p is fused into one FMA (torch's CPU add) or rounded twice.
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], e, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
+def test_defaults_repr_and_validation_match_torch(info):
+    torch_cls, fused_cls, _ = info
+    t, f = torch_cls(make_params()), fused_cls(make_params())
+    assert t.defaults == f.defaults and repr(t) == repr(f)
+    assert f._step_supports_amp_scaling
+    assert isinstance(f, torch_cls)
+    for bad in (dict(lr=-1.0), dict(weight_decay=-1.0)):
+        with pytest.raises(ValueError) as expected:
+            torch_cls(make_params(), **bad)
+        with pytest.raises(ValueError, match=str(expected.value)):
+            fused_cls(make_params(), **bad)
+    with pytest.raises(ValueError, match="differentiable"):
+        fused_cls(make_params(), differentiable=True)
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    p.grad = torch.randn(3, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        fused_cls([p]).step()
+
+
+def test_aliases_and_namespace():
+    assert optim.FusedSGD is optim.SGD and optim.FusedRMSprop is optim.RMSprop and optim.FusedAdagrad is optim.Adagrad
+    for name in ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad"):
+        assert name in optim.FUSED
+
+
+@pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
+def test_compiled_step_matches_eager(info):
+    _, fused_cls, configs = info
+    config = {k: v for k, v in configs[-1].items() if not isinstance(v, torch.Tensor)}
+    p1, p2 = make_params(), make_params()
+    o1, o2 = fused_cls(p1, **config), fused_cls(p2, **config)
+
+    @torch.compile(backend="aot_eager")
+    def compiled_step():
+        o2.step()
+
+    for s in range(3):
+        set_grads(p1, s)
+        set_grads(p2, s)
+        o1.step()
+        compiled_step()
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LOWP_CASES, ids=[_id(c) for c in LOWP_CASES])
+def test_gpu_matches_oracle(backend, dtype, case):
+    _, fused_cls, config = case
+    config = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in config.items()}
+    params = make_params(dtype, device="cuda") + [torch.nn.Parameter(torch.randn(70_000, device="cuda").to(dtype))
+                                                  for _ in range(40)]
+    ref_params = clone(params)
+    ref = run(fused_cls, ref_params, backend="torch", **config)
+    fused = run(fused_cls, params, backend=backend, **config)
+    tol = FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype]
+    assert_close_params_and_state(ref, ref_params, fused, params, **tol)
