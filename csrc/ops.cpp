@@ -34,4 +34,7 @@ TORCH_LIBRARY(fusedtech_C, m) {
       "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
       "Tensor(c!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float lr_decay, "
       "float weight_decay, float eps, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+
+  // Global norm of a tensor list (clip_grad_norm_): a 0-d float32 tensor, 2-norm or inf-norm.
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
 }

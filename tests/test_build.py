@@ -51,3 +51,39 @@ def test_cuda_extension_built_with_nvcc():
     assert info["cpu"] == "built", info["cpu"]
     so = [n for n in os.listdir(os.path.dirname(fusedtech.__file__)) if n.startswith("_C_cuda") and n.endswith(".so")]
     assert so, "the CUDA extension library is missing"
+
+
+_COMMON = {"ptrs": "*i64", "chunks": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+           "found_inf_ptr": "*fp32"}
+_FLAGS_ON = dict(HAS_WEIGHT_DECAY=True, MAXIMIZE=True, HAS_LR_PTR=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)
+OPTIMIZER_KERNELS = [
+    ("sgd", "_sgd_kernel", dict(_COMMON, momentum="fp32", one_minus_dampening="fp32", weight_decay="fp32"),
+     [dict(MOMENTUM=True, FIRST_STEP=False, NESTEROV=True), dict(MOMENTUM=True, FIRST_STEP=True, NESTEROV=False)]),
+    ("rmsprop", "_rmsprop_kernel", dict(_COMMON, alpha="fp32", one_minus_alpha="fp32", eps="fp32",
+                                        weight_decay="fp32", momentum="fp32"),
+     [dict(CENTERED=True, MOMENTUM=True), dict(CENTERED=False, MOMENTUM=False)]),
+    ("adagrad", "_adagrad_kernel", dict(_COMMON, lr_decay="fp32", eps="fp32", weight_decay="fp32"), [dict()]),
+]
+
+
+@pytest.mark.parametrize("module,kernel,signature,variants", OPTIMIZER_KERNELS, ids=[k[0] for k in OPTIMIZER_KERNELS])
+def test_optimizer_triton_kernels_compile_for_sm80_sm90(module, kernel, signature, variants):
+    import importlib
+
+    import triton.language as tl
+    fn = getattr(importlib.import_module(f"fusedtech.triton_kernels.{module}"), kernel)
+    for variant, (param, state, master) in zip(variants * 2, [("float32", "float32", False), ("bfloat16", "float32", True)]):
+        consts = dict(PARAM=getattr(tl, param), STATE=getattr(tl, state), HAS_MASTER=master, BLOCK=1024,
+                      **_FLAGS_ON, **variant)
+        for compiled in compile_for_gpus(fn, signature, consts):
+            assert "sqrt.approx.f32" not in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype,inf", [("float32", False), ("bfloat16", True)])
+def test_grad_norm_triton_kernel_compiles(dtype, inf):
+    import triton.language as tl
+    from fusedtech.triton_kernels.grad_norm import _norm_partials_kernel
+    consts = dict(DTYPE=getattr(tl, dtype), INF=inf, BLOCK=1024)
+    for compiled in compile_for_gpus(_norm_partials_kernel, {"ptrs": "*i64", "chunks": "*i64", "partials": "*fp32"},
+                                     consts):
+        assert compiled.asm["cubin"]

@@ -42,6 +42,27 @@ __device__ __forceinline__ bool aligned_for_vec(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
 }
 
+// The chunk this block owns: tensor slot t of the launch, elements [begin, end).
+struct BlockChunk {
+  int t;
+  int64_t begin;
+  int64_t end;
+};
+
+template <int DEPTH>
+__device__ __forceinline__ BlockChunk block_chunk(const TensorListMeta<DEPTH>& meta) {
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkElements;
+  return {t, begin, min(meta.numel[t], begin + kChunkElements)};
+}
+
+// Calls f(i) for every element of the chunk; consecutive threads take consecutive elements, so
+// every load and store is coalesced.
+template <typename F>
+__device__ __forceinline__ void for_each_element(const BlockChunk& c, F f) {
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) f(i);
+}
+
 // lists[d][t] is operand d of tensor t; lists[0] decides the tensors (empty ones are skipped) and
 // an empty operand list passes null addresses. launch(meta, blocks) starts one kernel.
 template <int DEPTH, typename Launch>
