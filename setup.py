@@ -150,7 +150,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy"],
+        # torch-optimizer: torch_optimizer.Lamb, the reference our LAMB is a drop-in for.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "torch-optimizer"],
         # deepspeed: DeepSpeedCPUAdam, the CPU bar the optimizer benchmark reports beside torch.
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "deepspeed"],
     },

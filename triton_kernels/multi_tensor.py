@@ -55,6 +55,20 @@ def chunk_table(numels: list[int], chunk: int, device: torch.device) -> torch.Te
     return _remember(_chunk_cache, key, _upload(rows, device))
 
 
+def tensor_chunk_ranges(numels: list[int], chunk: int, device: torch.device) -> torch.Tensor:
+    """[tensors, 2] int64 rows (first program of the tensor in chunk_table's order, program count)."""
+    key = (device, chunk, tuple(numels), "ranges")
+    hit = _chunk_cache.get(key)
+    if hit is not None:
+        return hit
+    rows, first = [], 0
+    for n in numels:
+        count = (n + chunk - 1) // chunk
+        rows.append([first, count])
+        first += count
+    return _remember(_chunk_cache, key, _upload(rows, device))
+
+
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 

@@ -1,4 +1,4 @@
-"""The fused SGD, RMSprop and Adagrad steps as torch.library ops, so torch.compile can trace a step.
+"""The fused SGD, RMSprop, Adagrad and LAMB steps as torch.library ops, so torch.compile can trace a step.
 (Adam/AdamW: ops/adam.py.) Each op mutates its lists in place and dispatches at run time."""
 from __future__ import annotations
 
@@ -40,7 +40,17 @@ def _adagrad_op(params: L, grads: L, state_sums: L, master_params: L, steps: L, 
         maximize, grad_scale, found_inf)
 
 
-for _op in (_sgd_op, _rmsprop_op, _adagrad_op):
+@torch.library.custom_op("fusedtech::lamb_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params"))
+def _lamb_op(params: L, grads: L, exp_avgs: L, exp_avg_sqs: L, master_params: L, steps: L, lr: float,
+             lr_tensor: Optional[T], beta1: float, beta2: float, eps: float, weight_decay: float, clamp_lower: float,
+             clamp_upper: float, debias: bool, adam: bool, grad_averaging: bool, grad_scale: Optional[T],
+             found_inf: Optional[T]) -> None:
+    implementation("lamb_step_", "lamb", params[0].device)(
+        params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+        clamp_lower, clamp_upper, debias, adam, grad_averaging, grad_scale, found_inf)
+
+
+for _op in (_sgd_op, _rmsprop_op, _adagrad_op, _lamb_op):
     _op.register_fake(lambda *args: None)
 
 
@@ -54,3 +64,7 @@ def rmsprop_step_(*args) -> None:
 
 def adagrad_step_(*args) -> None:
     call(_adagrad_op, "adagrad_step_", "adagrad", *args)
+
+
+def lamb_step_(*args) -> None:
+    call(_lamb_op, "lamb_step_", "lamb", *args)

@@ -131,6 +131,8 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
             b.masters.append(matching_state(state, "master_param", work, torch.float32))
         if with_step:
             step = state["step"]
+            if not torch.is_tensor(step):  # torch_optimizer keeps an int
+                step = state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
             if step.device != p.device or step.dtype != torch.float32:
                 # torch keeps non-fused steps on the CPU; our kernels read them on the device.
                 step = state["step"] = step.to(device=p.device, dtype=torch.float32)

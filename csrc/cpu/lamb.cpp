@@ -1,0 +1,121 @@
+// Fused multi-tensor LAMB on CPU tensors: three passes over all tensors at once (see lamb.h):
+// moments + per-chunk norm partials, per-tensor trust ratios, update.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+#include "fusedtech/lamb.h"
+#include "multi_tensor.h"
+
+namespace fusedtech::cpu {
+namespace {
+
+struct Partial {
+  double weight_sq;
+  double update_sq;
+};
+
+template <typename P, typename S, bool MASTER>
+__attribute__((noinline)) Partial lamb_pass1(const Chunk& c, const P* __restrict param, const P* __restrict grad,
+                                             S* __restrict exp_avg, S* __restrict exp_avg_sq,
+                                             const float* __restrict master, float inv_scale, const LambHyper h) {
+  const int64_t begin = c.begin, end = c.end;
+  double wsq = 0.0, usq = 0.0;
+  for (int64_t i = begin; i < end; ++i) {
+    const float p = MASTER ? master[i] : to_float(param[i]);
+    float m = to_float(exp_avg[i]);
+    float v = to_float(exp_avg_sq[i]);
+    lamb_moments(to_float(grad[i]) * inv_scale, m, v, h);
+    exp_avg[i] = from_float<S>(m);
+    exp_avg_sq[i] = from_float<S>(v);
+    const float u = lamb_direction(p, to_float(from_float<S>(m)), to_float(from_float<S>(v)), h);
+    wsq += static_cast<double>(p) * p;
+    usq += static_cast<double>(u) * u;
+  }
+  return {wsq, usq};
+}
+
+template <typename P, typename S, bool MASTER>
+__attribute__((noinline)) void lamb_pass3(const Chunk& c, P* __restrict param, const S* __restrict exp_avg,
+                                          const S* __restrict exp_avg_sq, float* __restrict master,
+                                          float neg_step, const LambHyper h) {
+  const int64_t begin = c.begin, end = c.end;
+  for (int64_t i = begin; i < end; ++i) {
+    const float p = MASTER ? master[i] : to_float(param[i]);
+    const float u = lamb_direction(p, to_float(exp_avg[i]), to_float(exp_avg_sq[i]), h);
+    const float out = p + neg_step * u;
+    if (MASTER) master[i] = out;
+    param[i] = from_float<P>(out);
+  }
+}
+
+void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList master_params, at::TensorList steps, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                   double weight_decay, double clamp_lower, double clamp_upper, bool debias, bool adam,
+                   bool grad_averaging, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  check_param_list(params);
+  const bool has_master = !master_params.empty();
+  const auto pdtype = params[0].scalar_type();
+  const auto sdtype = has_master ? at::kFloat : pdtype;
+  check_like_params(params, grads, "grads", pdtype);
+  check_like_params(params, exp_avgs, "exp_avgs", sdtype);
+  check_like_params(params, exp_avg_sqs, "exp_avg_sqs", sdtype);
+  if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
+  check_steps(params, steps);
+  TORCH_CHECK(params[0].device().is_cpu(), "fusedtech: lamb_step (cpu) got params on ", params[0].device());
+  const StepScalars st = step_scalars(lr, lr_tensor, grad_scale, found_inf);
+  if (st.skip) return;
+  const LambHyper h{static_cast<float>(beta1), static_cast<float>(beta2),
+                    static_cast<float>(grad_averaging ? 1.0 - beta1 : 1.0), static_cast<float>(1.0 - beta2),
+                    static_cast<float>(eps), static_cast<float>(weight_decay)};
+  const std::vector<Chunk> chunks = make_chunks(params);
+  std::vector<Partial> partial(chunks.size());
+  FT_DISPATCH_FLOAT_TYPES(pdtype, "lamb_step_cpu", [&] {
+    using P = scalar_t;
+    with_bool(has_master, [&](auto mas) {
+      constexpr bool kMaster = decltype(mas)::value;
+      using S = std::conditional_t<kMaster, float, P>;
+      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          const int64_t t = chunks[k].tensor;
+          partial[k] = lamb_pass1<P, S, kMaster>(chunks[k], params[t].const_data_ptr<P>(),
+                                                 grads[t].const_data_ptr<P>(), exp_avgs[t].data_ptr<S>(),
+                                                 exp_avg_sqs[t].data_ptr<S>(),
+                                                 kMaster ? master_params[t].const_data_ptr<float>() : nullptr,
+                                                 st.inv_grad_scale, h);
+        }
+      });
+      // Pass 2: per-tensor norms, summed in chunk order (deterministic), and the step scalars.
+      std::vector<Partial> norms(params.size(), Partial{0.0, 0.0});
+      for (size_t k = 0; k < chunks.size(); ++k) {
+        norms[chunks[k].tensor].weight_sq += partial[k].weight_sq;
+        norms[chunks[k].tensor].update_sq += partial[k].update_sq;
+      }
+      std::vector<float> neg_step(params.size());
+      for (size_t t = 0; t < params.size(); ++t) {
+        const double step_size = lamb_step_size(st.lr, beta1, beta2, steps[t].item<double>(), debias);
+        neg_step[t] = lamb_neg_step(static_cast<float>(std::sqrt(norms[t].weight_sq)),
+                                    static_cast<float>(std::sqrt(norms[t].update_sq)),
+                                    static_cast<float>(clamp_lower), static_cast<float>(clamp_upper), adam,
+                                    step_size);
+      }
+      for_each_chunk(params, [&](const Chunk& c) {
+        const int64_t t = c.tensor;
+        lamb_pass3<P, S, kMaster>(c, params[t].data_ptr<P>(), exp_avgs[t].const_data_ptr<S>(),
+                                  exp_avg_sqs[t].const_data_ptr<S>(),
+                                  kMaster ? master_params[t].data_ptr<float>() : nullptr, neg_step[t], h);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtech_C, CPU, m) { m.impl("lamb_step_", &lamb_step_cpu); }
+
+}  // namespace fusedtech::cpu

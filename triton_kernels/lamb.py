@@ -1,0 +1,155 @@
+"""Multi-tensor LAMB in Triton: three launches per (device, dtype) group (see
+csrc/include/fusedtech/lamb.h): moments + per-chunk norm partials; per-tensor trust ratio (one
+program per tensor, partials summed in a fixed order: deterministic); update."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import chunk_table, launch_scalars, pointer_table, tensor_chunk_ranges, tl_dtype
+from .rounding import round_to
+
+CHUNK = 2048
+# Pointer-table columns.
+P, G, M, V, MASTER, STEP = range(6)
+
+
+@triton.jit
+def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, beta1, beta2, grad_coef,
+                         one_minus_beta2, eps, weight_decay, PARAM: tl.constexpr, STATE: tl.constexpr,
+                         HAS_MASTER: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                         HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = tl.load(chunks + pid * 3)
+    begin = tl.load(chunks + pid * 3 + 1)
+    end = tl.load(chunks + pid * 3 + 2)
+    base = ptrs + row * 6
+    g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
+    m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
+    v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
+    live = end > begin
+    if HAS_FOUND_INF:
+        live = live & (tl.load(found_inf_ptr) == 0)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
+    wsq = tl.zeros([BLOCK], dtype=tl.float32)
+    usq = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, tl.cdiv(end - begin, BLOCK)):
+        offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = (offs < end) & live
+        if HAS_MASTER:
+            p = tl.load(tl.load(base + 4).to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        else:
+            p = tl.load(tl.load(base + 0).to(tl.pointer_type(PARAM)) + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GRAD_SCALE:
+            g = g * inv_scale
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) * beta1 + grad_coef * g
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
+        tl.store(m_ptr + offs, round_to(m, STATE), mask=mask)
+        tl.store(v_ptr + offs, round_to(v, STATE), mask=mask)
+        # u from the stored (rounded) moments, exactly as pass 3 will recompute it.
+        m = round_to(m, STATE).to(tl.float32)
+        v = round_to(v, STATE).to(tl.float32)
+        u = tl.div_rn(m, tl.sqrt_rn(v) + eps)
+        if HAS_WEIGHT_DECAY:
+            u = u + weight_decay * p
+        u = tl.where(mask, u, 0.0)
+        wsq += p * p
+        usq += u * u
+    tl.store(partials + pid * 2, tl.sum(wsq, axis=0))
+    tl.store(partials + pid * 2 + 1, tl.sum(usq, axis=0))
+
+
+@triton.jit
+def _lamb_ratio_kernel(ptrs, ranges, partials, neg_steps, lr, lr_ptr, log_betas, clamp_lower, clamp_upper,
+                       HAS_LR_PTR: tl.constexpr, DEBIAS: tl.constexpr, ADAM: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    first = tl.load(ranges + t * 2)
+    count = tl.load(ranges + t * 2 + 1)
+    wsq = tl.zeros([BLOCK], dtype=tl.float32)
+    usq = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, tl.cdiv(count, BLOCK)):
+        k = start * BLOCK + tl.arange(0, BLOCK)
+        mask = k < count
+        wsq += tl.load(partials + (first + k) * 2, mask=mask, other=0.0)
+        usq += tl.load(partials + (first + k) * 2 + 1, mask=mask, other=0.0)
+    w = tl.minimum(tl.maximum(tl.sqrt_rn(tl.sum(wsq, axis=0)), clamp_lower), clamp_upper)
+    un = tl.sqrt_rn(tl.sum(usq, axis=0))
+    if HAS_LR_PTR:
+        lr = tl.load(lr_ptr)
+    step_size = tl.cast(lr, tl.float64)
+    if DEBIAS:
+        step = tl.load(tl.load(ptrs + t * 6 + 5).to(tl.pointer_type(tl.float32))).to(tl.float64)
+        bc1 = 1.0 - tl.exp(step * tl.load(log_betas + 0))
+        bc2 = 1.0 - tl.exp(step * tl.load(log_betas + 1))
+        step_size = step_size * (tl.sqrt(bc2) / bc1)
+    if ADAM:
+        ratio = 1.0
+    else:
+        ratio = tl.where((w == 0.0) | (un == 0.0), 1.0, tl.div_rn(w, tl.where(un == 0.0, 1.0, un)))
+    tl.store(neg_steps + t, (-step_size).to(tl.float32) * ratio)
+
+
+@triton.jit
+def _lamb_update_kernel(ptrs, chunks, neg_steps, found_inf_ptr, eps, weight_decay, PARAM: tl.constexpr,
+                        STATE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+                        HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = tl.load(chunks + pid * 3)
+    begin = tl.load(chunks + pid * 3 + 1)
+    end = tl.load(chunks + pid * 3 + 2)
+    base = ptrs + row * 6
+    p_ptr = tl.load(base + 0).to(tl.pointer_type(PARAM))
+    m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
+    v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
+    neg_step = tl.load(neg_steps + row)
+    live = end > begin
+    if HAS_FOUND_INF:
+        live = live & (tl.load(found_inf_ptr) == 0)
+    for start in range(0, tl.cdiv(end - begin, BLOCK)):
+        offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = (offs < end) & live
+        if HAS_MASTER:
+            w_ptr = tl.load(base + 4).to(tl.pointer_type(tl.float32))
+            p = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        else:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.div_rn(m, tl.sqrt_rn(v) + eps)
+        if HAS_WEIGHT_DECAY:
+            u = u + weight_decay * p
+        p = p + neg_step * u
+        if HAS_MASTER:
+            tl.store(w_ptr + offs, p, mask=mask)
+        tl.store(p_ptr + offs, round_to(p, PARAM), mask=mask)
+
+
+def lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps,
+               weight_decay, clamp_lower, clamp_upper, debias, adam, grad_averaging, grad_scale, found_inf, *,
+               chunk: int = CHUNK) -> None:
+    if not params:
+        return
+    device = params[0].device
+    numels = [p.numel() for p in params]
+    ptrs = pointer_table([params, grads, exp_avgs, exp_avg_sqs, master_params, steps], len(params), device)
+    chunks = chunk_table(numels, chunk, device)
+    ranges = tensor_chunk_ranges(numels, chunk, device)
+    lr_ptr, gs_ptr, fi_ptr = launch_scalars(params[0], lr_tensor, grad_scale, found_inf)
+    partials = torch.zeros(chunks.shape[0], 2, device=device, dtype=torch.float32)
+    neg_steps = torch.empty(len(params), device=device, dtype=torch.float32)
+    log_betas = torch.tensor([math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf],
+                             dtype=torch.float64, device=device)
+    kinds = dict(PARAM=tl_dtype(params[0].dtype), STATE=tl_dtype(exp_avgs[0].dtype), HAS_MASTER=bool(master_params),
+                 HAS_WEIGHT_DECAY=weight_decay != 0, HAS_FOUND_INF=found_inf is not None, BLOCK=min(chunk, 1024))
+    _lamb_moments_kernel[(chunks.shape[0],)](
+        ptrs, chunks, partials, gs_ptr, fi_ptr, beta1, beta2, (1.0 - beta1) if grad_averaging else 1.0, 1.0 - beta2,
+        eps, weight_decay, HAS_GRAD_SCALE=grad_scale is not None, **kinds)
+    _lamb_ratio_kernel[(len(params),)](
+        ptrs, ranges, partials, neg_steps, float(lr), lr_ptr, log_betas, clamp_lower, clamp_upper,
+        HAS_LR_PTR=lr_tensor is not None, DEBIAS=bool(debias), ADAM=bool(adam), BLOCK=256)
+    _lamb_update_kernel[(chunks.shape[0],)](ptrs, chunks, neg_steps, fi_ptr, eps, weight_decay, **kinds)
