@@ -70,11 +70,12 @@ def rows_from(json_path: str, module: str) -> list[dict]:
         t = b["stats"]["median"] / calls
         rows.append(dict(info, module=module, name=b["name"], time_s=t, gbps=info["bytes"] / t / 1e9,
                          time_iqr_s=b["stats"]["iqr"] / calls))
-    # Fraction of the copy measured in the same module run, for the same case.
-    copies = {(r["case"],): r["gbps"] for r in rows if r["impl"] == "copy"}
+    # Fraction of the copy measured in the same module run, for the same case and bytes.
+    copies = {(r["case"], r["bytes"]): r for r in rows if r["impl"] == "copy"}
     for r in rows:
-        c = copies.get((r["case"],))
-        r["copy_fraction"] = r["gbps"] / c if c else None
+        c = copies.get((r["case"], r["bytes"]))
+        r["copy_fraction"] = r["gbps"] / c["gbps"] if c else None
+        r["copy_time_s"] = c["time_s"] if c else None
     return rows
 
 
@@ -89,7 +90,6 @@ def markdown(results: dict) -> str:
     for r in results["rows"]:
         if r["impl"] != "copy":
             by_op[r["op"]].append(r)
-    copies = {(r["module"], r["case"]): r for r in results["rows"] if r["impl"] == "copy"}
     for op, rows in sorted(by_op.items()):
         out += [f"## {op}", "", "| case | dtype | implementation | time (ms) | GB/s | % of copy | vs torch best |",
                 "|---|---|---|---:|---:|---:|---:|"]
@@ -103,9 +103,9 @@ def markdown(results: dict) -> str:
                 frac = f"{100 * r['copy_fraction']:.0f}%" if r.get("copy_fraction") else "-"
                 speed = f"{best_torch / r['time_s']:.2f}x" if best_torch else "-"
                 out.append(f"| {case} | {dtype} | {r['impl']} | {1e3 * r['time_s']:.3f} | {r['gbps']:.1f} | {frac} | {speed} |")
-            copy = copies.get((rs[0]["module"], case))
-            if copy:
-                out.append(f"| {case} | {dtype} | *device copy, same bytes* | {1e3 * copy['time_s']:.3f} | {copy['gbps']:.1f} | 100% | |")
+            if rs[0].get("copy_time_s"):
+                t = rs[0]["copy_time_s"]
+                out.append(f"| {case} | {dtype} | *device copy, same bytes* | {1e3 * t:.3f} | {rs[0]['bytes'] / t / 1e9:.1f} | 100% | |")
         out.append("")
     if results.get("failures"):
         out += ["## Modules that failed", ""] + [f"- `{m}`: exit {rc}" for m, rc in results["failures"].items()] + [""]

@@ -42,4 +42,10 @@ TORCH_LIBRARY(fusedtech_C, m) {
 
   // Global norm of a tensor list (clip_grad_norm_): a 0-d float32 tensor, 2-norm or inf-norm.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
+
+  // LayerNorm / RMSNorm over rows of a contiguous (rows, n) input; fp32 mean/rstd saved.
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool rms, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,37 @@
+"""Fused LayerNorm and RMSNorm modules: subclasses of torch's, so constructor arguments, defaults,
+attributes, parameters, state_dict keys and repr are torch's own; only forward() changes."""
+from __future__ import annotations
+
+import torch
+
+from . import functional as F
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Drop-in for torch.nn.LayerNorm (fused forward and backward, fp32 statistics)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm":
+        """A fused copy of `module`: same parameters (shared, not copied), device, dtype and mode."""
+        new = cls.__new__(cls)
+        new.__dict__ = module.__dict__.copy()
+        new._parameters = dict(module._parameters)
+        new._buffers = dict(module._buffers)
+        new._modules = dict(module._modules)
+        return new
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """Drop-in for torch.nn.RMSNorm (eps=None means torch.finfo(input.dtype).eps)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    from_torch = classmethod(LayerNorm.from_torch.__func__)
+
+
+FusedLayerNorm = LayerNorm
+FusedRMSNorm = RMSNorm

@@ -1,0 +1,212 @@
+"""Fused LayerNorm / RMSNorm, forward and backward, against torch.nn.functional.layer_norm /
+rms_norm and our oracle, on every backend that runs here.
+
+Tolerances: each result is compared with a float64 computation; our error must be no larger
+than twice torch's own error in the same dtype plus an atol: fp32 5e-5 (rstd, up to
+1/sqrt(eps) ~ 316 for degenerate rows, multiplies the rounding of x - mean), fp16 2e-3,
+bf16 1.6e-2 (about two ulps at unit scale).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedtech
+from fusedtech.nn import functional as F
+from conftest import cpu_backends
+
+BACKENDS = cpu_backends()
+ATOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(4, 1), (3, 3), (2, 5, 4), (7, 127), (2, 3, 1024), (1, 2, 3, 67)]
+
+
+def _run(fn, x, w, b, dy):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_() if w is not None else None
+    b = b.detach().requires_grad_() if b is not None else None
+    y = fn(x, w, b)
+    inputs = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad(y, inputs, dy)
+    return [y] + list(grads)
+
+
+def _check(ours, torchs, exact, dtype):
+    for o, t, e in zip(ours, torchs, exact):
+        assert o.dtype == t.dtype and o.shape == t.shape
+        err = (o.double() - e).abs().max().item()
+        ref_err = (t.double() - e).abs().max().item()
+        assert err <= 2 * ref_err + ATOL[dtype], (err, ref_err)
+
+
+def _case(shape, dtype, affine, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    n = shape[-1]
+    w = (torch.randn(n, generator=g)).to(dtype) if affine else None
+    b = (torch.randn(n, generator=g)).to(dtype) if affine and bias else None
+    dy = torch.randn(shape, generator=g).to(dtype)
+    return x, w, b, dy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_matches_torch(backend, dtype, shape, affine, bias):
+    x, w, b, dy = _case(shape, dtype, affine, bias)
+    n = (shape[-1],)
+    torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, n, w, b, 1e-5)  # noqa: E731
+    with fusedtech.use_backend(backend):
+        ours = _run(lambda x, w, b: F.layer_norm(x, n, w, b, 1e-5), x, w, b, dy)
+    exact = _run(torch_fn, x.double(), w.double() if w is not None else None, b.double() if b is not None else None,
+                 dy.double())
+    _check(ours, _run(torch_fn, x, w, b, dy), exact, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_matches_torch(backend, dtype, shape, affine):
+    x, w, _, dy = _case(shape, dtype, affine, False)
+    n = (shape[-1],)
+    torch_fn = lambda x, w, b: torch.nn.functional.rms_norm(x, n, w, 1e-6)  # noqa: E731
+    with fusedtech.use_backend(backend):
+        ours = _run(lambda x, w, b: F.rms_norm(x, n, w, 1e-6), x, w, None, dy)
+    exact = _run(torch_fn, x.double(), w.double() if w is not None else None, None, dy.double())
+    _check(ours, _run(torch_fn, x, w, None, dy), exact, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_rows_take_the_split_path(backend):
+    # Rows longer than the Triton block (8192) loop over the row; the CPU has no block limit.
+    x, w, b, dy = _case((3, 20_000), torch.float32, True, True)
+    with fusedtech.use_backend(backend):
+        ours = _run(lambda x, w, b: F.layer_norm(x, (20_000,), w, b), x, w, b, dy)
+    torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, (20_000,), w, b)  # noqa: E731
+    exact = _run(torch_fn, x.double(), w.double(), b.double(), dy.double())
+    _check(ours, _run(torch_fn, x, w, b, dy), exact, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_grad(backend):
+    x, w, b, dy = _case((6, 40), torch.float32, True, True)
+    xt = x.t().contiguous().t()  # same values, column-major
+    dyt = dy.t().contiguous().t()
+    with fusedtech.use_backend(backend):
+        ours = _run(lambda x, w, b: F.layer_norm(x, (40,), w, b), xt, w, b, dyt)
+    ref = _run(lambda x, w, b: torch.nn.functional.layer_norm(x, (40,), w, b), x, w, b, dy)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=ATOL[torch.float32], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend):
+    x = torch.randn(0, 16, requires_grad=True)
+    ln = fusedtech.nn.LayerNorm(16)
+    with fusedtech.use_backend(backend):
+        y = ln(x)
+        y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16)
+    assert torch.equal(ln.weight.grad, torch.zeros(16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_bitwise_deterministic(backend):
+    x, w, b, dy = _case((64, 300), torch.float32, True, True)
+    with fusedtech.use_backend(backend):
+        first = _run(lambda x, w, b: F.layer_norm(x, (300,), w, b), x, w, b, dy)
+        second = _run(lambda x, w, b: F.layer_norm(x, (300,), w, b), x, w, b, dy)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
+@pytest.mark.parametrize("rms", [False, True])
+def test_gradcheck_float64(backend, rms):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    with fusedtech.use_backend(backend):
+        if rms:
+            assert torch.autograd.gradcheck(lambda x, w: F.rms_norm(x, (7,), w, 1e-6), (x, w))
+        else:
+            assert torch.autograd.gradcheck(lambda x, w, b: F.layer_norm(x, (7,), w, b), (x, w, b))
+
+
+def test_modules_are_drop_ins():
+    for torch_cls, ours_cls, kw in ((torch.nn.LayerNorm, fusedtech.nn.LayerNorm, dict(bias=False)),
+                                    (torch.nn.RMSNorm, fusedtech.nn.RMSNorm, dict(eps=1e-5))):
+        t, f = torch_cls((4, 6), **kw), ours_cls((4, 6), **kw)
+        assert repr(t) == repr(f) and t.state_dict().keys() == f.state_dict().keys()
+        with torch.no_grad():
+            t.weight.uniform_()
+        f.load_state_dict(t.state_dict())
+        x = torch.randn(3, 4, 6)
+        torch.testing.assert_close(f(x), t(x), atol=1e-5, rtol=1e-5)
+        c = ours_cls.from_torch(t)
+        assert c.weight is t.weight and isinstance(c, torch_cls)
+        torch.testing.assert_close(c(x), t(x), atol=1e-5, rtol=1e-5)
+    assert fusedtech.nn.FusedLayerNorm is fusedtech.nn.LayerNorm and fusedtech.nn.FusedRMSNorm is fusedtech.nn.RMSNorm
+
+
+def test_rms_norm_eps_none_is_finfo_eps():
+    x = torch.randn(5, 8, dtype=torch.float32)
+    torch.testing.assert_close(fusedtech.nn.RMSNorm(8)(x), torch.nn.RMSNorm(8)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        F.layer_norm(torch.randn(3, 5), (4,))
+    with pytest.raises(RuntimeError, match="weight"):
+        F.layer_norm(torch.randn(3, 5), (5,), torch.randn(4))
+    with fusedtech.use_backend("cuda"), pytest.raises(fusedtech.BackendUnavailableError):
+        F.layer_norm(torch.randn(3, 5), (5,))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_opcheck(rms):
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu extension not built")
+    from fusedtech.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
+    x, w, b = torch.randn(4, 9, requires_grad=True), torch.randn(9, requires_grad=True), torch.randn(9, requires_grad=True)
+    torch.library.opcheck(layer_norm_fwd, (x, w, None if rms else b, 1e-5, rms))
+    _, mean, rstd = layer_norm_fwd(x.detach(), w.detach(), None, 1e-5, rms)
+    torch.library.opcheck(layer_norm_bwd, (torch.randn(4, 9), x.detach(), w.detach(), mean, rstd, rms, not rms))
+
+
+def test_compile_fullgraph_no_graph_break():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), fusedtech.nn.LayerNorm(16), torch.nn.GELU(),
+                                torch.nn.Linear(16, 16), fusedtech.nn.RMSNorm(16))
+    x = torch.randn(4, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    assert model[1].weight.grad is not None
+
+
+def test_triton_kernels_compile_for_sm80_sm90():
+    import triton.language as tl
+    from aot import compile_for_gpus
+    from fusedtech.triton_kernels import layer_norm as k
+    for one, block in ((True, 1024), (False, 8192)):
+        compile_for_gpus(k._fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                                          "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n": "i32", "eps": "fp32"},
+                         dict(DTYPE=tl.bfloat16, RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK=block, ONE_BLOCK=one))
+    compile_for_gpus(k._bwd_kernel, {"dy_ptr": "*fp32", "x_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
+                                      "rstd_ptr": "*fp32", "dx_ptr": "*fp32", "dw_part_ptr": "*fp32",
+                                      "db_part_ptr": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32"},
+                     dict(DTYPE=tl.float32, RMS=True, HAS_WEIGHT=True, HAS_BIAS=False, BLOCK=1024))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [512, 4096, 70_000])
+def test_gpu_matches_torch(dtype, n):
+    x, w, b, dy = (t.cuda() for t in _case((64, n), dtype, True, True))
+    with fusedtech.use_backend("triton"):
+        ours = _run(lambda x, w, b: F.layer_norm(x, (n,), w, b), x, w, b, dy)
+    torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, (n,), w, b)  # noqa: E731
+    exact = _run(torch_fn, x.double(), w.double(), b.double(), dy.double())
+    _check(ours, _run(torch_fn, x, w, b, dy), exact, dtype)

@@ -1,0 +1,183 @@
+"""LayerNorm / RMSNorm forward and backward in Triton, one row per program.
+
+Forward reads the row once when it fits in one block (hidden size up to MAX_BLOCK), else loops
+over it twice (statistics, then normalisation): no hidden-size cap. Statistics are fp32 and saved
+(mean, rstd). Backward gives dx per row and writes fp32 per-program partials of dweight/dbias,
+summed afterwards in a fixed order: bit-identical gradients run to run, no atomics.
+The @triton.jit helpers `_row_stats` and `_normalize` are what fused variants (dropout + add +
+norm) call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rounding import round_to
+from .multi_tensor import tl_dtype
+
+MAX_BLOCK = 8192  # elements of a row held in registers at once
+
+
+@triton.jit
+def _row_stats(x_row, n, eps, RMS: tl.constexpr, BLOCK: tl.constexpr):
+    """(mean, rstd) of one row in fp32; a loop when the row is longer than BLOCK."""
+    if RMS:
+        mean = 0.0
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            acc += tl.load(x_row + cols, mask=cols < n, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=0) / n
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < n, other=0.0).to(tl.float32)
+        d = tl.where(cols < n, x - mean, 0.0)
+        acc2 += d * d
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(acc2, axis=0) / n + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _normalize(x, mean, rstd, w_ptr, b_ptr, cols, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = (x - mean) * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, eps, DTYPE: tl.constexpr, RMS: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * n
+    y_row = y_ptr + row * n
+    if ONE_BLOCK:  # the whole row in registers: one read
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if RMS:
+            mean = 0.0
+        else:
+            mean = tl.sum(x, axis=0) / n
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / n + eps)
+        y = _normalize(x, mean, rstd, w_ptr, b_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
+        tl.store(y_row + cols, round_to(y, DTYPE), mask=mask)
+    else:
+        mean, rstd = _row_stats(x_row, n, eps, RMS, BLOCK)
+        for start in range(0, n, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            y = _normalize(x, mean, rstd, w_ptr, b_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
+            tl.store(y_row + cols, round_to(y, DTYPE), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, n,
+                rows_per_program, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [pid * rows_per_program, ...): dx per row; this program's dweight/dbias partial
+    (column block by column block when n > BLOCK)."""
+    pid = tl.program_id(0)
+    first = pid.to(tl.int64) * rows_per_program
+    for col0 in range(0, n, BLOCK):
+        cols = col0 + tl.arange(0, BLOCK)
+        cmask = cols < n
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in range(0, rows_per_program):
+            row = first + r
+            if row < rows:
+                mean = tl.load(mean_ptr + row)
+                rstd = tl.load(rstd_ptr + row)
+                # Row reductions c1 = mean(xhat * wdy) and c2 = mean(wdy) over the whole row.
+                c1acc = tl.zeros([BLOCK], dtype=tl.float32)
+                c2acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for s in range(0, n, BLOCK):
+                    cc = s + tl.arange(0, BLOCK)
+                    mm = cc < n
+                    xx = tl.load(x_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
+                    gg = tl.load(dy_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
+                    if HAS_WEIGHT:
+                        gg = gg * tl.load(w_ptr + cc, mask=mm, other=0.0).to(tl.float32)
+                    if RMS:
+                        xh = xx * rstd
+                    else:
+                        xh = (xx - mean) * rstd
+                    c1acc += tl.where(mm, xh * gg, 0.0)
+                    c2acc += gg
+                c1 = tl.sum(c1acc, axis=0) / n
+                c2 = tl.sum(c2acc, axis=0) / n
+                x = tl.load(x_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
+                if RMS:
+                    xhat = x * rstd
+                else:
+                    xhat = (x - mean) * rstd
+                if HAS_WEIGHT:
+                    wdy = dy * w
+                else:
+                    wdy = dy
+                if RMS:
+                    dx = (wdy - xhat * c1) * rstd
+                else:
+                    dx = (wdy - (xhat * c1 + c2)) * rstd
+                tl.store(dx_ptr + row * n + cols, round_to(dx, DTYPE), mask=cmask)
+                dw_acc += tl.where(cmask, dy * xhat, 0.0)
+                db_acc += dy
+        if HAS_WEIGHT:
+            tl.store(dw_part_ptr + pid * n + cols, dw_acc, mask=cmask)
+        if HAS_BIAS:
+            tl.store(db_part_ptr + pid * n + cols, db_acc, mask=cmask)
+
+
+def _block(n: int) -> tuple[int, bool]:
+    block = min(triton.next_power_of_2(max(n, 1)), MAX_BLOCK)
+    return block, n <= block
+
+
+def layer_norm_fwd(x, weight, bias, eps: float, rms: bool):
+    rows, n = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    if rows == 0 or n == 0:
+        return y, mean.zero_(), rstd.zero_()
+    block, one = _block(n)
+    _fwd_kernel[(rows,)](x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+                         n, eps, DTYPE=tl_dtype(x.dtype), RMS=rms, HAS_WEIGHT=weight is not None,
+                         HAS_BIAS=bias is not None, BLOCK=block, ONE_BLOCK=one)
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, rms: bool, has_bias: bool):
+    rows, n = x.shape
+    dx = torch.empty_like(x)
+    # Enough programs to fill a GPU, few enough that the partials stay small; a fixed function of
+    # the shape, so the dweight/dbias summation order never changes.
+    programs = max(1, min(rows, 4 * 132 if x.is_cuda else 4))
+    rows_per_program = triton.cdiv(max(rows, 1), programs)
+    programs = triton.cdiv(max(rows, 1), rows_per_program)
+    dw_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if weight is not None else None
+    db_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if has_bias else None
+    if rows and n:
+        block, _ = _block(n)
+        _bwd_kernel[(programs,)](dy, x, weight if weight is not None else x, mean, rstd, dx,
+                                 dw_part if dw_part is not None else dx, db_part if db_part is not None else dx,
+                                 rows, n, rows_per_program, DTYPE=tl_dtype(x.dtype), RMS=rms,
+                                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK=block)
+    else:
+        for t in (dw_part, db_part):
+            if t is not None:
+                t.zero_()
+    return dx, (dw_part.sum(0) if dw_part is not None else None), (db_part.sum(0) if db_part is not None else None)
