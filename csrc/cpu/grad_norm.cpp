@@ -13,17 +13,28 @@
 namespace fusedtech::cpu {
 namespace {
 
+// kLanes independent accumulators: no cross-iteration dependency, so GCC vectorises the
+// reduction without reassociation flags, and the order is fixed (deterministic).
+constexpr int kLanes = 16;
+
 template <typename T, bool INF>
 __attribute__((noinline)) double chunk_partial(const T* __restrict x, int64_t begin, int64_t end) {
-  if constexpr (INF) {
-    float m = 0.0f;
-    for (int64_t i = begin; i < end; ++i) m = norm_combine_inf(m, norm_element(to_float(x[i]), true));
-    return m;
-  } else {
-    double s = 0.0;
-    for (int64_t i = begin; i < end; ++i) s += static_cast<double>(norm_element(to_float(x[i]), false));
-    return s;
+  double acc[kLanes] = {};
+  auto add = [](double a, float e) { return INF ? static_cast<double>(norm_combine_inf(static_cast<float>(a), e)) : a + e; };
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const float v = to_float(x[i + k]);
+      acc[k] = INF ? add(acc[k], norm_element(v, true)) : acc[k] + static_cast<double>(v) * v;
+    }
   }
+  for (; i < end; ++i) {
+    const float v = to_float(x[i]);
+    acc[0] = INF ? add(acc[0], norm_element(v, true)) : acc[0] + static_cast<double>(v) * v;
+  }
+  double out = 0.0;
+  for (int k = 0; k < kLanes; ++k) out = INF ? add(out, static_cast<float>(acc[k])) : out + acc[k];
+  return out;
 }
 
 at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {

@@ -17,24 +17,47 @@ struct Partial {
   double update_sq;
 };
 
+// kLanes independent fp32 accumulators per sum: the inner loop has no cross-iteration dependency,
+// so GCC vectorises it without reassociation flags, and the summation order is fixed.
+constexpr int kLanes = 16;
+
+template <typename P, typename S, bool MASTER>
+__attribute__((always_inline)) inline void lamb_element(int64_t i, const P* __restrict param,
+                                                        const P* __restrict grad, S* __restrict exp_avg,
+                                                        S* __restrict exp_avg_sq, const float* __restrict master,
+                                                        float inv_scale, const LambHyper& h, float& wsq, float& usq) {
+  const float p = MASTER ? master[i] : to_float(param[i]);
+  float m = to_float(exp_avg[i]);
+  float v = to_float(exp_avg_sq[i]);
+  lamb_moments(to_float(grad[i]) * inv_scale, m, v, h);
+  exp_avg[i] = from_float<S>(m);
+  exp_avg_sq[i] = from_float<S>(v);
+  const float u = lamb_direction(p, to_float(from_float<S>(m)), to_float(from_float<S>(v)), h);
+  wsq += p * p;
+  usq += u * u;
+}
+
 template <typename P, typename S, bool MASTER>
 __attribute__((noinline)) Partial lamb_pass1(const Chunk& c, const P* __restrict param, const P* __restrict grad,
                                              S* __restrict exp_avg, S* __restrict exp_avg_sq,
                                              const float* __restrict master, float inv_scale, const LambHyper h) {
   const int64_t begin = c.begin, end = c.end;
-  double wsq = 0.0, usq = 0.0;
-  for (int64_t i = begin; i < end; ++i) {
-    const float p = MASTER ? master[i] : to_float(param[i]);
-    float m = to_float(exp_avg[i]);
-    float v = to_float(exp_avg_sq[i]);
-    lamb_moments(to_float(grad[i]) * inv_scale, m, v, h);
-    exp_avg[i] = from_float<S>(m);
-    exp_avg_sq[i] = from_float<S>(v);
-    const float u = lamb_direction(p, to_float(from_float<S>(m)), to_float(from_float<S>(v)), h);
-    wsq += static_cast<double>(p) * p;
-    usq += static_cast<double>(u) * u;
+  float wsq[kLanes] = {}, usq[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      lamb_element<P, S, MASTER>(i + k, param, grad, exp_avg, exp_avg_sq, master, inv_scale, h, wsq[k], usq[k]);
+    }
   }
-  return {wsq, usq};
+  for (; i < end; ++i) {
+    lamb_element<P, S, MASTER>(i, param, grad, exp_avg, exp_avg_sq, master, inv_scale, h, wsq[0], usq[0]);
+  }
+  Partial out{0.0, 0.0};
+  for (int k = 0; k < kLanes; ++k) {
+    out.weight_sq += wsq[k];
+    out.update_sq += usq[k];
+  }
+  return out;
 }
 
 template <typename P, typename S, bool MASTER>
