@@ -210,3 +210,17 @@ def test_gpu_matches_torch(dtype, n):
     torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, (n,), w, b)  # noqa: E731
     exact = _run(torch_fn, x.double(), w.double(), b.double(), dy.double())
     _check(ours, _run(torch_fn, x, w, b, dy), exact, dtype)
+
+
+def test_convert_model_swaps_norms_in_place():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Sequential(torch.nn.RMSNorm(8)),
+                                torch.nn.BatchNorm1d(8)).eval()
+    x = torch.randn(5, 6)
+    before, keys = model(x), model.state_dict().keys()
+    converted, report = fusedtech.nn.convert_model(model)
+    assert converted is model
+    assert type(model[1]) is fusedtech.nn.LayerNorm and type(model[2][0]) is fusedtech.nn.RMSNorm
+    assert report["replaced"] == {"LayerNorm": 1, "RMSNorm": 1}
+    assert model.state_dict().keys() == keys and not model.training
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,50 @@
+"""convert_model: swap torch.nn modules in a model for their fused drop-ins, in place.
+
+Each fused module class offers ``from_torch(module)``, which returns a fused module sharing the
+torch module's parameters and buffers (same device, dtype and train/eval mode). The table below is
+looked up at call time, so module types whose fused class does not exist yet are left alone.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+# torch class -> name of the fused class in fusedtech.nn
+_REPLACEMENTS = (
+    (torch.nn.LayerNorm, "LayerNorm"),
+    (torch.nn.RMSNorm, "RMSNorm"),
+    (torch.nn.BatchNorm1d, "BatchNorm1d"),
+    (torch.nn.BatchNorm2d, "BatchNorm2d"),
+    (torch.nn.Dropout, "Dropout"),
+)
+
+
+def convert_model(model: torch.nn.Module, *, verbose: bool = False):
+    """Replace, in place, every module with a fused drop-in (exact type match, so subclasses and
+    already-fused modules stay). Returns (model, report): report counts replaced modules per type
+    and lists the torch module types seen that have no fused version yet."""
+    from .. import nn as fnn
+    replaced: Counter = Counter()
+    missing: set = set()
+
+    def fused_class(module):
+        for torch_cls, name in _REPLACEMENTS:
+            if type(module) is torch_cls:
+                cls = getattr(fnn, name, None)
+                if cls is None:
+                    missing.add(torch_cls.__name__)
+                return cls
+        return None
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            cls = fused_class(child)
+            if cls is not None:
+                setattr(parent, child_name, cls.from_torch(child))
+                replaced[type(child).__name__] += 1
+    report = {"replaced": dict(replaced), "not_fused_yet": sorted(missing)}
+    if verbose:
+        print(f"fusedtech.nn.convert_model: replaced {dict(replaced) or 'nothing'}"
+              + (f"; no fused version yet for {sorted(missing)}" if missing else ""))
+    return model, report
