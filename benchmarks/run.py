@@ -49,11 +49,13 @@ def environment() -> dict:
     }
 
 
-def run_module(path: str, json_path: str, quick: bool) -> tuple[int, str]:
+def run_module(path: str, json_path: str, quick: bool, select: str | None = None) -> tuple[int, str]:
     env = dict(os.environ, FUSEDTECH_BENCH_QUICK="1" if quick else os.environ.get("FUSEDTECH_BENCH_QUICK", "0"))
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "--benchmark-only",
            f"--benchmark-json={json_path}", "--benchmark-disable-gc", "--benchmark-sort=name"]
+    if select:
+        cmd += ["-k", select]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     return proc.returncode, (proc.stdout + proc.stderr)[-3000:]
 
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds (default on a machine with no GPU)")
     ap.add_argument("--only", nargs="*", help="module names to run (e.g. bench_optim)")
     ap.add_argument("--no-cifar", action="store_true", help="skip the CIFAR-10 loop")
+    ap.add_argument("--select", default=None, help="pytest -k expression choosing benchmark cases")
+    ap.add_argument("--data", default=None, help="CIFAR-10 folder for the training loop (default: synthetic)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
     for path in tqdm(modules, desc="benchmark modules", unit="module"):
         name = os.path.splitext(os.path.basename(path))[0]
         json_path = os.path.join(args.out, f".{name}.json")
-        rc, log = run_module(path, json_path, quick)
+        rc, log = run_module(path, json_path, quick, args.select)
         logs[name] = log
         if rc != 0:
             results["failures"][name] = rc
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
     if not args.no_cifar and (not args.only or "cifar" in args.only):
         try:
             cifar = importlib.import_module("benchmarks.cifar")
-            results["cifar"] = cifar.run_cifar_benchmark(quick=quick, out_dir=args.out)
+            results["cifar"] = cifar.run_cifar_benchmark(quick=quick, out_dir=args.out, data_dir=args.data)
         except ModuleNotFoundError as e:
             if e.name != "benchmarks.cifar":
                 raise

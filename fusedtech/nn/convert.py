@@ -20,17 +20,18 @@ _REPLACEMENTS = (
 )
 
 
-def convert_model(model: torch.nn.Module, *, verbose: bool = False):
+def convert_model(model: torch.nn.Module, *, include=None, verbose: bool = False):
     """Replace, in place, every module with a fused drop-in (exact type match, so subclasses and
-    already-fused modules stay). Returns (model, report): report counts replaced modules per type
-    and lists the torch module types seen that have no fused version yet."""
+    already-fused modules stay); `include` limits it to some torch classes (e.g. {nn.LayerNorm}).
+    Returns (model, report): report counts replaced modules per type and lists the torch module
+    types seen that have no fused version yet."""
     from .. import nn as fnn
     replaced: Counter = Counter()
     missing: set = set()
 
     def fused_class(module):
         for torch_cls, name in _REPLACEMENTS:
-            if type(module) is torch_cls:
+            if type(module) is torch_cls and (include is None or torch_cls in include):
                 cls = getattr(fnn, name, None)
                 if cls is None:
                     missing.add(torch_cls.__name__)

@@ -1,0 +1,263 @@
+"""Train on CIFAR-10 with plain PyTorch or with fusedtech's drop-ins (one flag: --impl).
+
+    python examples/cifar10_train.py --synthetic --model cnn --optimizer adamw --epochs 2
+    python examples/cifar10_train.py --data ~/data --model airbench --optimizer nesterov --lr 0.2 --impl fused
+
+With --impl fused, the optimizer comes from fusedtech.optim and clip_grad_norm_ from
+fusedtech.nn.utils, and fusedtech.nn.convert_model swaps norm/dropout modules for the fused ones
+that exist; each piece can be switched off alone (--no-fused-optim, --no-fused-norm, ...).
+The dataset is kept on the device and augmented there (random crop with padding, flip).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cifar10_data as data  # noqa: E402
+import cifar10_models as models  # noqa: E402
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lamb")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", choices=("torch", "fused"), default="torch")
+    p.add_argument("--fused-optim", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fused-norm", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fused-dropout", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--model", choices=tuple(models.MODELS), default="cnn")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum")
+    p.add_argument("--lr", type=float, default=None, help="default depends on the optimizer")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--norm", choices=("none", "batch", "layer"), default="batch")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--scheduler", choices=("none", "step", "cosine", "onecycle"), default="none")
+    p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--early-stop-patience", type=int, default=None, help="epochs without val-loss improvement")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default 0.2 for airbench, else 0")
+    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (for comparisons)")
+    p.add_argument("--data", default="data", help="folder holding cifar-10-batches-py/")
+    p.add_argument("--synthetic", action="store_true", help="generated CIFAR-shaped data (outputs say so)")
+    p.add_argument("--synthetic-size", type=int, default=50000)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checkpoint", default=None, help="save model/optimizer/scheduler state here after each epoch")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="end this invocation after N epochs (resume later)")
+    p.add_argument("--plot", default=None, help="write learning curves to this PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def default_lr(opt: str) -> float:
+    return {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "rmsprop": 1e-3}.get(opt, 1e-3)
+
+
+def make_optimizer(args, params):
+    use_fused = args.impl == "fused" and args.fused_optim
+    if use_fused:
+        import fusedtech.optim as optim
+    else:
+        import torch.optim as optim
+    lr, wd = args.lr if args.lr is not None else default_lr(args.optimizer), args.weight_decay
+    kind = args.optimizer
+    if kind in ("sgd", "momentum", "nesterov"):
+        return optim.SGD(params, lr=lr, momentum=0.0 if kind == "sgd" else 0.9, nesterov=kind == "nesterov",
+                         weight_decay=wd)
+    if kind == "lamb":
+        if use_fused:
+            return optim.LAMB(params, lr=lr, weight_decay=wd)
+        try:
+            import torch_optimizer
+        except ImportError as e:
+            raise SystemExit("--optimizer lamb with --impl torch needs torch-optimizer (pip install torch-optimizer)") from e
+        return torch_optimizer.Lamb(params, lr=lr, weight_decay=wd)
+    cls = {"adagrad": optim.Adagrad, "rmsprop": optim.RMSprop, "adam": optim.Adam, "adamw": optim.AdamW}[kind]
+    return cls(params, lr=lr, weight_decay=wd)
+
+
+def make_scheduler(args, opt, steps_per_epoch):
+    total = max(1, args.epochs * steps_per_epoch)
+    if args.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, total // 3), gamma=0.1)
+    if args.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if args.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=total)
+    return None
+
+
+def build(args, train_x):
+    torch.manual_seed(args.seed)
+    model = models.MODELS[args.model](norm=args.norm, dropout=args.dropout)
+    if args.model == "airbench":
+        models.init_whitening(model[0], data.normalize(train_x[:5000]))
+    model = model.to(args.device)
+    report = None
+    if args.impl == "fused" and (args.fused_norm or args.fused_dropout):
+        import fusedtech.nn
+        # Only the module kinds asked for; convert_model skips kinds with no fused class yet.
+        keep = {torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d} if args.fused_norm else set()
+        keep |= {torch.nn.Dropout} if args.fused_dropout else set()
+        model, report = fusedtech.nn.convert_model(model, include=keep)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, report
+
+
+def evaluate(model, x, y, args, scale):
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad(), autocast(args):
+        for i in range(0, len(x), 1000):
+            xb = data.normalize(x[i:i + 1000])
+            if args.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            out = model(xb).float() * scale
+            total_loss += torch.nn.functional.cross_entropy(out, y[i:i + 1000], reduction="sum").item()
+            correct += (out.argmax(1) == y[i:i + 1000]).sum().item()
+    model.train()
+    return total_loss / max(1, len(x)), correct / max(1, len(x))
+
+
+def autocast(args):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def train(args) -> dict:
+    """Runs the whole training; returns the history (also what --checkpoint stores)."""
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if args.synthetic:
+        train_x, train_y, test_x, test_y = data.synthetic_cifar10(args.synthetic_size, max(1000, args.synthetic_size // 5),
+                                                                  seed=args.seed)
+    else:
+        train_x, train_y, test_x, test_y = data.load_cifar10(args.data)
+    dev = torch.device(args.device)
+    train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
+    model, report = build(args, train_x.cpu())
+    scale = getattr(model, "head_scale", 1.0)
+    smoothing = args.label_smoothing if args.label_smoothing is not None else (0.2 if args.model == "airbench" else 0.0)
+    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    opt = make_optimizer(args, model.parameters())
+    sched = make_scheduler(args, opt, steps_per_epoch)
+    scaler = torch.amp.GradScaler(dev.type, enabled=args.amp == "fp16")
+    if args.impl == "fused" and args.fused_optim:
+        from fusedtech.nn.utils import clip_grad_norm_
+    else:
+        from torch.nn.utils import clip_grad_norm_
+    history = {"synthetic": args.synthetic, "impl": args.impl, "model": args.model, "optimizer": args.optimizer,
+               "converted": report, "step_loss": [], "epochs": [], "device": str(dev)}
+    start_epoch, best, stale = 0, math.inf, 0
+    if args.resume:
+        ck = torch.load(args.resume, weights_only=False, map_location=dev)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler"):
+            sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng_cpu"])
+        history, start_epoch, best, stale = ck["history"], ck["epoch"] + 1, ck["best"], ck["stale"]
+    if not args.resume:
+        history["initial_train_loss"] = evaluate(model, train_x[:len(test_x)], train_y[:len(test_x)], args, scale)[0]
+    from tqdm import tqdm
+    for epoch in range(start_epoch, args.epochs):
+        # Data order and augmentation depend on (seed, epoch) only, so a resumed run sees the same batches.
+        g = torch.Generator(device=dev).manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(len(train_x), generator=g, device=dev)
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}" + (" [synthetic]" if args.synthetic else ""),
+                   disable=args.quiet, leave=False)
+        for step in bar:
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            xb = data.normalize(data.augment(train_x[idx], g))
+            if args.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(args):
+                loss = torch.nn.functional.cross_entropy(model(xb).float() * scale, train_y[idx], label_smoothing=smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad_norm is not None:
+                scaler.unscale_(opt)
+                clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            if sched is not None:
+                sched.step()
+            history["step_loss"].append(loss.item())
+            loss_sum += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        val_loss, val_acc = evaluate(model, test_x, test_y, args, scale)
+        train_loss, train_acc = evaluate(model, train_x[:len(test_x)], train_y[:len(test_x)], args, scale)
+        history["epochs"].append(dict(epoch=epoch, seconds=seconds, images_per_s=seen / seconds, avg_step_loss=loss_sum / seen,
+                                      train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc))
+        if not args.quiet:
+            print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.3f} | val loss {val_loss:.4f} "
+                  f"acc {val_acc:.3f} | {seconds:.1f}s{' [synthetic data]' if args.synthetic else ''}")
+        best, stale = (val_loss, 0) if val_loss < best else (best, stale + 1)
+        if args.checkpoint:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
+                        "rng_cpu": torch.get_rng_state(), "history": history, "epoch": epoch, "best": best,
+                        "stale": stale}, args.checkpoint)
+        if args.stop_after is not None and epoch + 1 - start_epoch >= args.stop_after:
+            break
+        if args.early_stop_patience is not None and stale >= args.early_stop_patience:
+            history["early_stopped_at_epoch"] = epoch
+            if not args.quiet:
+                print(f"early stop: no val-loss improvement for {stale} epochs")
+            break
+    if args.plot:
+        plot_curves(history, args.plot)
+    return history
+
+
+def plot_curves(history: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [e["epoch"] + 1 for e in history["epochs"]]
+    a.plot(history["step_loss"], lw=0.7)
+    a.set(title="training loss per step", xlabel="step")
+    b.plot(ep, [e["train_acc"] for e in history["epochs"]], "o-", label="train")
+    b.plot(ep, [e["val_acc"] for e in history["epochs"]], "o-", label="validation")
+    b.set(title="accuracy", xlabel="epoch")
+    b.legend()
+    fig.suptitle(f"{history['model']} / {history['optimizer']} / {history['impl']}"
+                 + (" — SYNTHETIC DATA" if history["synthetic"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        history = train(args)
+    except data.DatasetError as e:
+        raise SystemExit(str(e)) from None
+    print(json.dumps({k: v for k, v in history.items() if k != "step_loss"}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
