@@ -48,4 +48,8 @@ TORCH_LIBRARY(fusedtech_C, m) {
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool rms, bool has_bias) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // Inverted dropout with a Philox mask regenerated from (seed, element index); forward and
+  // backward are the same op.
+  m.def("dropout_apply(Tensor x, float p, Tensor seed) -> Tensor");
 }

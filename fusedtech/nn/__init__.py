@@ -2,4 +2,5 @@
 as they are built), ``functional`` and ``utils`` counterparts."""
 from . import functional, utils  # noqa: F401
 from .convert import convert_model  # noqa: F401
+from .dropout import Dropout, FusedDropout  # noqa: F401
 from .normalization import FusedLayerNorm, FusedRMSNorm, LayerNorm, RMSNorm  # noqa: F401

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..ops.dropout import dropout_apply, new_seed
 from ..ops.layer_norm import layer_norm_fwd
 
 
@@ -38,3 +39,18 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     return _norm(input, normalized_shape, weight, None, eps, rms=True)
+
+
+def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False):
+    """torch.nn.functional.dropout, fused: the mask is a Philox stream from a seed drawn from
+    torch's generator, regenerated in backward (nothing of the input's size is saved)."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return input
+    if p == 1.0:
+        return input.zero_() if inplace else torch.zeros_like(input)
+    out = dropout_apply(input, float(p), new_seed(input.device)).view(input.shape)
+    if inplace:
+        return input.copy_(out)
+    return out

@@ -1,0 +1,36 @@
+// Counter-based Philox4x32-10, bit-identical to Triton's tl.randint(seed, offset) (triton/language/
+// random.py: counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi), first output word), so
+// the CPU, CUDA and Triton dropout kernels draw the same mask from the same (seed, element index).
+#pragma once
+
+#include <cstdint>
+
+#include "fusedtech/common.h"
+
+namespace fusedtech {
+
+FT_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+FT_HD uint32_t philox_randint(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t _c0 = c0, _c2 = c2;
+    c0 = umulhi32(0xCD9E8D57u, _c2) ^ c1 ^ k0;
+    c2 = umulhi32(0xD2511F53u, _c0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * _c2;
+    c3 = 0xD2511F53u * _c0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Inverted dropout of one element: dropped when its draw falls below threshold = floor(p * 2^32).
+FT_HD float dropout_element(float x, uint64_t seed, uint64_t index, uint32_t threshold, float scale) {
+  return philox_randint(seed, index) >= threshold ? x * scale : 0.0f;
+}
+
+}  // namespace fusedtech

@@ -1,0 +1,46 @@
+"""Dropout oracle: the Philox4x32-10 draw of csrc/include/fusedtech/philox.h (and Triton's
+tl.randint) in plain torch integer ops, then inverted dropout in fp32."""
+from __future__ import annotations
+
+import torch
+
+M32 = 0xFFFFFFFF
+
+
+def _mul_parts(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for a < 2^32 (int64 tensor) and a 32-bit constant b,
+    without overflowing int64: b is split into 16-bit halves."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo_part = a * b_lo  # < 2^48
+    hi_part = a * b_hi  # < 2^48
+    high = (hi_part + (lo_part >> 16)) >> 16
+    low = (lo_part + ((hi_part & 0xFFFF) << 16)) & M32
+    return high & M32, low
+
+
+def philox_randint(seed: int, counter: torch.Tensor) -> torch.Tensor:
+    """uint32 draws (as int64) for int64 counters."""
+    c0, c1 = counter & M32, (counter >> 32) & M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    for _ in range(10):
+        hi_b, lo_b = _mul_parts(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul_parts(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    return c0
+
+
+def keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    draws = philox_randint(seed, torch.arange(n, device=device, dtype=torch.int64))
+    return (draws >= min(int(p * 2 ** 32), 2 ** 32 - 1)).view(shape)
+
+
+def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    mask = keep_mask(x.shape, p, int(seed.item()), x.device)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    return torch.where(mask, x.float() * scale, 0.0).to(x.dtype)

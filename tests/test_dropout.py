@@ -1,0 +1,160 @@
+"""Fused dropout: inverted-dropout statistics, the backward reusing exactly the forward's mask
+without storing it, reproducibility from torch's generator, and the same mask on every backend
+(the C++ Philox and Triton's tl.randint are the same generator, checked bit for bit here).
+
+No tolerances: masks and scaled values are compared exactly; the kept fraction is checked against
+a 6-sigma binomial bound.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedtech
+from fusedtech.nn import functional as F
+from conftest import cpu_backends
+
+BACKENDS = cpu_backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_statistics_and_exact_scaling(backend, p):
+    n = 200_000 if backend != "triton" else 50_000  # the interpreter is slow
+    x = torch.rand(n) + 0.5  # no zeros, so a zero output means dropped
+    with fusedtech.use_backend(backend):
+        y = F.dropout(x, p)
+    kept = y != 0
+    frac = kept.float().mean().item()
+    assert abs(frac - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    assert torch.equal(y[kept], x[kept] * scale)
+    assert abs(y.mean().item() - x.mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_backward_uses_the_forward_mask(backend, dtype):
+    x = (torch.rand(7, 131) + 0.5).to(dtype).requires_grad_()
+    dy = torch.randn(7, 131).to(dtype)
+    with fusedtech.use_backend(backend):
+        y = F.dropout(x, 0.4)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    mask = y != 0
+    expected = torch.where(mask, (dy.float() * torch.tensor(1 / 0.6, dtype=torch.float32)), 0.0).to(dtype)
+    assert torch.equal(dx, expected)
+
+
+def test_same_mask_on_every_backend():
+    x = torch.randn(5000)
+    outs = {}
+    for backend in BACKENDS:
+        torch.manual_seed(1234)
+        with fusedtech.use_backend(backend):
+            outs[backend] = F.dropout(x, 0.25)
+    first = next(iter(outs.values()))
+    assert all(torch.equal(first, o) for o in outs.values()), list(outs)
+
+
+def test_philox_matches_tritons_generator():
+    pytest.importorskip("triton")
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton does not run here")
+    import triton
+    import triton.language as tl
+    from fusedtech.reference.dropout import philox_randint
+
+    @triton.jit
+    def _draw(out, seed, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK).to(tl.int64) + (1 << 33)  # counters past 2^32 use the high word
+        tl.store(out + tl.arange(0, BLOCK), tl.randint(seed, offs), mask=tl.arange(0, BLOCK) < n)
+
+    out = torch.empty(256, dtype=torch.int32)
+    seed = 0x1234_5678_9ABC
+    _draw[(1,)](out, seed, 256, BLOCK=256)
+    ours = philox_randint(seed, torch.arange(256, dtype=torch.int64) + (1 << 33))
+    assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_mask_is_saved_for_backward(backend):
+    x = torch.randn(64, 64, requires_grad=True)
+    saved = []
+    with fusedtech.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F.dropout(x, 0.5).sum().backward()
+    assert all(t.numel() < x.numel() for t in saved), [t.shape for t in saved]
+    assert sum(t.numel() * t.element_size() for t in saved) <= 8  # the int64 seed
+
+
+def test_reproducible_and_advancing():
+    x = torch.randn(4096)
+    torch.manual_seed(7)
+    a, b = F.dropout(x, 0.5), F.dropout(x, 0.5)
+    torch.manual_seed(7)
+    a2 = F.dropout(x, 0.5)
+    torch.manual_seed(8)
+    c = F.dropout(x, 0.5)
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, b)  # consecutive calls draw new seeds
+    assert not torch.equal(a, c)
+
+
+def test_edge_cases_match_torch():
+    x = torch.randn(3, 4)
+    assert F.dropout(x, 0.0) is x
+    assert F.dropout(x, 0.7, training=False) is x
+    assert torch.equal(F.dropout(x, 1.0), torch.zeros_like(x))
+    y = x.clone()
+    out = F.dropout(y, 0.5, inplace=True)
+    assert out is y
+    assert F.dropout(torch.empty(0), 0.5).shape == (0,)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        F.dropout(x, 1.5)
+    nc = torch.randn(6, 8).t()
+    assert F.dropout(nc, 0.5).shape == nc.shape
+
+
+def test_module_and_convert_model():
+    t = torch.nn.Dropout(0.3)
+    f = fusedtech.nn.Dropout(0.3)
+    assert repr(t) == repr(f) and isinstance(f, torch.nn.Dropout)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.2)).eval()
+    fusedtech.nn.convert_model(model)
+    assert type(model[1]) is fusedtech.nn.Dropout and not model[1].training and model[1].p == 0.2
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), model[0](x))
+
+
+def test_opcheck_and_compile():
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu extension not built")
+    from fusedtech.ops.dropout import dropout_apply
+    x = torch.randn(5, 7, requires_grad=True)
+    torch.library.opcheck(dropout_apply, (x, 0.3, torch.tensor([42])))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), fusedtech.nn.Dropout(0.5))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(torch.randn(4, 8))
+    out.sum().backward()
+    assert out.shape == (4, 8) and model[0].weight.grad is not None
+
+
+def test_triton_kernel_compiles_for_sm80_sm90():
+    import triton.language as tl
+    from aot import compile_for_gpus
+    from fusedtech.triton_kernels.dropout import _dropout_kernel
+    compile_for_gpus(_dropout_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "seed_ptr": "*i64", "n": "i64",
+                                       "threshold": "u32", "scale": "fp32"}, dict(DTYPE=tl.bfloat16, BLOCK=1024))
+
+
+@pytest.mark.gpu
+def test_gpu_same_mask_as_cpu():
+    x = torch.randn(100_000)
+    seed = torch.tensor([99])
+    from fusedtech.ops.dropout import dropout_apply
+    with fusedtech.use_backend("cpu"):
+        cpu = dropout_apply(x, 0.3, seed)
+    with fusedtech.use_backend("triton"):
+        gpu = dropout_apply(x.cuda(), 0.3, seed.cuda()).cpu()
+    assert torch.equal(cpu, gpu)
