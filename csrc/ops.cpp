@@ -52,4 +52,12 @@ TORCH_LIBRARY(fusedtech_C, m) {
   // Inverted dropout with a Philox mask regenerated from (seed, element index); forward and
   // backward are the same op.
   m.def("dropout_apply(Tensor x, float p, Tensor seed) -> Tensor");
+
+  // BatchNorm over dim 1 of (N, C, *), NCHW or channels_last: per-channel mean and biased
+  // variance; the normalisation; the backward (dx, dweight, dbias).
+  m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("batch_norm_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor");
+  m.def(
+      "batch_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, bool training) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -5,6 +5,10 @@ import math
 
 import torch
 
+import warnings
+
+from .. import _backend
+from ..ops.batch_norm import batch_norm_fwd, update_running_stats
 from ..ops.dropout import dropout_apply, new_seed
 from ..ops.layer_norm import layer_norm_fwd
 
@@ -54,3 +58,33 @@ def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False)
     if inplace:
         return input.copy_(out)
     return out
+
+
+_warned_native_bn = set()
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5):
+    """torch.nn.functional.batch_norm, fused (fp32 statistics, NCHW and channels_last alike, running
+    statistics updated exactly as torch does). On CUDA tensors, until fusedtech has GPU BatchNorm
+    kernels, this calls torch's own (cuDNN) batch_norm, with one warning."""
+    if training:
+        size = input.size()
+        count = input.numel() // size[1] if input.dim() > 1 and size[1] else 0
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if input.device.type != "cpu" and _backend.requested_backend() is None:
+        if input.device.type not in _warned_native_bn:
+            _warned_native_bn.add(input.device.type)
+            warnings.warn("fusedtech: no GPU BatchNorm kernel yet; using torch's native batch_norm on "
+                          f"{input.device.type} tensors", stacklevel=2)
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("fusedtech: batch_norm in eval mode needs running_mean and running_var")
+    y, mean, _, var = batch_norm_fwd(input, weight, bias, None if training else running_mean,
+                                     None if training else running_var, training, float(eps))
+    if training and running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], float(momentum))
+    return y

@@ -7,6 +7,17 @@ import torch
 from . import functional as F
 
 
+def share_state(cls, module):
+    """An instance of fused class `cls` sharing `module`'s parameters, buffers, device, dtype and
+    train/eval mode (what convert_model uses)."""
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for torch.nn.LayerNorm (fused forward and backward, fp32 statistics)."""
 
@@ -15,13 +26,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm":
-        """A fused copy of `module`: same parameters (shared, not copied), device, dtype and mode."""
-        new = cls.__new__(cls)
-        new.__dict__ = module.__dict__.copy()
-        new._parameters = dict(module._parameters)
-        new._buffers = dict(module._buffers)
-        new._modules = dict(module._modules)
-        return new
+        return share_state(cls, module)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -30,7 +35,9 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
-    from_torch = classmethod(LayerNorm.from_torch.__func__)
+    @classmethod
+    def from_torch(cls, module: torch.nn.RMSNorm) -> "RMSNorm":
+        return share_state(cls, module)
 
 
 FusedLayerNorm = LayerNorm

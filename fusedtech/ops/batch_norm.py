@@ -1,0 +1,84 @@
+"""BatchNorm as torch.library ops: `fusedtech::batch_norm_fwd` (normalises and returns the batch
+statistics, from which update_running_stats updates the running ones exactly as torch does) with
+autograd through
+`fusedtech::batch_norm_bwd`. Backends: cpu (C++) and torch (oracle); on CUDA tensors the
+module falls back to torch's native batch_norm until GPU kernels land (fusedtech.nn.functional)."""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .. import _backend
+
+IMPLEMENTED = ("cpu", "torch")
+
+
+def _impl(name: str, device):
+    backend = _backend.select("batch_norm", device, IMPLEMENTED)
+    if backend == "cpu":
+        return getattr(torch.ops.fusedtech_C, name)
+    return getattr(importlib.import_module("fusedtech.reference.batch_norm"), name)
+
+
+@torch.library.custom_op("fusedtech::batch_norm_fwd", mutates_args=())
+def batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, saved mean, saved 1/sqrt(var + eps), biased batch variance): batch statistics in training,
+    the given running statistics (read only) in eval. Statistics are fp32 (float64 for float64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if training:
+        mean, var = _impl("batch_norm_stats", x.device)(x)
+    else:
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    invstd = torch.rsqrt(var + eps)
+    y = _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
+    return y, mean, invstd, var
+
+
+@batch_norm_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """torch's update: momentum * batch statistic + (1 - momentum) * running one, with the unbiased
+    batch variance."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
+        running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
+
+
+@torch.library.custom_op("fusedtech::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+                   invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl("batch_norm_bwd", x.device)(dy, x, weight, mean, invstd, training)
+
+
+@batch_norm_bwd.register_fake
+def _(dy, x, weight, mean, invstd, training):
+    return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, training, _ = inputs
+    _, mean, invstd, _ = output
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.training = training
+    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _backward(ctx, dy, dmean, dinvstd, dvar):
+    x, weight, mean, invstd = ctx.saved_tensors
+    dx, dw, db = batch_norm_bwd(dy, x, weight, mean, invstd, ctx.training)
+    wdt, bdt = ctx.dtypes
+    return (dx, dw.to(wdt) if wdt is not None else None, db.to(bdt) if bdt is not None else None,
+            None, None, None, None)
+
+
+batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
