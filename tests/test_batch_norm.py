@@ -1,0 +1,154 @@
+"""Fused BatchNorm1d/2d against torch.nn.BatchNorm1d/2d: forward, backward (input, weight, bias),
+running statistics over several training steps and then eval, on every CPU backend.
+
+Tolerances: fp32 atol 1e-5, rtol 1e-5 (our statistics are double, torch's CPU kernel accumulates
+its own way); fp16/bf16 are compared with a float64 computation and our error must be within
+twice torch's own error in that dtype plus 2e-3 (fp16) / 1.6e-2 (bf16), about two ulps at unit scale.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fusedtech
+from conftest import cpu_backends
+
+BACKENDS = [b for b in cpu_backends() if b in ("cpu", "torch")]
+TOL32 = dict(atol=1e-5, rtol=1e-5)
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CASES = [(torch.nn.BatchNorm1d, fusedtech.nn.BatchNorm1d, (8, 5)), (torch.nn.BatchNorm1d, fusedtech.nn.BatchNorm1d, (4, 3, 7)),
+         (torch.nn.BatchNorm2d, fusedtech.nn.BatchNorm2d, (3, 4, 5, 6)), (torch.nn.BatchNorm2d, fusedtech.nn.BatchNorm2d, (2, 3, 1, 1))]
+
+
+def _ids(c):
+    return f"{c[0].__name__}{c[2]}"
+
+
+LAYOUTS = [(c, cl) for c in CASES for cl in ((False, True) if len(c[2]) == 4 else (False,))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,channels_last", LAYOUTS, ids=[_ids(c) + ("-channels_last" if cl else "") for c, cl in LAYOUTS])
+@pytest.mark.parametrize("affine,track,momentum", [(True, True, 0.1), (False, True, None), (True, False, 0.1)])
+def test_matches_torch_over_steps_then_eval(backend, case, channels_last, affine, track, momentum):
+    torch_cls, fused_cls, shape = case
+    t = torch_cls(shape[1], affine=affine, track_running_stats=track, momentum=momentum)
+    f = fused_cls(shape[1], affine=affine, track_running_stats=track, momentum=momentum)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(shape, generator=g) * 3 + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(shape, generator=g)
+        xt, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yt = t(xt)
+        with fusedtech.use_backend(backend):
+            yf = f(xf)
+            gf = torch.autograd.grad(yf, [xf] + list(f.parameters()), dy)
+        gt = torch.autograd.grad(yt, [xt] + list(t.parameters()), dy)
+        torch.testing.assert_close(yf, yt, **TOL32)
+        for a, b in zip(gf, gt):
+            torch.testing.assert_close(a, b, **TOL32)
+        if channels_last:
+            assert yf.is_contiguous(memory_format=torch.channels_last)
+    for name, buf in t.named_buffers():
+        torch.testing.assert_close(dict(f.named_buffers())[name], buf, **TOL32)
+    t.eval(), f.eval()
+    x = torch.randn(shape, generator=g)
+    with fusedtech.use_backend(backend):
+        torch.testing.assert_close(f(x), t(x), **TOL32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_within_twice_torchs_error(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, 4, 5, 5, generator=g) * 2).to(dtype)
+    dy = torch.randn(6, 4, 5, 5, generator=g).to(dtype)
+    exact_m = torch.nn.BatchNorm2d(4).double()
+    xe = x.double().requires_grad_()
+    ye = exact_m(xe)
+    (ge,) = torch.autograd.grad(ye, xe, dy.double())
+    f = fusedtech.nn.BatchNorm2d(4).to(dtype)
+    xf = x.clone().requires_grad_()
+    with fusedtech.use_backend(backend):
+        yf = f(xf)
+        (gf,) = torch.autograd.grad(yf, xf, dy)
+    try:
+        t = torch.nn.BatchNorm2d(4).to(dtype)
+        xt = x.clone().requires_grad_()
+        yt = t(xt)
+        (gt,) = torch.autograd.grad(yt, xt, dy)
+        ref = [(yt.double() - ye).abs().max().item(), (gt.double() - ge).abs().max().item()]
+    except RuntimeError:  # torch's CPU kernel lacks this dtype: judge against float64 alone
+        ref = [0.0, 0.0]
+    ours = [(yf.double() - ye).abs().max().item(), (gf.double() - ge).abs().max().item()]
+    for o, r in zip(ours, ref):
+        assert o <= 2 * r + ATOL[dtype], (ours, ref)
+
+
+def test_one_value_per_channel_in_training_is_refused_like_torch():
+    x = torch.randn(1, 3)
+    with pytest.raises(ValueError) as expected:
+        torch.nn.BatchNorm1d(3)(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fusedtech.nn.BatchNorm1d(3)(x)
+    m = fusedtech.nn.BatchNorm2d(3).eval()  # N*H*W = 1 is fine in eval
+    torch.testing.assert_close(m(torch.randn(1, 3, 1, 1)).shape, torch.Size([1, 3, 1, 1]))
+    assert "Expected more than 1 value per channel" in str(expected.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    m = fusedtech.nn.BatchNorm2d(3).double()
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    with fusedtech.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, w, b: torch.nn.functional.relu(m(x)) * 1.0, (x, m.weight, m.bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    x = torch.randn(16, 8, 9, 9, requires_grad=True)
+    m = fusedtech.nn.BatchNorm2d(8)
+    dy = torch.randn_like(x)
+    with fusedtech.use_backend(backend):
+        a = torch.autograd.grad(m(x), [x, m.weight], dy)
+        b = torch.autograd.grad(m(x), [x, m.weight], dy)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_opcheck_and_compile():
+    from fusedtech.ops.batch_norm import batch_norm_bwd, batch_norm_fwd
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    torch.library.opcheck(batch_norm_fwd, (x, w, b, None, None, True, 1e-5))
+    torch.library.opcheck(batch_norm_fwd, (x, w, b, torch.zeros(3), torch.ones(3), False, 1e-5))
+    _, mean, invstd, _ = batch_norm_fwd(x.detach(), w.detach(), b.detach(), None, None, True, 1e-5)
+    torch.library.opcheck(batch_norm_bwd, (torch.randn(4, 3, 5), x.detach(), w.detach(), mean, invstd, True))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), fusedtech.nn.BatchNorm2d(4), torch.nn.ReLU())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(torch.randn(2, 3, 8, 8))
+    out.sum().backward()
+    assert model[1].num_batches_tracked.item() == 1 and model[1].weight.grad is not None
+
+
+def test_convert_model_on_a_small_cnn():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 10), torch.nn.BatchNorm1d(10), torch.nn.Dropout(0.0))
+    reference = copy.deepcopy(model)  # the torch modules, kept unconverted
+    keys = model.state_dict().keys()
+    _, report = fusedtech.nn.convert_model(model)
+    assert report["replaced"] == {"BatchNorm2d": 1, "BatchNorm1d": 1, "Dropout": 1}
+    assert model.state_dict().keys() == keys
+    x = torch.randn(4, 3, 8, 8)
+    y1, y2 = model(x), reference(x)
+    torch.testing.assert_close(y1, y2, **TOL32)
+    y1.sum().backward(), y2.sum().backward()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+    model.load_state_dict(torch.nn.Sequential(*[copy.deepcopy(m) for m in reference]).state_dict())
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(x), reference(x), **TOL32)
