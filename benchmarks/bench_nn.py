@@ -1,0 +1,96 @@
+"""LayerNorm, RMSNorm, dropout and BatchNorm2d: forward and forward+backward per implementation.
+
+Bytes moved (each input read once, each output written once, activations in the given dtype):
+forward x + y = 2 N; forward+backward adds dy, x and dx = 5 N (weights and statistics are
+negligible); BatchNorm2d the same. Dropout: forward 2 N, forward+backward 4 N (torch also writes
+and reads a 1-byte mask: +2 N bytes for it, not counted). `saved_bytes` records the activation
+memory each implementation keeps for backward.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedtech
+from benchmarks import _common
+from fusedtech.nn import functional as F
+
+DEV = _common.device()
+GPU = DEV.type == "cuda"
+DTYPES = [torch.float32, torch.bfloat16] if GPU else [torch.float32]
+HIDDEN = [512, 1024, 4096, 16384, 65536 + 1024] if GPU else [512, 4096]
+ROWS = lambda n: max(1, (64 << 20 if GPU else 4 << 20) // (n * 4))  # noqa: E731 - ~64 MB (GPU) / 4 MB inputs
+BN_SHAPES = [(512, 64, 32, 32), (512, 128, 16, 16), (512, 256, 8, 8), (512, 512, 4, 4)] if GPU else [(32, 64, 16, 16)]
+
+
+def _fused_backends():
+    return [b for b in fusedtech.available_backends(DEV) if b != "torch" and not (b == "triton" and not GPU)]
+
+
+def _impls(op: str):
+    impls = [("torch", None)]
+    if op != "batch_norm" or not GPU:
+        impls += [(f"fusedtech-{b}", b) for b in _fused_backends()
+                  if not (op == "batch_norm" and b == "triton") and not (op in ("layer_norm", "rms_norm", "dropout") and b == "cuda")]
+    return impls
+
+
+def _saved_bytes(fn, x):
+    total = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t, lambda t: t):
+        fn(x)
+    return sum(total)
+
+
+def _case(op, impl, backend, dtype, shape, direction, benchmark):
+    x = torch.randn(shape, device=DEV, dtype=dtype, requires_grad=direction == "fwd+bwd")
+    n = x.numel() * x.element_size()
+    if op in ("layer_norm", "rms_norm"):
+        h = shape[-1]
+        mod = (torch.nn.LayerNorm(h) if op == "layer_norm" else torch.nn.RMSNorm(h, eps=1e-6)).to(DEV, dtype)
+        if impl != "torch":
+            mod, _ = fusedtech.nn.convert_model(mod)
+        fn = mod
+    elif op == "dropout":
+        fn = (lambda t: torch.nn.functional.dropout(t, 0.1)) if impl == "torch" else (lambda t: F.dropout(t, 0.1))
+    else:
+        mod = torch.nn.BatchNorm2d(shape[1]).to(DEV, dtype)
+        if impl != "torch":
+            mod, _ = fusedtech.nn.convert_model(mod)
+        fn = mod
+    dy = torch.randn_like(x)
+
+    def run():
+        with fusedtech.use_backend(backend):
+            y = fn(x)
+            if direction == "fwd+bwd":
+                y.backward(dy)
+
+    factor = (2 if direction == "fwd" else (4 if op == "dropout" else 5))
+    saved = _saved_bytes(fn, x) if direction == "fwd+bwd" else 0
+    _common.measure(benchmark, run, dev=DEV, op=f"{op} {direction}", impl=impl, case="x".join(map(str, shape)),
+                    dtype=dtype, bytes_moved=factor * n, saved_bytes=saved)
+
+
+NORM_CASES = [(op, impl, b, dt, (ROWS(h), h), d) for op in ("layer_norm", "rms_norm") for dt in DTYPES for h in HIDDEN
+              for d in ("fwd", "fwd+bwd") for impl, b in _impls(op)]
+DROPOUT_CASES = [("dropout", impl, b, dt, (ROWS(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
+                 for impl, b in _impls("dropout")]
+BN_CASES = [("batch_norm", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES for impl, b in _impls("batch_norm")]
+ALL = NORM_CASES + DROPOUT_CASES + BN_CASES
+
+
+@pytest.mark.parametrize("op,impl,backend,dtype,shape,direction", ALL,
+                         ids=[f"{c[0]}-{c[5]}-{c[1]}-{str(c[3])[6:]}-{'x'.join(map(str, c[4]))}" for c in ALL])
+def test_nn_op(benchmark, op, impl, backend, dtype, shape, direction):
+    _case(op, impl, backend, dtype, shape, direction, benchmark)
+
+
+COPIES = sorted({(c[4], c[3], (2 if c[5] == "fwd" else (4 if c[0] == "dropout" else 5))) for c in ALL}, key=str)
+
+
+@pytest.mark.parametrize("shape,dtype,factor", COPIES, ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{c[2]}" for c in COPIES])
+def test_copy(benchmark, shape, dtype, factor):
+    n = factor * torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+    _common.measure(benchmark, _common.copy_fn(n, DEV), dev=DEV, op="copy", impl="copy", case="x".join(map(str, shape)),
+                    dtype=dtype, bytes_moved=n)
