@@ -66,8 +66,9 @@ _warned_native_bn = set()
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5):
     """torch.nn.functional.batch_norm, fused (fp32 statistics, NCHW and channels_last alike, running
-    statistics updated exactly as torch does). On CUDA tensors, until fusedtech has GPU BatchNorm
-    kernels, this calls torch's own (cuDNN) batch_norm, with one warning."""
+    statistics updated exactly as torch does). On CUDA tensors the automatic choice is torch's own
+    (cuDNN) batch_norm, with one warning, until fusedtech's Triton kernels (use_backend("triton"))
+    are measured faster on a GPU: they take one program per channel for the statistics."""
     if training:
         size = input.size()
         count = input.numel() // size[1] if input.dim() > 1 and size[1] else 0
@@ -76,8 +77,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if input.device.type != "cpu" and _backend.requested_backend() is None:
         if input.device.type not in _warned_native_bn:
             _warned_native_bn.add(input.device.type)
-            warnings.warn("fusedtech: no GPU BatchNorm kernel yet; using torch's native batch_norm on "
-                          f"{input.device.type} tensors", stacklevel=2)
+            warnings.warn("fusedtech: BatchNorm on GPU tensors uses torch's native batch_norm unless "
+                          "use_backend('triton') asks for fusedtech's Triton kernels (not yet measured faster)",
+                          stacklevel=2)
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")

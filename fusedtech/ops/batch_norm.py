@@ -1,8 +1,9 @@
 """BatchNorm as torch.library ops: `fusedtech::batch_norm_fwd` (normalises and returns the batch
 statistics, from which update_running_stats updates the running ones exactly as torch does) with
 autograd through
-`fusedtech::batch_norm_bwd`. Backends: cpu (C++) and torch (oracle); on CUDA tensors the
-module falls back to torch's native batch_norm until GPU kernels land (fusedtech.nn.functional)."""
+`fusedtech::batch_norm_bwd`. Backends: triton, cpu (C++) and torch (oracle). On CUDA tensors the
+automatic choice is torch's native (cuDNN) batch_norm until the Triton kernels are measured faster
+on a GPU (fusedtech.nn.functional); `use_backend("triton")` selects them."""
 from __future__ import annotations
 
 import importlib
@@ -12,14 +13,15 @@ import torch
 
 from .. import _backend
 
-IMPLEMENTED = ("cpu", "torch")
+IMPLEMENTED = ("triton", "cpu", "torch")
 
 
 def _impl(name: str, device):
     backend = _backend.select("batch_norm", device, IMPLEMENTED)
     if backend == "cpu":
         return getattr(torch.ops.fusedtech_C, name)
-    return getattr(importlib.import_module("fusedtech.reference.batch_norm"), name)
+    package = "triton_kernels" if backend == "triton" else "reference"
+    return getattr(importlib.import_module(f"fusedtech.{package}.batch_norm"), name)
 
 
 @torch.library.custom_op("fusedtech::batch_norm_fwd", mutates_args=())

@@ -1,0 +1,156 @@
+"""BatchNorm over dim 1 of (N, C, *) in Triton, NCHW or channels_last through one strided
+(N, C, S) view: per-channel statistics (one program per channel, blocks merged with Chan's
+parallel-variance formula: one read, deterministic), the normalisation, and the backward (a
+per-channel reduction of dy and dy * xhat, then dx)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import tl_dtype
+from .rounding import round_to
+
+BLOCK = 1024
+
+
+@triton.jit
+def _address(j, S, sN, sC, sS, c):
+    return (j // S) * sN + c * sC + (j % S) * sS
+
+
+@triton.jit
+def _stats_kernel(x_ptr, mean_ptr, var_ptr, NS, S, sN, sC, sS, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for start in range(0, NS, BLOCK):
+        j = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = j < NS
+        x = tl.load(x_ptr + _address(j, S, sN, sC, sS, c), mask=mask, other=0.0).to(tl.float32)
+        nb = tl.sum(mask.to(tl.float32), axis=0)
+        mb = tl.sum(x, axis=0) / nb
+        d = tl.where(mask, x - mb, 0.0)
+        m2b = tl.sum(d * d, axis=0)
+        tot = count + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (count * nb / tot)
+        count = tot
+    tl.store(mean_ptr + c, mean)
+    tl.store(var_ptr + c, m2 / count)
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, S, sN, sC, sS, DTYPE: tl.constexpr,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # logical (n, c, s) order
+    mask = k < total
+    s = k % S
+    c = (k // S) % C
+    n = k // (S * C)
+    addr = n * sN + c * sC + s * sS
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    y = (x - tl.load(mean_ptr + c, mask=mask, other=0.0)) * tl.load(invstd_ptr + c, mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + addr, round_to(y, DTYPE), mask=mask)
+
+
+@triton.jit
+def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, NS, S, sN, sC, sS,
+                       BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    mean = tl.load(mean_ptr + c)
+    invstd = tl.load(invstd_ptr + c)
+    acc_dy = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, NS, BLOCK):
+        j = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = j < NS
+        addr = _address(j, S, sN, sC, sS, c)
+        g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        acc_dy += g
+        acc_dyx += g * (x - mean) * invstd
+    tl.store(sum_dy_ptr + c, tl.sum(acc_dy, axis=0))
+    tl.store(sum_dy_xhat_ptr + c, tl.sum(acc_dyx, axis=0))
+
+
+@triton.jit
+def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, sum_dy_ptr, sum_dy_xhat_ptr, total, C, S,
+                      sN, sC, sS, count, DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < total
+    s = k % S
+    c = (k // S) % C
+    n = k // (S * C)
+    addr = n * sN + c * sC + s * sS
+    g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if TRAINING:
+        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - tl.load(mean_ptr + c, mask=mask, other=0.0)) * invstd
+        mean_dy = tl.load(sum_dy_ptr + c, mask=mask, other=0.0) / count
+        mean_dyx = tl.load(sum_dy_xhat_ptr + c, mask=mask, other=0.0) / count
+        dx = scale * (g - mean_dy - xhat * mean_dyx)
+    else:
+        dx = scale * g
+    tl.store(dx_ptr + addr, round_to(dx, DTYPE), mask=mask)
+
+
+def _view(x: torch.Tensor):
+    """(x, N, C, S, strides) with the trailing dims one uniformly strided run (else a contiguous copy)."""
+    ok = x.dim() <= 2 or all(x.size(d) == 1 or x.stride(d) == x.stride(d + 1) * x.size(d + 1)
+                             for d in range(2, x.dim() - 1))
+    if not ok or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    S = 1
+    for d in range(2, x.dim()):
+        S *= x.size(d)
+    return x, x.size(0), x.size(1), S, (x.stride(0), x.stride(1), x.stride(-1) if x.dim() > 2 else 1)
+
+
+def batch_norm_stats(x):
+    x, N, C, S, (sN, sC, sS) = _view(x)
+    mean = torch.empty(C, device=x.device, dtype=torch.float32)
+    var = torch.empty(C, device=x.device, dtype=torch.float32)
+    if C:
+        _stats_kernel[(C,)](x, mean, var, N * S, S, sN, sC, sS, BLOCK=BLOCK)
+    return mean, var
+
+
+def batch_norm_apply(x, mean, invstd, weight, bias):
+    x, N, C, S, (sN, sC, sS) = _view(x)
+    y = torch.empty_like(x)
+    total = x.numel()
+    if total:
+        _apply_kernel[(triton.cdiv(total, BLOCK),)](x, y, mean.float(), invstd.float(),
+                                                    weight if weight is not None else x, bias if bias is not None else x,
+                                                    total, C, S, sN, sC, sS, DTYPE=tl_dtype(x.dtype),
+                                                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK)
+    return y
+
+
+def batch_norm_bwd(dy, x, weight, mean, invstd, training: bool):
+    x, N, C, S, (sN, sC, sS) = _view(x)
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)
+    dx = torch.empty_like(x)
+    sum_dy = torch.zeros(C, device=x.device, dtype=torch.float32)
+    sum_dy_xhat = torch.zeros(C, device=x.device, dtype=torch.float32)
+    mean, invstd = mean.float(), invstd.float()
+    if x.numel():
+        _bwd_reduce_kernel[(C,)](dy, x, mean, invstd, sum_dy, sum_dy_xhat, N * S, S, sN, sC, sS, BLOCK=BLOCK)
+        _bwd_apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](
+            dy, x, dx, mean, invstd, weight if weight is not None else x, sum_dy, sum_dy_xhat, x.numel(), C, S,
+            sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, TRAINING=bool(training),
+            BLOCK=BLOCK)
+    return dx, sum_dy_xhat, sum_dy
