@@ -184,3 +184,70 @@ def test_gpu_triton_matches_torch(channels_last, dtype):
     with fusedtech.use_backend("triton"):
         y = f(x.to(dtype))
     torch.testing.assert_close(y.float(), t(x), atol=1.6e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+ACTS = {"relu": torch.nn.ReLU(), "gelu": torch.nn.GELU(), "silu": torch.nn.SiLU()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_act_matches_unfused_torch(backend, activation, with_residual, channels_last):
+    g = torch.Generator().manual_seed(3)
+    x, r, dy = (torch.randn(3, 4, 5, 6, generator=g) for _ in range(3))
+    if channels_last:
+        x, r = x.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    bn, fused = torch.nn.BatchNorm2d(4), fusedtech.nn.BatchNormAct2d(4, activation=activation)
+    xa, xb, ra, rb = (t.clone().requires_grad_() for t in (x, x, r, r))
+    ya = ACTS[activation](bn(xa) + (ra if with_residual else 0))
+    with fusedtech.use_backend(backend):
+        yb = fused(xb, rb if with_residual else None)
+        gb = torch.autograd.grad(yb, [xb, fused.weight, fused.bias] + ([rb] if with_residual else []), dy)
+    ga = torch.autograd.grad(ya, [xa, bn.weight, bn.bias] + ([ra] if with_residual else []), dy)
+    torch.testing.assert_close(yb, ya, **TOL32)
+    for a, b in zip(gb, ga):
+        torch.testing.assert_close(a, b, **TOL32)
+    torch.testing.assert_close(fused.running_var, bn.running_var, **TOL32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_act_saves_less_than_the_unfused_composition(backend):
+    x = torch.randn(8, 16, 10, 10, requires_grad=True)
+    r = torch.randn(8, 16, 10, 10)
+
+    def saved_bytes(fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+            fn()
+        return sum(sizes)
+
+    bn, act = torch.nn.BatchNorm2d(16), torch.nn.ReLU()
+    unfused = saved_bytes(lambda: act(bn(x) + r))
+    fused = fusedtech.nn.BatchNormAct2d(16)
+    with fusedtech.use_backend(backend):
+        ours = saved_bytes(lambda: fused(x, r))
+    # x, a 1-bit mask and the statistics, where torch keeps x and the ReLU output.
+    assert ours <= unfused - 0.85 * x.numel() * x.element_size(), (ours, unfused)
+    gelu = fusedtech.nn.BatchNormAct2d(16, activation="gelu")
+    with fusedtech.use_backend(backend):
+        ours_gelu = saved_bytes(lambda: gelu(x))  # no residual: x and the statistics only
+    assert ours_gelu <= unfused - 0.95 * x.numel() * x.element_size()
+
+
+def test_convert_model_fuses_activations_and_keeps_keys():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.GELU(),
+                                torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.SiLU())
+    ref = copy.deepcopy(model)
+    keys = model.state_dict().keys()
+    _, report = fusedtech.nn.convert_model(model, fuse_activations=True)
+    assert report["replaced"] == {"BatchNorm2d+GELU": 1, "BatchNorm2d+SiLU": 1}
+    assert isinstance(model[1], fusedtech.nn.BatchNormAct2d) and isinstance(model[2], torch.nn.Identity)
+    assert model.state_dict().keys() == keys
+    x = torch.randn(2, 3, 10, 10)
+    torch.testing.assert_close(model(x), ref(x), **TOL32)
+    model.load_state_dict(ref.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(x).sum().backward()
+    assert model[1].weight.grad is not None

@@ -1,7 +1,8 @@
 """Drop-in modules for ``torch.nn``: fused LayerNorm / RMSNorm (BatchNorm and dropout land here
 as they are built), ``functional`` and ``utils`` counterparts."""
 from . import functional, utils  # noqa: F401
-from .batchnorm import BatchNorm1d, BatchNorm2d, FusedBatchNorm1d, FusedBatchNorm2d  # noqa: F401
+from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNormAct2d, FusedBatchNorm1d,  # noqa: F401
+                        FusedBatchNorm2d)
 from .convert import convert_model  # noqa: F401
 from .dropout import Dropout, FusedDropout  # noqa: F401
 from .normalization import FusedLayerNorm, FusedRMSNorm, LayerNorm, RMSNorm  # noqa: F401

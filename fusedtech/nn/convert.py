@@ -20,11 +20,16 @@ _REPLACEMENTS = (
 )
 
 
-def convert_model(model: torch.nn.Module, *, include=None, verbose: bool = False):
+_ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.GELU: "gelu", torch.nn.SiLU: "silu"}
+
+
+def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: bool = False, verbose: bool = False):
     """Replace, in place, every module with a fused drop-in (exact type match, so subclasses and
     already-fused modules stay); `include` limits it to some torch classes (e.g. {nn.LayerNorm}).
     Returns (model, report): report counts replaced modules per type and lists the torch module
-    types seen that have no fused version yet."""
+    types seen that have no fused version yet. With fuse_activations, a BatchNorm2d followed by
+    ReLU, GELU (tanh approximation excluded) or SiLU in an nn.Sequential becomes one
+    BatchNormAct2d and the activation an Identity (state_dict keys stay the same)."""
     from .. import nn as fnn
     replaced: Counter = Counter()
     missing: set = set()
@@ -38,6 +43,18 @@ def convert_model(model: torch.nn.Module, *, include=None, verbose: bool = False
                 return cls
         return None
 
+    if fuse_activations:
+        for parent in list(model.modules()):
+            if not isinstance(parent, torch.nn.Sequential):
+                continue
+            names = list(parent._modules)
+            for a, b in zip(names, names[1:]):
+                bn, act = parent._modules[a], parent._modules[b]
+                kind = _ACTIVATIONS.get(type(act))
+                if type(bn) in (torch.nn.BatchNorm2d, fnn.BatchNorm2d) and kind and getattr(act, "approximate", "none") == "none":
+                    parent._modules[a] = fnn.BatchNormAct2d.from_batch_norm(bn, kind)
+                    parent._modules[b] = torch.nn.Identity()
+                    replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             cls = fused_class(child)

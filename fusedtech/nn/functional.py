@@ -8,7 +8,7 @@ import torch
 import warnings
 
 from .. import _backend
-from ..ops.batch_norm import batch_norm_fwd, update_running_stats
+from ..ops.batch_norm import ACTIVATIONS, batch_norm_act_fwd, batch_norm_fwd, update_running_stats
 from ..ops.dropout import dropout_apply, new_seed
 from ..ops.layer_norm import layer_norm_fwd
 
@@ -69,11 +69,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics updated exactly as torch does). On CUDA tensors the automatic choice is torch's own
     (cuDNN) batch_norm, with one warning, until fusedtech's Triton kernels (use_backend("triton"))
     are measured faster on a GPU: they take one program per channel for the statistics."""
-    if training:
-        size = input.size()
-        count = input.numel() // size[1] if input.dim() > 1 and size[1] else 0
-        if count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    _check_batch(input, training)
     if input.device.type != "cpu" and _backend.requested_backend() is None:
         if input.device.type not in _warned_native_bn:
             _warned_native_bn.add(input.device.type)
@@ -83,10 +79,42 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _check_batch(input, training):
+    if training:
+        size = input.size()
+        count = input.numel() // size[1] if input.dim() > 1 and size[1] else 0
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation=None,
+                residual=None):
     if not training and (running_mean is None or running_var is None):
         raise ValueError("fusedtech: batch_norm in eval mode needs running_mean and running_var")
-    y, mean, _, var = batch_norm_fwd(input, weight, bias, None if training else running_mean,
-                                     None if training else running_var, training, float(eps))
+    rm, rv = (None, None) if training else (running_mean, running_var)
+    if activation is None:
+        y, mean, _, var = batch_norm_fwd(input, weight, bias, rm, rv, training, float(eps))
+    else:
+        if residual is not None and residual.shape != input.shape:
+            raise RuntimeError(f"fusedtech: residual has shape {tuple(residual.shape)} but input has {tuple(input.shape)}")
+        y, mean, _, var = batch_norm_act_fwd(input, weight, bias, rm, rv, residual, training, float(eps), activation)
     if training and running_mean is not None and running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], float(momentum))
     return y
+
+
+def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu", residual=None):
+    """act(batch_norm(input) + residual) in one op whose backward recomputes the pre-activation
+    (nothing but what BatchNorm needs, and the residual, is saved). activation: relu, gelu, silu, none."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fusedtech: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_batch(input, training)
+    if input.device.type != "cpu" and _backend.requested_backend() is None:
+        y = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        from ..ops.batch_norm import _activate
+        return _activate(y if residual is None else y + residual, activation)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual)

@@ -84,3 +84,101 @@ def _backward(ctx, dy, dmean, dinvstd, dvar):
 
 
 batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- BatchNorm + residual add + activation ---------------------------------------------------
+# Forward: out = act(bn(x) + residual). Nothing of bn(x) or the pre-activation is saved: ReLU
+# keeps a 1-bit mask of where the pre-activation was positive (all its backward needs); GELU and
+# SiLU recompute the pre-activation from x and the statistics BatchNorm keeps anyway, plus the
+# residual. torch's BN -> add -> act keeps x and a full activation for the act's backward.
+ACTIVATIONS = ("relu", "gelu", "silu", "none")
+
+
+def _activate(pre, activation):
+    if activation == "relu":
+        return torch.relu(pre)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(pre)
+    if activation == "silu":
+        return torch.nn.functional.silu(pre)
+    return pre
+
+
+def _activation_grad(dy, pre, activation):
+    if activation == "relu":
+        return torch.where(pre > 0, dy, torch.zeros_like(dy))
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(dy, pre)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dy, pre)
+    return dy
+
+
+@torch.library.custom_op("fusedtech::batch_norm_act_fwd", mutates_args=())
+def batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                       residual: Optional[torch.Tensor], training: bool, eps: float,
+                       activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, invstd, var = batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps)
+    pre = y if residual is None else y + residual
+    return _activate(pre, activation), mean, invstd, var
+
+
+@batch_norm_act_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, residual, training, eps, activation):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+@torch.library.custom_op("fusedtech::batch_norm_apply", mutates_args=())
+def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The normalisation alone (what the activation backward recomputes)."""
+    return _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
+
+
+@batch_norm_apply.register_fake
+def _(x, mean, invstd, weight, bias):
+    return torch.empty_like(x)
+
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8, 8 elements a byte (in memory order of the flattened tensor)."""
+    flat = mask.reshape(-1)
+    flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-flat.numel()) % 8))
+    return (flat.view(-1, 8) * _BITS.to(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    bits = (packed[:, None] & _BITS.to(packed.device)) != 0
+    return bits.reshape(-1)[:like.numel()].view(like.shape)
+
+
+def _act_setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, residual, training, _, activation = inputs
+    out, mean, invstd, _ = output
+    ctx.training, ctx.activation, ctx.has_residual = training, activation, residual is not None
+    if activation == "relu":
+        ctx.save_for_backward(x, weight, bias, mean, invstd, pack_bits(out > 0))
+    else:
+        ctx.save_for_backward(x, weight, bias, mean, invstd, residual)
+
+
+def _act_backward(ctx, dy, dmean, dinvstd, dvar):
+    x, weight, bias, mean, invstd, extra = ctx.saved_tensors
+    if ctx.activation == "relu":
+        dpre = torch.where(unpack_bits(extra, dy), dy, torch.zeros_like(dy))
+    else:
+        y = batch_norm_apply(x, mean, invstd, weight, bias)  # recomputed, not saved
+        pre = y if extra is None else y + extra
+        dpre = _activation_grad(dy, pre, ctx.activation)
+    dx, dw, db = batch_norm_bwd(dpre, x, weight, mean, invstd, ctx.training)
+    return (dx, dw.to(weight.dtype) if weight is not None else None, db.to(bias.dtype) if bias is not None else None,
+            None, None, dpre if ctx.has_residual else None, None, None, None)
+
+
+batch_norm_act_fwd.register_autograd(_act_backward, setup_context=_act_setup_context)
