@@ -158,3 +158,58 @@ def test_gpu_same_mask_as_cpu():
     with fusedtech.use_backend("triton"):
         gpu = dropout_apply(x.cuda(), 0.3, seed.cuda()).cpu()
     assert torch.equal(cpu, gpu)
+
+
+def _unfused(x, r, w, b, p, seed, rms):
+    from fusedtech.reference.dropout import keep_mask
+    mask = keep_mask(x.shape, p, int(seed), x.device)
+    s = torch.where(mask, x * torch.tensor(1 / (1 - p), dtype=torch.float32), 0.0) + r
+    n = (x.shape[-1],)
+    return (torch.nn.functional.rms_norm(s, n, w, 1e-5) if rms else torch.nn.functional.layer_norm(s, n, w, b, 1e-5)), s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape", [(4, 33), (2, 3, 128)], ids=str)
+def test_dropout_add_layer_norm_equals_unfused_torch(backend, rms, shape):
+    g = torch.Generator().manual_seed(0)
+    x, r, dout, ds = (torch.randn(shape, generator=g) for _ in range(4))
+    w, b = torch.randn(shape[-1], generator=g), (None if rms else torch.randn(shape[-1], generator=g))
+    leaves = [t.clone().requires_grad_() for t in (x, r, w)] + ([b.clone().requires_grad_()] if b is not None else [])
+    torch.manual_seed(5)
+    seed = fusedtech.ops.dropout.new_seed(torch.device("cpu")).item()
+    torch.manual_seed(5)
+    with fusedtech.use_backend(backend):
+        out, s = F.dropout_add_layer_norm(leaves[0], leaves[1], leaves[2], leaves[3] if b is not None else None,
+                                          p=0.2, eps=1e-5, rms=rms, return_residual=True)
+        grads = torch.autograd.grad([out, s], leaves, [dout, ds])
+    ref_leaves = [t.clone().requires_grad_() for t in (x, r, w)] + ([b.clone().requires_grad_()] if b is not None else [])
+    ref_out, ref_s = _unfused(*ref_leaves[:3], ref_leaves[3] if b is not None else None, 0.2, seed, rms)
+    ref_grads = torch.autograd.grad([ref_out, ref_s], ref_leaves, [dout, ds])
+    torch.testing.assert_close(s, ref_s, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for a, c in zip(grads, ref_grads):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_add_layer_norm_saves_only_the_sum_and_statistics(backend):
+    x, r = torch.randn(16, 64, requires_grad=True), torch.randn(16, 64, requires_grad=True)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    sizes = []
+    with fusedtech.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        F.dropout_add_layer_norm(x, r, w, b, p=0.5).sum().backward()
+    assert sum(1 for n in sizes if n == x.numel()) == 1  # the pre-norm sum; no mask, no copy of x
+    assert x.grad is not None and r.grad is not None
+
+
+def test_dropout_add_norm_kernel_compiles():
+    import triton.language as tl
+    from aot import compile_for_gpus
+    from fusedtech.triton_kernels.dropout import _dropout_add_norm_kernel
+    sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "sum_ptr": "*bf16",
+           "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64", "n": "i32", "eps": "fp32", "threshold": "u32",
+           "scale": "fp32"}
+    compile_for_gpus(_dropout_add_norm_kernel, sig, dict(DTYPE=tl.bfloat16, RMS=False, HAS_WEIGHT=True, HAS_BIAS=True,
+                                                          BLOCK=4096))

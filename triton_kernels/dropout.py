@@ -36,3 +36,57 @@ def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor
         _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, n, threshold(p), 1.0 / (1.0 - p),
                                                   DTYPE=tl_dtype(x.dtype), BLOCK=BLOCK)
     return y
+
+
+@triton.jit
+def _dropout_add_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mean_ptr, rstd_ptr, seed_ptr, n, eps,
+                             threshold, scale, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: s = dropout(x) + residual (mask from (seed, flat element index)), stored for the
+    next residual and for backward; then LayerNorm/RMSNorm of s. The row stays in registers."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    idx = row * n + cols
+    seed = tl.load(seed_ptr)
+    keep = tl.randint(seed, idx).to(tl.uint32, bitcast=True) >= threshold
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    s = tl.where(keep, x * scale, 0.0) + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    s = round_to(s, DTYPE).to(tl.float32)  # the sum as stored (the next residual) is what is normalised
+    tl.store(sum_ptr + idx, round_to(s, DTYPE), mask=mask)
+    if RMS:
+        mean = 0.0
+    else:
+        mean = tl.sum(tl.where(mask, s, 0.0), axis=0) / n
+    d = tl.where(mask, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / n + eps)
+    y = d * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + idx, round_to(y, DTYPE), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+MAX_FUSED_ROW = 16384
+
+
+def dropout_add_norm_fwd(x, residual, weight, bias, p: float, eps: float, rms: bool, seed):
+    """(out, pre-norm sum, mean, rstd) for 2-D contiguous x and residual."""
+    rows, n = x.shape
+    if n > MAX_FUSED_ROW:  # long rows: dropout + add here, then the split-row LayerNorm kernels
+        from .layer_norm import layer_norm_fwd
+        s = (dropout_apply(x, p, seed).float() + residual.float()).to(x.dtype)
+        out, mean, rstd = layer_norm_fwd(s, weight, bias, eps, rms)
+        return out, s, mean, rstd
+    out, s = torch.empty_like(x), torch.empty_like(x)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    if rows and n:
+        _dropout_add_norm_kernel[(rows,)](x, residual, weight if weight is not None else x, bias if bias is not None else x,
+                                          out, s, mean, rstd, seed, n, eps, threshold(p), 1.0 / (1.0 - p),
+                                          DTYPE=tl_dtype(x.dtype), RMS=rms, HAS_WEIGHT=weight is not None,
+                                          HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n))
+    return out, s, mean, rstd

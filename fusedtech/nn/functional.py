@@ -9,7 +9,7 @@ import warnings
 
 from .. import _backend
 from ..ops.batch_norm import ACTIVATIONS, batch_norm_act_fwd, batch_norm_fwd, update_running_stats
-from ..ops.dropout import dropout_apply, new_seed
+from ..ops.dropout import dropout_add_norm, dropout_apply, new_seed
 from ..ops.layer_norm import layer_norm_fwd
 
 
@@ -118,3 +118,21 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
         from ..ops.batch_norm import _activate
         return _activate(y if residual is None else y + residual, activation)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual)
+
+
+def dropout_add_layer_norm(x, residual, weight=None, bias=None, p: float = 0.1, eps: float = 1e-5,
+                           training: bool = True, rms: bool = False, return_residual: bool = False):
+    """norm(dropout(x) + residual) over the last dimension, in one kernel on the Triton backend
+    (LayerNorm, or RMSNorm with rms=True). With return_residual, also returns the pre-norm sum (the
+    next block's residual). Backward regenerates the dropout mask; only the sum and the row
+    statistics are saved."""
+    if x.shape != residual.shape:
+        raise RuntimeError(f"fusedtech: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"fusedtech: dropout probability has to be in [0, 1), got {p}")
+    n = x.shape[-1]
+    p = float(p) if training else 0.0
+    x2, r2 = x.reshape(-1, n).contiguous(), residual.reshape(-1, n).contiguous()
+    out, s, _, _ = dropout_add_norm(x2, r2, weight, bias, p, float(eps), rms, new_seed(x.device))
+    out, s = out.view(x.shape), s.view(x.shape)
+    return (out, s) if return_residual else out

@@ -3,6 +3,7 @@ scaling of the incoming gradient, regenerated from the saved one-element seed: n
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 
@@ -42,6 +43,61 @@ def _backward(ctx, dy):
 
 
 dropout_apply.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- dropout + residual add + LayerNorm/RMSNorm ---------------------------------------------
+# Saves the pre-norm sum (which LayerNorm's backward needs and the next block uses as its residual)
+# and the row statistics: no mask, no copy of x.
+
+def _dan_impl(x, residual, weight, bias, p, eps, rms, seed):
+    backend = _backend.select("dropout_add_layer_norm", x.device, IMPLEMENTED)
+    if backend == "triton":
+        from ..triton_kernels.dropout import dropout_add_norm_fwd
+        return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
+    if backend == "cpu":  # the C++ dropout and LayerNorm kernels, one after the other
+        s = (torch.ops.fusedtech_C.dropout_apply(x, p, seed).float() + residual.float()).to(x.dtype)
+        out, mean, rstd = torch.ops.fusedtech_C.layer_norm_fwd(s, weight, bias, eps, rms)
+        return out, s, mean, rstd
+    from ..reference.dropout import dropout_add_norm_fwd
+    return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
+
+
+@torch.library.custom_op("fusedtech::dropout_add_norm", mutates_args=())
+def dropout_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], p: float, eps: float, rms: bool,
+                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(norm(dropout(x) + residual), the sum, mean, rstd) for 2-D contiguous (rows, n) inputs."""
+    out, s, mean, rstd = _dan_impl(x, residual, weight, bias, p, eps, rms, seed)
+    return out, s, mean, rstd
+
+
+@dropout_add_norm.register_fake
+def _(x, residual, weight, bias, p, eps, rms, seed):
+    rows = x.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+def _dan_setup_context(ctx, inputs, output):
+    _, _, weight, bias, p, _, rms, seed = inputs
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd, seed)
+    ctx.p, ctx.rms, ctx.has_bias = p, rms, bias is not None
+    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _dan_backward(ctx, dout, dsum, dmean, drstd):
+    from .layer_norm import layer_norm_bwd
+    s, weight, mean, rstd, seed = ctx.saved_tensors
+    ds, dw, db = layer_norm_bwd(dout, s, weight, mean, rstd, ctx.rms, ctx.has_bias)
+    if dsum is not None:  # the sum is also an output (the next residual)
+        ds = ds + dsum
+    wdt, bdt = ctx.dtypes
+    return (dropout_apply(ds.contiguous(), ctx.p, seed), ds, dw.to(wdt) if wdt is not None else None,
+            db.to(bdt) if bdt is not None else None, None, None, None, None)
+
+
+dropout_add_norm.register_autograd(_dan_backward, setup_context=_dan_setup_context)
 
 
 def new_seed(device: torch.device) -> torch.Tensor:

@@ -44,3 +44,12 @@ def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor
     mask = keep_mask(x.shape, p, int(seed.item()), x.device)
     scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
     return torch.where(mask, x.float() * scale, 0.0).to(x.dtype)
+
+
+def dropout_add_norm_fwd(x, residual, weight, bias, p: float, eps: float, rms: bool, seed):
+    """(out, pre-norm sum, mean, rstd): dropout(x) + residual (rounded to x's dtype, as stored),
+    then the LayerNorm/RMSNorm oracle."""
+    from .layer_norm import layer_norm_fwd
+    s = (dropout_apply(x, p, seed).float() + residual.float()).to(x.dtype)
+    out, mean, rstd = layer_norm_fwd(s, weight, bias, eps, rms)
+    return out, s, mean, rstd
