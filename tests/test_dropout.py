@@ -213,3 +213,40 @@ def test_dropout_add_norm_kernel_compiles():
            "scale": "fp32"}
     compile_for_gpus(_dropout_add_norm_kernel, sig, dict(DTYPE=tl.bfloat16, RMS=False, HAS_WEIGHT=True, HAS_BIAS=True,
                                                           BLOCK=4096))
+
+
+def test_drop_block_matches_torchvision_given_the_same_block_mask():
+    tv = pytest.importorskip("torchvision.ops", reason="torchvision is optional (pip install torchvision)")
+    x = torch.rand(2, 3, 12, 12) + 0.5
+    torch.manual_seed(0)
+    expected = tv.drop_block2d(x, p=0.3, block_size=3)
+    block_mask = (expected != 0).float()  # x has no zeros: a zero output is a dropped pixel
+    ours = F.drop_block2d(x, p=0.3, block_size=3, block_mask=block_mask)
+    torch.testing.assert_close(ours, expected, atol=0, rtol=1e-6)
+
+
+def test_drop_block_semantics():
+    x = torch.rand(4, 8, 16, 16) + 0.5
+    torch.manual_seed(1)
+    a = F.drop_block2d(x, 0.2, 5)
+    torch.manual_seed(1)
+    assert torch.equal(a, F.drop_block2d(x, 0.2, 5))
+    dropped = (a == 0).float().mean().item()
+    assert 0.05 < dropped < 0.35  # about p once blocks overlap
+    kept = a != 0
+    scale = (a[kept] / x[kept]).unique()
+    assert torch.allclose(scale, scale[:1].expand_as(scale), rtol=1e-5)  # one normalisation factor
+    assert F.drop_block2d(x, 0.2, 5, training=False) is x
+    with pytest.raises(ValueError, match="odd"):
+        F.drop_block2d(x, 0.2, 4)
+    m = fusedtech.nn.DropBlock2d(0.2, 3)
+    assert m(x).shape == x.shape and "block_size=3" in repr(m)
+
+
+def test_dropout_add_layer_norm_module():
+    m = fusedtech.nn.DropoutAddLayerNorm(32, p=0.1)
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    m.eval()
+    torch.testing.assert_close(m(x, r), torch.nn.functional.layer_norm(x + r, (32,), m.weight, m.bias), atol=1e-5, rtol=1e-5)
+    out, s = m(x, r, return_residual=True)
+    torch.testing.assert_close(s, x + r)

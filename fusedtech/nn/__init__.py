@@ -4,5 +4,5 @@ from . import functional, utils  # noqa: F401
 from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNormAct2d, FusedBatchNorm1d,  # noqa: F401
                         FusedBatchNorm2d)
 from .convert import convert_model  # noqa: F401
-from .dropout import Dropout, FusedDropout  # noqa: F401
+from .dropout import DropBlock2d, Dropout, DropoutAddLayerNorm, FusedDropout  # noqa: F401
 from .normalization import FusedLayerNorm, FusedRMSNorm, LayerNorm, RMSNorm  # noqa: F401

@@ -136,3 +136,38 @@ def dropout_add_layer_norm(x, residual, weight=None, bias=None, p: float = 0.1, 
     out, s, _, _ = dropout_add_norm(x2, r2, weight, bias, p, float(eps), rms, new_seed(x.device))
     out, s = out.view(x.shape), s.view(x.shape)
     return (out, s) if return_residual else out
+
+
+def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: float = 1e-6, training: bool = True,
+                 block_mask=None):
+    """torchvision.ops.drop_block2d's semantics: block seeds with probability
+    gamma = p H W / (block^2 (H - block + 1)(W - block + 1)), grown to block x block squares, output
+    scaled by numel / (eps + kept). The seeds come from the Philox stream of fusedtech's dropout
+    (seeded from torch's generator); `block_mask` (1 = keep) replaces them, for tests.
+    Not yet one kernel: the block growth is torch's max_pool2d."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}.")
+    if input.dim() != 4:
+        raise ValueError(f"input should be 4 dimensional. Got {input.dim()} dimensions.")
+    if not training or p == 0.0:
+        return input
+    n, c, h, w = input.shape
+    block_size = min(block_size, w, h)
+    if block_size % 2 == 0:
+        raise ValueError(f"block size should be odd. Got {block_size} which is even.")
+    if block_mask is None:
+        gamma = (p * h * w) / ((block_size ** 2) * ((h - block_size + 1) * (w - block_size + 1)))
+        from ..reference.dropout import philox_randint
+        seed = int(new_seed(torch.device("cpu")).item())
+        counters = torch.arange(n * c * (h - block_size + 1) * (w - block_size + 1), dtype=torch.int64)
+        seeds = (philox_randint(seed, counters) < min(int(gamma * 2 ** 32), 2 ** 32 - 1)).to(input.device, input.dtype)
+        seeds = seeds.view(n, c, h - block_size + 1, w - block_size + 1)
+        seeds = torch.nn.functional.pad(seeds, [block_size // 2] * 4, value=0)
+        seeds = torch.nn.functional.max_pool2d(seeds, stride=(1, 1), kernel_size=(block_size, block_size),
+                                               padding=block_size // 2)
+        block_mask = 1 - seeds
+    block_mask = block_mask.to(input.dtype)
+    scale = block_mask.numel() / (eps + block_mask.sum())
+    if inplace:
+        return input.mul_(block_mask).mul_(scale)
+    return input * block_mask * scale
