@@ -28,11 +28,8 @@ def _fused_backends():
 
 
 def _impls(op: str):
-    impls = [("torch", None)]
-    if op != "batch_norm" or not GPU:
-        impls += [(f"fusedtech-{b}", b) for b in _fused_backends()
-                  if not (op == "batch_norm" and b == "triton") and not (op in ("layer_norm", "rms_norm", "dropout") and b == "cuda")]
-    return impls
+    # BatchNorm has no CUDA C++ kernel yet (Triton runs it on a GPU); the others have all backends.
+    return [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and op == "batch_norm")]
 
 
 def _saved_bytes(fn, x):

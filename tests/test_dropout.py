@@ -149,13 +149,14 @@ def test_triton_kernel_compiles_for_sm80_sm90():
 
 
 @pytest.mark.gpu
-def test_gpu_same_mask_as_cpu():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_same_mask_as_cpu(backend):
     x = torch.randn(100_000)
     seed = torch.tensor([99])
     from fusedtech.ops.dropout import dropout_apply
     with fusedtech.use_backend("cpu"):
         cpu = dropout_apply(x, 0.3, seed)
-    with fusedtech.use_backend("triton"):
+    with fusedtech.use_backend(backend):
         gpu = dropout_apply(x.cuda(), 0.3, seed.cuda()).cpu()
     assert torch.equal(cpu, gpu)
 

@@ -201,11 +201,12 @@ def test_triton_kernels_compile_for_sm80_sm90():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [512, 4096, 70_000])
-def test_gpu_matches_torch(dtype, n):
+def test_gpu_matches_torch(backend, dtype, n):
     x, w, b, dy = (t.cuda() for t in _case((64, n), dtype, True, True))
-    with fusedtech.use_backend("triton"):
+    with fusedtech.use_backend(backend):
         ours = _run(lambda x, w, b: F.layer_norm(x, (n,), w, b), x, w, b, dy)
     torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, (n,), w, b)  # noqa: E731
     exact = _run(torch_fn, x.double(), w.double(), b.double(), dy.double())

@@ -9,12 +9,13 @@ import torch
 
 from .. import _backend
 
-IMPLEMENTED = ("triton", "cpu", "torch")
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+FUSED_NORM_IMPLEMENTED = ("triton", "cpu", "torch")  # dropout + add + norm: no CUDA C++ kernel yet
 
 
 def _apply(x, p, seed):
     backend = _backend.select("dropout", x.device, IMPLEMENTED)
-    if backend == "cpu":
+    if backend in ("cuda", "cpu"):
         return torch.ops.fusedtech_C.dropout_apply(x, p, seed)
     package = "triton_kernels" if backend == "triton" else "reference"
     return importlib.import_module(f"fusedtech.{package}.dropout").dropout_apply(x, p, seed)
@@ -50,7 +51,7 @@ dropout_apply.register_autograd(_backward, setup_context=_setup_context)
 # and the row statistics: no mask, no copy of x.
 
 def _dan_impl(x, residual, weight, bias, p, eps, rms, seed):
-    backend = _backend.select("dropout_add_layer_norm", x.device, IMPLEMENTED)
+    backend = _backend.select("dropout_add_layer_norm", x.device, FUSED_NORM_IMPLEMENTED)
     if backend == "triton":
         from ..triton_kernels.dropout import dropout_add_norm_fwd
         return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)

@@ -12,12 +12,12 @@ import torch
 from .. import _backend
 from ..reference.layer_norm import stat_dtype
 
-IMPLEMENTED = ("triton", "cpu", "torch")  # cuda: the Triton kernels run there (no CUDA C++ yet)
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
 def _impl(name: str, device):
     backend = _backend.select("layer_norm", device, IMPLEMENTED)
-    if backend == "cpu":
+    if backend in ("cuda", "cpu"):
         return getattr(torch.ops.fusedtech_C, name)
     package = "triton_kernels" if backend == "triton" else "reference"
     return getattr(importlib.import_module(f"fusedtech.{package}.layer_norm"), name)

@@ -1,0 +1,53 @@
+// Inverted dropout on CUDA tensors with the Philox mask of csrc/include/fusedtech/philox.h: the
+// same (seed, element index) -> mask as the CPU kernel and Triton's tl.randint, so any backend
+// regenerates any other's mask. The seed is read on the device (no host synchronisation).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "fusedtech/philox.h"
+
+namespace fusedtech::cuda {
+namespace {
+
+template <typename T>
+__global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, const int64_t* __restrict__ seed,
+                               int64_t n, uint32_t threshold, float scale) {
+  const uint64_t s = static_cast<uint64_t>(*seed);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] = static_cast<T>(dropout_element(static_cast<float>(x[i]), s, static_cast<uint64_t>(i), threshold, scale));
+  }
+}
+
+at::Tensor dropout_apply_cuda(const at::Tensor& x_in, double p, const at::Tensor& seed) {
+  TORCH_CHECK(x_in.is_cuda(), "fusedtech: dropout (cuda) got input on ", x_in.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fusedtech: dropout probability has to be in [0, 1), got ", p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == x_in.device(),
+              "fusedtech: seed must be a one-element int64 tensor on ", x_in.device());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  const uint32_t threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535 * 8));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_apply_cuda", [&] {
+    dropout_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), seed.const_data_ptr<int64_t>(), n, threshold,
+        static_cast<float>(1.0 / (1.0 - p)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtech_C, CUDA, m) { m.impl("dropout_apply", &dropout_apply_cuda); }
+
+}  // namespace fusedtech::cuda

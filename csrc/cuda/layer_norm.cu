@@ -1,0 +1,154 @@
+// LayerNorm / RMSNorm forward and backward on CUDA tensors, for a contiguous (rows, n) input.
+// Forward: one block per row, fp32 statistics (mean, then the centred second moment: two block
+// reductions), then the normalisation with the header's element math. Backward: a fixed grid of
+// blocks, each over a fixed range of rows; thread t owns columns t, t + blockDim, ... of its
+// block's dweight/dbias partial row, so the partials need no atomics, and they are summed in a
+// fixed order afterwards: bit-identical gradients run to run.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "fusedtech/norm.h"
+
+namespace fusedtech::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBackwardBlocks = 256;
+
+__device__ float block_sum(float v, float* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const float out = shared[0];
+  __syncthreads();
+  return out;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                         const T* __restrict__ w, const T* __restrict__ b,
+                                                         float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                                         int64_t n, float eps, bool rms) {
+  __shared__ float shared[kThreads];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * n;
+  float sum = 0.0f;
+  if (!rms) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += static_cast<float>(xr[j]);
+  }
+  const float mean = rms ? 0.0f : block_sum(sum, shared) / n;
+  float m2 = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float d = static_cast<float>(xr[j]) - mean;
+    m2 += d * d;
+  }
+  const float rstd = rsqrtf(block_sum(m2, shared) / n + eps);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float wj = w ? static_cast<float>(w[j]) : 1.0f, bj = b ? static_cast<float>(b[j]) : 0.0f;
+    y[row * n + j] = static_cast<T>(norm_forward<float>(static_cast<float>(xr[j]), mean, rstd, wj, bj));
+  }
+  if (threadIdx.x == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                                         const T* __restrict__ w, const float* __restrict__ mean,
+                                                         const float* __restrict__ rstd, T* __restrict__ dx,
+                                                         float* __restrict__ dw_part, float* __restrict__ db_part,
+                                                         int64_t rows, int64_t n, int64_t rows_per_block, bool rms) {
+  __shared__ float shared[kThreads];
+  float* dwp = dw_part + static_cast<int64_t>(blockIdx.x) * n;
+  float* dbp = db_part + static_cast<int64_t>(blockIdx.x) * n;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dwp[j] = dbp[j] = 0.0f;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  for (int64_t row = first; row < min(rows, first + rows_per_block); ++row) {
+    const float mu = rms ? 0.0f : mean[row], rs = rstd[row];
+    float c1 = 0.0f, c2 = 0.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float wdy = static_cast<float>(dy[row * n + j]) * (w ? static_cast<float>(w[j]) : 1.0f);
+      c1 += (static_cast<float>(x[row * n + j]) - mu) * rs * wdy;
+      c2 += wdy;
+    }
+    c1 = block_sum(c1, shared) / n;
+    c2 = rms ? 0.0f : block_sum(c2, shared) / n;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float g = static_cast<float>(dy[row * n + j]);
+      const float xhat = (static_cast<float>(x[row * n + j]) - mu) * rs;
+      dx[row * n + j] = static_cast<T>(norm_backward<float>(g * (w ? static_cast<float>(w[j]) : 1.0f), xhat, c1, c2, rs));
+      dwp[j] += g * xhat;
+      dbp[j] += g;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias, double eps,
+                                                                  bool rms) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
+              "fusedtech: layer_norm (cuda) expects a contiguous 2-D CUDA input, got ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "fusedtech: layer_norm (cuda) takes float32, float16 or bfloat16");
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::zeros({rows}, x.options().dtype(at::kFloat)), rstd = at::zeros({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0 || n == 0) return {y, mean, rstd};
+  const at::Tensor w = weight ? weight->to(x.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor b = bias ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
+    ln_fwd_kernel<scalar_t><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), weight ? w.const_data_ptr<scalar_t>() : nullptr,
+        bias ? b.const_data_ptr<scalar_t>() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), n,
+        static_cast<float>(eps), rms);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& dy_in, const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const at::Tensor& mean, const at::Tensor& rstd,
+                                                                  bool rms, bool has_bias) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "fusedtech: layer_norm (cuda) expects a contiguous 2-D input");
+  TORCH_CHECK(dy_in.sizes() == x.sizes(), "fusedtech: grad has shape ", dy_in.sizes(), " but input has ", x.sizes());
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dy = dy_in.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(kBackwardBlocks, rows));
+  const int64_t per_block = (rows + blocks - 1) / blocks;
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw_part = at::zeros({blocks, n}, x.options().dtype(at::kFloat));
+  at::Tensor db_part = at::zeros({blocks, n}, x.options().dtype(at::kFloat));
+  const at::Tensor w = weight ? weight->to(x.scalar_type()).contiguous() : at::Tensor();
+  if (rows > 0 && n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda", [&] {
+      ln_bwd_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight ? w.const_data_ptr<scalar_t>() : nullptr,
+          mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), dx.data_ptr<scalar_t>(),
+          dw_part.data_ptr<float>(), db_part.data_ptr<float>(), rows, n, per_block, rms);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const auto f32 = x.options().dtype(at::kFloat);
+  return {dx, weight ? dw_part.sum(0) : at::empty({0}, f32), has_bias ? db_part.sum(0) : at::empty({0}, f32)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtech_C, CUDA, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
+}
+
+}  // namespace fusedtech::cuda
