@@ -222,6 +222,7 @@ def test_convert_model_swaps_norms_in_place():
     converted, report = fusedtech.nn.convert_model(model)
     assert converted is model
     assert type(model[1]) is fusedtech.nn.LayerNorm and type(model[2][0]) is fusedtech.nn.RMSNorm
-    assert report["replaced"] == {"LayerNorm": 1, "RMSNorm": 1}
+    assert type(model[3]) is fusedtech.nn.BatchNorm1d
+    assert report["replaced"] == {"LayerNorm": 1, "RMSNorm": 1, "BatchNorm1d": 1}
     assert model.state_dict().keys() == keys and not model.training
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
