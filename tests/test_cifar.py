@@ -1,10 +1,11 @@
 """The CIFAR-10 example and benchmark: loader, training script (torch vs fused), checkpoints,
 and the benchmark suite's CPU mode.
 
-Tolerance for torch-vs-fused losses step by step (fp32, deterministic): the first 4 steps rtol
-1e-5, atol 1e-6; all 12 steps rtol 1e-3, atol 1e-4. The fused optimizers match torch to ~1e-7
-relative per step and fused norms to ~1e-6, but training amplifies any rounding difference step
-after step (seen: 3e-4 relative by step 12 with Nesterov momentum at lr 0.01 on a BatchNorm CNN).
+Tolerance for torch-vs-fused losses step by step (fp32, deterministic), on the MLP: rtol 1e-5,
+atol 1e-6 over all 12 steps (seen: at most 2.5e-7 relative). On the CNN the first steps are
+chaotic (loss spikes to 5-17 at these learning rates) and amplify any rounding difference step
+after step (seen: 1.4e-3 relative by step 9 with Adagrad), so there the first 4 steps are held to
+rtol 1e-5 and all 12 to rtol 5e-3.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def test_augment_keeps_shape_and_pixels():
 
 def _args(**kw):
     argv = ["--synthetic", "--synthetic-size", "768", "--batch-size", "64", "--epochs", "1", "--max-steps-per-epoch", "12",
-            "--quiet", "--deterministic", "--device", "cpu", "--model", "cnn"]
+            "--quiet", "--deterministic", "--device", "cpu"]
+    kw.setdefault("model", "cnn")
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         argv += [flag] if v is True else [flag, str(v)]
@@ -81,11 +83,10 @@ def _args(**kw):
 def test_each_optimizer_torch_and_fused_agree_and_learn(optimizer):
     if optimizer == "lamb":
         pytest.importorskip("torch_optimizer")
-    h_torch = trainer.train(_args(optimizer=optimizer, impl="torch"))
-    h_fused = trainer.train(_args(optimizer=optimizer, impl="fused"))
+    h_torch = trainer.train(_args(optimizer=optimizer, impl="torch", model="mlp", norm="none"))
+    h_fused = trainer.train(_args(optimizer=optimizer, impl="fused", model="mlp", norm="none"))
     a, b = torch.tensor(h_torch["step_loss"]), torch.tensor(h_fused["step_loss"])
-    torch.testing.assert_close(b[:4], a[:4], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     for h in (h_torch, h_fused):  # the training loss over a fixed subset went down
         assert h["epochs"][-1]["train_loss"] < h["initial_train_loss"], (optimizer, h["initial_train_loss"], h["epochs"])
     assert h_fused["synthetic"] is True
@@ -94,14 +95,22 @@ def test_each_optimizer_torch_and_fused_agree_and_learn(optimizer):
 @pytest.mark.parametrize("norm", ["none", "batch", "layer"])
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_each_norm_choice(norm, model):
-    h_torch = trainer.train(_args(norm=norm, model=model, optimizer="adamw", dropout=0.1))
-    h_fused = trainer.train(_args(norm=norm, model=model, optimizer="adamw", dropout=0.1, impl="fused"))
+    h_torch = trainer.train(_args(norm=norm, model=model, optimizer="adamw"))
+    h_fused = trainer.train(_args(norm=norm, model=model, optimizer="adamw", impl="fused"))
     a, b = torch.tensor(h_torch["step_loss"]), torch.tensor(h_fused["step_loss"])
     torch.testing.assert_close(b[:4], a[:4], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b, a, rtol=1e-5 if model == "mlp" else 5e-3, atol=1e-6 if model == "mlp" else 1e-4)
     if norm == "layer":
         assert h_fused["converted"]["replaced"].get("LayerNorm", 0) > 0
     assert h_torch["epochs"][-1]["train_loss"] < h_torch["initial_train_loss"]
+
+
+def test_fused_dropout_trains():
+    # Fused dropout draws its masks from its own Philox stream, so losses differ from torch's run:
+    # what must hold is that training works and that the module was swapped.
+    h = trainer.train(_args(model="mlp", norm="batch", optimizer="adamw", dropout=0.2, impl="fused"))
+    assert h["converted"]["replaced"].get("Dropout", 0) == 2 and h["converted"]["replaced"].get("BatchNorm1d", 0) == 2
+    assert h["epochs"][-1]["train_loss"] < h["initial_train_loss"]
 
 
 def test_resnet18_and_airbench_run_a_step():
