@@ -6,7 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .multi_tensor import chunk_table, launch_scalars, pointer_table, tl_dtype
+from .multi_tensor import (chunk_of, chunk_table, launch_scalars, load_param, pointer_table, step_is_live,
+                           store_param, tl_dtype)
 from .rounding import round_to
 
 CHUNK = 2048
@@ -17,12 +18,8 @@ def _adagrad_kernel(ptrs, chunks, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, lr_
                     PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
                     HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_LR_PTR: tl.constexpr,
                     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = tl.load(chunks + pid * 3)
-    begin = tl.load(chunks + pid * 3 + 1)
-    end = tl.load(chunks + pid * 3 + 2)
+    row, begin, end = chunk_of(chunks, tl.program_id(0))
     base = ptrs + row * 5  # columns: param, grad, sum, master, step
-    p_ptr = tl.load(base + 0).to(tl.pointer_type(PARAM))
     g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
     s_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     step = tl.load(tl.load(base + 4).to(tl.pointer_type(tl.float32)))
@@ -30,19 +27,13 @@ def _adagrad_kernel(ptrs, chunks, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, lr_
         lr = tl.load(lr_ptr)
     # -lr / (1 + (step - 1) * lr_decay) in float64, as torch computes it in Python floats.
     neg_clr = (-(tl.cast(lr, tl.float64) / (1.0 + (step.to(tl.float64) - 1.0) * tl.cast(lr_decay, tl.float64)))).to(tl.float32)
-    live = end > begin
-    if HAS_FOUND_INF:
-        live = live & (tl.load(found_inf_ptr) == 0)
+    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = (offs < end) & live
-        if HAS_MASTER:
-            w_ptr = tl.load(base + 3).to(tl.pointer_type(tl.float32))
-            p = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        else:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = load_param(base, 0, 3, offs, mask, PARAM, HAS_MASTER)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:
             g = g * inv_scale
@@ -52,10 +43,7 @@ def _adagrad_kernel(ptrs, chunks, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, lr_
             g = g + weight_decay * p
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) + 1.0 * g * g
         tl.store(s_ptr + offs, round_to(s, STATE), mask=mask)
-        p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps)
-        if HAS_MASTER:
-            tl.store(w_ptr + offs, p, mask=mask)
-        tl.store(p_ptr + offs, round_to(p, PARAM), mask=mask)
+        store_param(base, 0, 3, offs, mask, p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps), PARAM, HAS_MASTER)
 
 
 def adagrad_step_(params, grads, state_sums, master_params, steps, lr, lr_tensor, lr_decay, weight_decay, eps,

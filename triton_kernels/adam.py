@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import chunk_table, pointer_table, tl_dtype
+from .multi_tensor import chunk_of, chunk_table, load_param, pointer_table, step_is_live, store_param, tl_dtype
 from .rounding import round_to
 
 CHUNK = 2048  # elements per program
@@ -27,12 +27,8 @@ def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
                  AMSGRAD: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = tl.load(chunks + pid * 3)
-    begin = tl.load(chunks + pid * 3 + 1)
-    end = tl.load(chunks + pid * 3 + 2)
+    row, begin, end = chunk_of(chunks, tl.program_id(0))
     base = ptrs + row * 7
-    p_ptr = tl.load(base + 0).to(tl.pointer_type(PARAM))
     g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
     m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
@@ -49,20 +45,14 @@ def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
     decay_factor = (1.0 - lr64 * tl.load(hyper + 2)).to(tl.float32)  # hyper[2] = weight_decay
 
-    live = end > begin
-    if HAS_FOUND_INF:
-        live = live & (tl.load(found_inf_ptr) == 0)
+    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
 
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = (offs < end) & live
-        if HAS_MASTER:
-            w_ptr = tl.load(base + 5).to(tl.pointer_type(tl.float32))
-            p = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        else:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = load_param(base, 0, 5, offs, mask, PARAM, HAS_MASTER)  # columns P and MASTER
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -90,9 +80,7 @@ def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
         # IEEE sqrt and division (Triton's defaults are approximate) to agree with torch to rounding.
         denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
         p = p + tl.div_rn(neg_step_size * m, denom)
-        if HAS_MASTER:
-            tl.store(w_ptr + offs, p, mask=mask)
-        tl.store(p_ptr + offs, round_to(p, PARAM), mask=mask)
+        store_param(base, 0, 5, offs, mask, p, PARAM, HAS_MASTER)
         tl.store(m_ptr + offs, round_to(m, STATE), mask=mask)
         tl.store(v_ptr + offs, round_to(v, STATE), mask=mask)
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import triton
+import triton.language as tl
+
+from .rounding import round_to
 
 _CACHE_SIZE = 8
 _ptr_cache: OrderedDict = OrderedDict()
@@ -77,6 +81,36 @@ def tl_dtype(dtype: torch.dtype):
     if dtype not in _DTYPES:
         raise TypeError(f"fusedtech: Triton kernels take float32, float16 or bfloat16 tensors, got {dtype}")
     return getattr(tl, _DTYPES[dtype])
+
+
+@triton.jit
+def chunk_of(chunks, pid):
+    """(tensor row, first element, end) of program pid's chunk in a chunk_table."""
+    return tl.load(chunks + pid * 3), tl.load(chunks + pid * 3 + 1), tl.load(chunks + pid * 3 + 2)
+
+
+@triton.jit
+def step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """False when the chunk is empty or GradScaler found inf/nan (then the step changes nothing)."""
+    live = end > begin
+    if HAS_FOUND_INF:
+        live = live & (tl.load(found_inf_ptr) == 0)
+    return live
+
+
+@triton.jit
+def load_param(base, col_param, col_master, offs, mask, PARAM: tl.constexpr, HAS_MASTER: tl.constexpr):
+    """The fp32 working value of a parameter: its fp32 master copy, or the parameter upcast."""
+    if HAS_MASTER:
+        return tl.load(tl.load(base + col_master).to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    return tl.load(tl.load(base + col_param).to(tl.pointer_type(PARAM)) + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_param(base, col_param, col_master, offs, mask, p, PARAM: tl.constexpr, HAS_MASTER: tl.constexpr):
+    if HAS_MASTER:
+        tl.store(tl.load(base + col_master).to(tl.pointer_type(tl.float32)) + offs, p, mask=mask)
+    tl.store(tl.load(base + col_param).to(tl.pointer_type(PARAM)) + offs, round_to(p, PARAM), mask=mask)
 
 
 def launch_scalars(like: torch.Tensor, lr_tensor, grad_scale, found_inf):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .multi_tensor import chunk_table, launch_scalars, pointer_table, tl_dtype
+from .multi_tensor import (chunk_of, chunk_table, launch_scalars, load_param, pointer_table, step_is_live,
+                           store_param, tl_dtype)
 from .rounding import round_to
 
 CHUNK = 2048  # elements per program
@@ -17,28 +18,18 @@ def _sgd_kernel(ptrs, chunks, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, momentu
                 MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                 HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_LR_PTR: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = tl.load(chunks + pid * 3)
-    begin = tl.load(chunks + pid * 3 + 1)
-    end = tl.load(chunks + pid * 3 + 2)
+    row, begin, end = chunk_of(chunks, tl.program_id(0))
     base = ptrs + row * 4  # columns: param, grad, momentum buffer, master
-    p_ptr = tl.load(base + 0).to(tl.pointer_type(PARAM))
     g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
     if HAS_LR_PTR:
         lr = tl.load(lr_ptr)
-    live = end > begin
-    if HAS_FOUND_INF:
-        live = live & (tl.load(found_inf_ptr) == 0)
+    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = (offs < end) & live
-        if HAS_MASTER:
-            w_ptr = tl.load(base + 3).to(tl.pointer_type(tl.float32))
-            p = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        else:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = load_param(base, 0, 3, offs, mask, PARAM, HAS_MASTER)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:
             g = g * inv_scale
@@ -57,10 +48,7 @@ def _sgd_kernel(ptrs, chunks, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, momentu
                 g = g + momentum * buf
             else:
                 g = buf
-        p = p + (-lr) * g
-        if HAS_MASTER:
-            tl.store(w_ptr + offs, p, mask=mask)
-        tl.store(p_ptr + offs, round_to(p, PARAM), mask=mask)
+        store_param(base, 0, 3, offs, mask, p + (-lr) * g, PARAM, HAS_MASTER)
 
 
 def sgd_step_(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
