@@ -79,6 +79,8 @@ def why_unavailable(backend: str, device_type: str) -> str | None:
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
     if backend == "torch":
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
         return None
     if backend == "cpu":
         if device_type != "cpu":
