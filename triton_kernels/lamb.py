@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import chunk_table, launch_scalars, pointer_table, tensor_chunk_ranges, tl_dtype
+from .multi_tensor import (chunk_of, chunk_table, launch_scalars, load_param, pointer_table, step_is_live,
+                           store_param, tensor_chunk_ranges, tl_dtype)
 from .rounding import round_to
 
 CHUNK = 2048
@@ -22,17 +23,13 @@ def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, 
                          one_minus_beta2, eps, weight_decay, PARAM: tl.constexpr, STATE: tl.constexpr,
                          HAS_MASTER: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                          HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = tl.load(chunks + pid * 3)
-    begin = tl.load(chunks + pid * 3 + 1)
-    end = tl.load(chunks + pid * 3 + 2)
+    pid = tl.program_id(0)  # also this program's slot in `partials`
+    row, begin, end = chunk_of(chunks, pid)
     base = ptrs + row * 6
     g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
     m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
-    live = end > begin
-    if HAS_FOUND_INF:
-        live = live & (tl.load(found_inf_ptr) == 0)
+    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
     wsq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -40,10 +37,7 @@ def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, 
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = (offs < end) & live
-        if HAS_MASTER:
-            p = tl.load(tl.load(base + 4).to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
-        else:
-            p = tl.load(tl.load(base + 0).to(tl.pointer_type(PARAM)) + offs, mask=mask, other=0.0).to(tl.float32)
+        p = load_param(base, 0, 4, offs, mask, PARAM, HAS_MASTER)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:
             g = g * inv_scale
@@ -98,35 +92,22 @@ def _lamb_ratio_kernel(ptrs, ranges, partials, neg_steps, lr, lr_ptr, log_betas,
 def _lamb_update_kernel(ptrs, chunks, neg_steps, found_inf_ptr, eps, weight_decay, PARAM: tl.constexpr,
                         STATE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                         HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = tl.load(chunks + pid * 3)
-    begin = tl.load(chunks + pid * 3 + 1)
-    end = tl.load(chunks + pid * 3 + 2)
+    row, begin, end = chunk_of(chunks, tl.program_id(0))
     base = ptrs + row * 6
-    p_ptr = tl.load(base + 0).to(tl.pointer_type(PARAM))
     m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
     neg_step = tl.load(neg_steps + row)
-    live = end > begin
-    if HAS_FOUND_INF:
-        live = live & (tl.load(found_inf_ptr) == 0)
+    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = (offs < end) & live
-        if HAS_MASTER:
-            w_ptr = tl.load(base + 4).to(tl.pointer_type(tl.float32))
-            p = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        else:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = load_param(base, 0, 4, offs, mask, PARAM, HAS_MASTER)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.div_rn(m, tl.sqrt_rn(v) + eps)
         if HAS_WEIGHT_DECAY:
             u = u + weight_decay * p
-        p = p + neg_step * u
-        if HAS_MASTER:
-            tl.store(w_ptr + offs, p, mask=mask)
-        tl.store(p_ptr + offs, round_to(p, PARAM), mask=mask)
+        store_param(base, 0, 4, offs, mask, p + neg_step * u, PARAM, HAS_MASTER)
 
 
 def lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps,
