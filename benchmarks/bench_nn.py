@@ -27,9 +27,32 @@ def _fused_backends():
     return [b for b in fusedtech.available_backends(DEV) if b != "torch" and not (b == "triton" and not GPU)]
 
 
+def _has_liger() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+        return GPU
+    except ImportError:
+        return False
+
+
 def _impls(op: str):
     # BatchNorm has no CUDA C++ kernel yet (Triton runs it on a GPU); the others have all backends.
-    return [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and op == "batch_norm")]
+    impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and op == "batch_norm")]
+    if op in ("layer_norm", "rms_norm") and _has_liger():
+        impls.append(("liger", None))  # the peer: Liger-Kernel's Triton LayerNorm / RMSNorm modules
+    return impls
+
+
+def _liger_norm(op: str, h: int):
+    from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+    # Same math as the torch modules timed beside it: LayerNorm with a bias and eps 1e-5, RMSNorm eps 1e-6.
+    return LigerLayerNorm(h, eps=1e-5, bias=True) if op == "layer_norm" else LigerRMSNorm(h, eps=1e-6)
+
+
+def _fused(mod):
+    fused, report = fusedtech.nn.convert_model(mod)
+    assert type(fused).__module__.startswith("fusedtech."), f"convert_model left {type(fused).__name__} unconverted"
+    return fused
 
 
 def _saved_bytes(fn, x):
@@ -44,16 +67,19 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
     n = x.numel() * x.element_size()
     if op in ("layer_norm", "rms_norm"):
         h = shape[-1]
-        mod = (torch.nn.LayerNorm(h) if op == "layer_norm" else torch.nn.RMSNorm(h, eps=1e-6)).to(DEV, dtype)
-        if impl != "torch":
-            mod, _ = fusedtech.nn.convert_model(mod)
+        if impl == "liger":
+            mod = _liger_norm(op, h).to(DEV, dtype)
+        else:
+            mod = (torch.nn.LayerNorm(h) if op == "layer_norm" else torch.nn.RMSNorm(h, eps=1e-6)).to(DEV, dtype)
+        if impl not in ("torch", "liger"):
+            mod = _fused(mod)
         fn = mod
     elif op == "dropout":
         fn = (lambda t: torch.nn.functional.dropout(t, 0.1)) if impl == "torch" else (lambda t: F.dropout(t, 0.1))
     else:
         mod = torch.nn.BatchNorm2d(shape[1]).to(DEV, dtype)
         if impl != "torch":
-            mod, _ = fusedtech.nn.convert_model(mod)
+            mod = _fused(mod)
         fn = mod
     dy = torch.randn_like(x)
 

@@ -189,6 +189,7 @@ def main(argv=None) -> int:
         if os.path.exists(json_path):
             results["rows"] += rows_from(json_path, name)
             os.remove(json_path)
+        write_report(results, args.out)  # after every module, so a run cut short still leaves a report
     if not args.no_cifar and (not args.only or "cifar" in args.only):
         try:
             cifar = importlib.import_module("benchmarks.cifar")
@@ -199,14 +200,18 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - the other results still get written
             results["failures"]["cifar"] = f"{type(e).__name__}: {e}"
             tqdm.write(f"cifar benchmark failed: {e}")
-    results["plot"] = plot(results, os.path.join(args.out, "bandwidth.png"))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    print(write_report(results, args.out))
+    return 1 if results["failures"] else 0
+
+
+def write_report(results: dict, out: str) -> str:
+    results["plot"] = plot(results, os.path.join(out, "bandwidth.png"))
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     report = markdown(results)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
+    with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
-    print(report)
-    return 1 if results["failures"] else 0
+    return report
 
 
 if __name__ == "__main__":

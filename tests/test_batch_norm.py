@@ -154,6 +154,19 @@ def test_convert_model_on_a_small_cnn():
     torch.testing.assert_close(model(x), reference(x), **TOL32)
 
 
+@pytest.mark.parametrize("make", [lambda: torch.nn.BatchNorm2d(5), lambda: torch.nn.LayerNorm(7), lambda: torch.nn.Dropout(0.2)],
+                         ids=["BatchNorm2d", "LayerNorm", "Dropout"])
+def test_convert_model_replaces_a_bare_module(make):
+    # The model may itself be the module to replace: it comes back fused, sharing its parameters.
+    module = make()
+    converted, report = fusedtech.nn.convert_model(module)
+    assert converted is not module and type(converted).__module__.startswith("fusedtech.nn")
+    assert report["replaced"] == {type(module).__name__: 1}
+    assert converted.state_dict().keys() == module.state_dict().keys()
+    for a, b in zip(converted.parameters(), module.parameters()):
+        assert a is b
+
+
 def test_triton_kernels_compile_for_sm80_sm90():
     import triton.language as tl
     from aot import compile_for_gpus

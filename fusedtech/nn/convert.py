@@ -26,7 +26,8 @@ _ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.GELU: "gelu", torch.nn.SiLU: "si
 def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: bool = False, verbose: bool = False):
     """Replace, in place, every module with a fused drop-in (exact type match, so subclasses and
     already-fused modules stay); `include` limits it to some torch classes (e.g. {nn.LayerNorm}).
-    Returns (model, report): report counts replaced modules per type and lists the torch module
+    Returns (model, report): model is the same object unless it is itself a replaced module (then
+    the fused module sharing its parameters and buffers); report counts replaced modules per type and lists the torch module
     types seen that have no fused version yet. With fuse_activations, a BatchNorm2d followed by
     ReLU, GELU (tanh approximation excluded) or SiLU in an nn.Sequential becomes one
     BatchNormAct2d and the activation an Identity (state_dict keys stay the same)."""
@@ -61,6 +62,12 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
             if cls is not None:
                 setattr(parent, child_name, cls.from_torch(child))
                 replaced[type(child).__name__] += 1
+    # The model itself may be one of the replaced types (convert_model(nn.LayerNorm(h))): it cannot
+    # change type in place, so the fused module that shares its parameters is what comes back.
+    root_cls = fused_class(model)
+    if root_cls is not None:
+        replaced[type(model).__name__] += 1
+        model = root_cls.from_torch(model)
     report = {"replaced": dict(replaced), "not_fused_yet": sorted(missing)}
     if verbose:
         print(f"fusedtech.nn.convert_model: replaced {dict(replaced) or 'nothing'}"
