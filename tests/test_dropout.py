@@ -14,6 +14,7 @@ import torch
 
 import fusedtech
 from fusedtech.nn import functional as F
+from fusedtech.ops.dropout import dropout_apply
 from conftest import cpu_backends
 
 BACKENDS = cpu_backends()
@@ -64,18 +65,38 @@ def test_philox_matches_tritons_generator():
         pytest.skip("Triton does not run here")
     import triton
     import triton.language as tl
-    from fusedtech.reference.dropout import philox_randint
+    from fusedtech.reference.dropout import philox4
 
     @triton.jit
     def _draw(out, seed, n, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK).to(tl.int64) + (1 << 33)  # counters past 2^32 use the high word
-        tl.store(out + tl.arange(0, BLOCK), tl.randint(seed, offs), mask=tl.arange(0, BLOCK) < n)
+        r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        keep = tl.arange(0, BLOCK) < n
+        tl.store(out + tl.arange(0, BLOCK), r0, mask=keep)
+        tl.store(out + BLOCK + tl.arange(0, BLOCK), r1, mask=keep)
+        tl.store(out + 2 * BLOCK + tl.arange(0, BLOCK), r2, mask=keep)
+        tl.store(out + 3 * BLOCK + tl.arange(0, BLOCK), r3, mask=keep)
 
-    out = torch.empty(256, dtype=torch.int32)
+    out = torch.empty(4, 256, dtype=torch.int32)
     seed = 0x1234_5678_9ABC
     _draw[(1,)](out, seed, 256, BLOCK=256)
-    ours = philox_randint(seed, torch.arange(256, dtype=torch.int64) + (1 << 33))
+    ours = torch.stack(philox4(seed, torch.arange(256, dtype=torch.int64) + (1 << 33)))
     assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, ours)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 1023, 1025, 4099])
+def test_mask_of_element_i_is_word_i_mod_4_of_block_i_div_4(n):
+    # The layout every backend shares (checked against the oracle's per-element draw): each backend's
+    # mask of a tensor of n elements equals the oracle's, partial groups of four included.
+    from fusedtech.reference.dropout import dropout_draws, keep_mask
+    seed = 987654321
+    draws = dropout_draws(seed, torch.arange(n))
+    assert torch.equal(keep_mask((n,), 0.5, seed, "cpu"), draws >= 2 ** 31)
+    x = torch.ones(n)
+    for backend in BACKENDS:
+        with fusedtech.use_backend(backend):
+            y = dropout_apply(x, 0.5, torch.tensor([seed]))
+        assert torch.equal(y != 0, draws >= 2 ** 31), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

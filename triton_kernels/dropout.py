@@ -1,6 +1,7 @@
-"""Inverted dropout in Triton with the mask drawn by tl.randint(seed, element index) (Philox4x32-10;
-csrc/include/fusedtech/philox.h is the same generator in C++): the backward regenerates it, so no
-mask is stored. An element is dropped when its 32-bit draw is below floor(p * 2^32)."""
+"""Inverted dropout in Triton with the mask drawn by Philox4x32-10 (tl.randint4x; csrc/include/
+fusedtech/philox.h is the same generator in C++): element i takes word i % 4 of the block at counter
+i // 4. The backward regenerates it, so no mask is stored. An element is dropped when its 32-bit
+draw is below floor(p * 2^32)."""
 from __future__ import annotations
 
 import torch
@@ -14,11 +15,24 @@ BLOCK = 1024
 
 
 @triton.jit
+def draws_for(seed, idx):
+    """Dropout's draw for arbitrary element indices: word idx % 4 of the Philox block idx // 4."""
+    r0, r1, r2, r3 = tl.randint4x(seed, idx // 4)
+    w = idx % 4
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return r.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, threshold, scale, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # One Philox block per four consecutive elements: the four words of block j, interleaved, are
+    # the draws of elements 4j .. 4j+3 (join twice then flatten puts word 2a+b at position 2a+b).
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     seed = tl.load(seed_ptr)
-    r = tl.randint(seed, offs).to(tl.uint32, bitcast=True)
+    r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK]).to(tl.uint32, bitcast=True)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(r >= threshold, x * scale, 0.0)
     tl.store(y_ptr + offs, round_to(y, DTYPE), mask=mask)
@@ -49,7 +63,7 @@ def _dropout_add_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mea
     mask = cols < n
     idx = row * n + cols
     seed = tl.load(seed_ptr)
-    keep = tl.randint(seed, idx).to(tl.uint32, bitcast=True) >= threshold
+    keep = draws_for(seed, idx) >= threshold
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     s = tl.where(keep, x * scale, 0.0) + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     s = round_to(s, DTYPE).to(tl.float32)  # the sum as stored (the next residual) is what is normalised

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "fusedtech/philox.h"
@@ -25,9 +26,16 @@ at::Tensor dropout_apply_cpu(const at::Tensor& x_in, double p, const at::Tensor&
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const float scale = static_cast<float>(1.0 / (1.0 - p));
-    at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        yp[i] = static_cast<scalar_t>(dropout_element(static_cast<float>(xp[i]), s, static_cast<uint64_t>(i), threshold, scale));
+    const int64_t n = x.numel();
+    // Work in groups of four elements: one Philox block gives the four draws.
+    at::parallel_for(0, (n + 3) / 4, 1 << 12, [&](int64_t lo, int64_t hi) {
+      for (int64_t g = lo; g < hi; ++g) {
+        uint32_t draw[4];
+        philox4(s, static_cast<uint64_t>(g), draw);
+        const int64_t end = std::min<int64_t>(4 * g + 4, n);
+        for (int64_t i = 4 * g; i < end; ++i) {
+          yp[i] = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[i]), draw[i & 3], threshold, scale));
+        }
       }
     });
   });

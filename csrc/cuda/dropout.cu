@@ -1,5 +1,5 @@
 // Inverted dropout on CUDA tensors with the Philox mask of csrc/include/fusedtech/philox.h: the
-// same (seed, element index) -> mask as the CPU kernel and Triton's tl.randint, so any backend
+// same (seed, element index) -> mask as the CPU kernel and Triton's tl.randint4x, so any backend
 // regenerates any other's mask. The seed is read on the device (no host synchronisation).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,13 +14,33 @@
 namespace fusedtech::cuda {
 namespace {
 
+// Four consecutive elements per thread and iteration: one Philox block gives their four draws, and
+// when both pointers are aligned to four elements they move as one vector load and store.
 template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+template <typename T, bool ALIGNED>
 __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, const int64_t* __restrict__ seed,
                                int64_t n, uint32_t threshold, float scale) {
   const uint64_t s = static_cast<uint64_t>(*seed);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    y[i] = static_cast<T>(dropout_element(static_cast<float>(x[i]), s, static_cast<uint64_t>(i), threshold, scale));
+  const int64_t groups = (n + 3) / 4;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t draw[4];
+    philox4(s, static_cast<uint64_t>(g), draw);
+    const int64_t i = 4 * g;
+    if (ALIGNED && i + 4 <= n) {
+      Vec4<T> in = reinterpret_cast<const Vec4<T>*>(x)[g], out;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) out.v[k] = static_cast<T>(dropout_keep(static_cast<float>(in.v[k]), draw[k], threshold, scale));
+      reinterpret_cast<Vec4<T>*>(y)[g] = out;
+    } else {
+      for (int k = 0; k < 4 && i + k < n; ++k) {
+        y[i + k] = static_cast<T>(dropout_keep(static_cast<float>(x[i + k]), draw[k], threshold, scale));
+      }
+    }
   }
 }
 
@@ -36,11 +56,16 @@ at::Tensor dropout_apply_cuda(const at::Tensor& x_in, double p, const at::Tensor
   if (n == 0) return y;
   const uint32_t threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
   const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535 * 8));
+  const int64_t groups = (n + 3) / 4;
+  const int blocks = static_cast<int>(std::min<int64_t>((groups + threads - 1) / threads, 65535 * 8));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_apply_cuda", [&] {
-    dropout_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), seed.const_data_ptr<int64_t>(), n, threshold,
-        static_cast<float>(1.0 / (1.0 - p)));
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const uintptr_t vec = 4 * sizeof(scalar_t);
+    const bool aligned = reinterpret_cast<uintptr_t>(xp) % vec == 0 && reinterpret_cast<uintptr_t>(yp) % vec == 0;
+    auto kernel = aligned ? dropout_kernel<scalar_t, true> : dropout_kernel<scalar_t, false>;
+    kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(xp, yp, seed.const_data_ptr<int64_t>(), n,
+                                                                     threshold, static_cast<float>(1.0 / (1.0 - p)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

@@ -8,9 +8,14 @@ import torch
 import warnings
 
 from .. import _backend
-from ..ops.batch_norm import ACTIVATIONS, batch_norm_act_fwd, batch_norm_fwd, update_running_stats
-from ..ops.dropout import dropout_add_norm, dropout_apply, new_seed
-from ..ops.layer_norm import layer_norm_fwd
+# The ops' eager fast paths (custom ops while torch.compile traces): see fusedtech/ops/_eager.py.
+from ..ops.batch_norm import ACTIVATIONS, update_running_stats
+from ..ops.batch_norm import batch_norm as batch_norm_fwd
+from ..ops.batch_norm import batch_norm_act as batch_norm_act_fwd
+from ..ops.dropout import dropout as dropout_apply
+from ..ops.dropout import dropout_add_layer_norm as dropout_add_norm
+from ..ops.dropout import new_seed
+from ..ops.layer_norm import layer_norm as layer_norm_fwd
 
 
 def _norm(input, normalized_shape, weight, bias, eps, rms):

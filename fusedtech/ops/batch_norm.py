@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from ._eager import eager_fast_path, is_eager
 
 IMPLEMENTED = ("triton", "cpu", "torch")
 
@@ -24,8 +25,7 @@ def _impl(name: str, device):
     return getattr(importlib.import_module(f"fusedtech.{package}.batch_norm"), name)
 
 
-@torch.library.custom_op("fusedtech::batch_norm_fwd", mutates_args=())
-def batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, saved mean, saved 1/sqrt(var + eps), biased batch variance): batch statistics in training,
@@ -38,6 +38,9 @@ def batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     invstd = torch.rsqrt(var + eps)
     y = _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
     return y, mean, invstd, var
+
+
+batch_norm_fwd = torch.library.custom_op("fusedtech::batch_norm_fwd", _batch_norm_fwd, mutates_args=())
 
 
 @batch_norm_fwd.register_fake
@@ -56,10 +59,12 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
         running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
 
 
-@torch.library.custom_op("fusedtech::batch_norm_bwd", mutates_args=())
-def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                   invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+                    invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _impl("batch_norm_bwd", x.device)(dy, x, weight, mean, invstd, training)
+
+
+batch_norm_bwd = torch.library.custom_op("fusedtech::batch_norm_bwd", _batch_norm_bwd, mutates_args=())
 
 
 @batch_norm_bwd.register_fake
@@ -77,13 +82,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dmean, dinvstd, dvar):
     x, weight, mean, invstd = ctx.saved_tensors
-    dx, dw, db = batch_norm_bwd(dy, x, weight, mean, invstd, ctx.training)
+    dx, dw, db = (_batch_norm_bwd if is_eager(ctx) else batch_norm_bwd)(dy, x, weight, mean, invstd, ctx.training)
     wdt, bdt = ctx.dtypes
     return (dx, dw.to(wdt) if wdt is not None else None, db.to(bdt) if bdt is not None else None,
             None, None, None, None)
 
 
 batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+batch_norm = eager_fast_path("batch_norm", batch_norm_fwd, _batch_norm_fwd, _setup_context, _backward)
 
 
 # ---- BatchNorm + residual add + activation ---------------------------------------------------
@@ -114,14 +120,16 @@ def _activation_grad(dy, pre, activation):
     return dy
 
 
-@torch.library.custom_op("fusedtech::batch_norm_act_fwd", mutates_args=())
-def batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                        residual: Optional[torch.Tensor], training: bool, eps: float,
                        activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, invstd, var = batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps)
+    y, mean, invstd, var = _batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps)
     pre = y if residual is None else y + residual
     return _activate(pre, activation), mean, invstd, var
+
+
+batch_norm_act_fwd = torch.library.custom_op("fusedtech::batch_norm_act_fwd", _batch_norm_act_fwd, mutates_args=())
 
 
 @batch_norm_act_fwd.register_fake
@@ -131,11 +139,13 @@ def _(x, weight, bias, running_mean, running_var, residual, training, eps, activ
     return torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 
 
-@torch.library.custom_op("fusedtech::batch_norm_apply", mutates_args=())
-def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The normalisation alone (what the activation backward recomputes)."""
     return _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
+
+
+batch_norm_apply = torch.library.custom_op("fusedtech::batch_norm_apply", _batch_norm_apply, mutates_args=())
 
 
 @batch_norm_apply.register_fake
@@ -170,15 +180,18 @@ def _act_setup_context(ctx, inputs, output):
 
 def _act_backward(ctx, dy, dmean, dinvstd, dvar):
     x, weight, bias, mean, invstd, extra = ctx.saved_tensors
+    eager = is_eager(ctx)
     if ctx.activation == "relu":
         dpre = torch.where(unpack_bits(extra, dy), dy, torch.zeros_like(dy))
     else:
-        y = batch_norm_apply(x, mean, invstd, weight, bias)  # recomputed, not saved
+        y = (_batch_norm_apply if eager else batch_norm_apply)(x, mean, invstd, weight, bias)  # recomputed, not saved
         pre = y if extra is None else y + extra
         dpre = _activation_grad(dy, pre, ctx.activation)
-    dx, dw, db = batch_norm_bwd(dpre, x, weight, mean, invstd, ctx.training)
+    dx, dw, db = (_batch_norm_bwd if eager else batch_norm_bwd)(dpre, x, weight, mean, invstd, ctx.training)
     return (dx, dw.to(weight.dtype) if weight is not None else None, db.to(bias.dtype) if bias is not None else None,
             None, None, dpre if ctx.has_residual else None, None, None, None)
 
 
 batch_norm_act_fwd.register_autograd(_act_backward, setup_context=_act_setup_context)
+batch_norm_act = eager_fast_path("batch_norm_act", batch_norm_act_fwd, _batch_norm_act_fwd, _act_setup_context,
+                                 _act_backward)

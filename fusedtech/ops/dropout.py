@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from ._eager import eager_fast_path, is_eager
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 FUSED_NORM_IMPLEMENTED = ("triton", "cpu", "torch")  # dropout + add + norm: no CUDA C++ kernel yet
@@ -21,10 +22,12 @@ def _apply(x, p, seed):
     return importlib.import_module(f"fusedtech.{package}.dropout").dropout_apply(x, p, seed)
 
 
-@torch.library.custom_op("fusedtech::dropout_apply", mutates_args=())
-def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def _dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """dropout(x) with the mask of `seed`: out-of-place, x's shape and dtype, contiguous."""
     return _apply(x, p, seed)
+
+
+dropout_apply = torch.library.custom_op("fusedtech::dropout_apply", _dropout_apply, mutates_args=())
 
 
 @dropout_apply.register_fake
@@ -40,10 +43,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (seed,) = ctx.saved_tensors
-    return dropout_apply(dy.contiguous(), ctx.p, seed), None, None
+    apply = dropout if is_eager(ctx) else dropout_apply  # both differentiable: double backward works
+    return apply(dy.contiguous(), ctx.p, seed), None, None
 
 
 dropout_apply.register_autograd(_backward, setup_context=_setup_context)
+dropout = eager_fast_path("dropout", dropout_apply, _dropout_apply, _setup_context, _backward)
 
 
 # ---- dropout + residual add + LayerNorm/RMSNorm ---------------------------------------------
@@ -63,13 +68,15 @@ def _dan_impl(x, residual, weight, bias, p, eps, rms, seed):
     return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
 
 
-@torch.library.custom_op("fusedtech::dropout_add_norm", mutates_args=())
-def dropout_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor], p: float, eps: float, rms: bool,
-                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dropout_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], p: float, eps: float, rms: bool,
+                      seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(norm(dropout(x) + residual), the sum, mean, rstd) for 2-D contiguous (rows, n) inputs."""
     out, s, mean, rstd = _dan_impl(x, residual, weight, bias, p, eps, rms, seed)
     return out, s, mean, rstd
+
+
+dropout_add_norm = torch.library.custom_op("fusedtech::dropout_add_norm", _dropout_add_norm, mutates_args=())
 
 
 @dropout_add_norm.register_fake
@@ -88,17 +95,20 @@ def _dan_setup_context(ctx, inputs, output):
 
 
 def _dan_backward(ctx, dout, dsum, dmean, drstd):
-    from .layer_norm import layer_norm_bwd
+    from .layer_norm import _layer_norm_bwd, layer_norm_bwd
     s, weight, mean, rstd, seed = ctx.saved_tensors
-    ds, dw, db = layer_norm_bwd(dout, s, weight, mean, rstd, ctx.rms, ctx.has_bias)
+    eager = is_eager(ctx)
+    ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, mean, rstd, ctx.rms, ctx.has_bias)
     if dsum is not None:  # the sum is also an output (the next residual)
         ds = ds + dsum
     wdt, bdt = ctx.dtypes
-    return (dropout_apply(ds.contiguous(), ctx.p, seed), ds, dw.to(wdt) if wdt is not None else None,
+    return ((dropout if eager else dropout_apply)(ds.contiguous(), ctx.p, seed), ds, dw.to(wdt) if wdt is not None else None,
             db.to(bdt) if bdt is not None else None, None, None, None, None)
 
 
 dropout_add_norm.register_autograd(_dan_backward, setup_context=_dan_setup_context)
+dropout_add_layer_norm = eager_fast_path("dropout_add_layer_norm", dropout_add_norm, _dropout_add_norm,
+                                         _dan_setup_context, _dan_backward)
 
 
 def new_seed(device: torch.device) -> torch.Tensor:

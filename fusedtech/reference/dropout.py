@@ -1,5 +1,5 @@
 """Dropout oracle: the Philox4x32-10 draw of csrc/include/fusedtech/philox.h (and Triton's
-tl.randint) in plain torch integer ops, then inverted dropout in fp32."""
+tl.randint4x) in plain torch integer ops; element i takes word i % 4 of block i // 4, then inverted dropout in fp32."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +19,18 @@ def _mul_parts(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox_randint(seed: int, counter: torch.Tensor) -> torch.Tensor:
-    """uint32 draws (as int64) for int64 counters."""
+    """uint32 draws (as int64) for int64 counters: the first word of each block (tl.randint)."""
+    return philox4(seed, counter)[0]
+
+
+def dropout_draws(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Dropout's draw of element i: word i % 4 of the block at counter i // 4."""
+    words = torch.stack(philox4(seed, index // 4))
+    return words.gather(0, (index % 4).unsqueeze(0)).squeeze(0)
+
+
+def philox4(seed: int, counter: torch.Tensor):
+    """The four uint32 words (as int64) of the Philox4x32-10 block of each counter (tl.randint4x)."""
     c0, c1 = counter & M32, (counter >> 32) & M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -29,14 +40,14 @@ def philox_randint(seed: int, counter: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mul_parts(c0, 0xD2511F53)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
-    return c0
+    return c0, c1, c2, c3
 
 
 def keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    draws = philox_randint(seed, torch.arange(n, device=device, dtype=torch.int64))
+    draws = dropout_draws(seed, torch.arange(n, device=device, dtype=torch.int64))
     return (draws >= min(int(p * 2 ** 32), 2 ** 32 - 1)).view(shape)
 
 

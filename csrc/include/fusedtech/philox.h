@@ -1,6 +1,6 @@
-// Counter-based Philox4x32-10, bit-identical to Triton's tl.randint(seed, offset) (triton/language/
-// random.py: counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi), first output word), so
-// the CPU, CUDA and Triton dropout kernels draw the same mask from the same (seed, element index).
+// Counter-based Philox4x32-10, bit-identical to Triton's tl.randint4x(seed, offset) (triton/language/
+// random.py: counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi)), so the CPU, CUDA and
+// Triton dropout kernels draw the same mask from the same (seed, element index).
 #pragma once
 
 #include <cstdint>
@@ -13,7 +13,8 @@ FT_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-FT_HD uint32_t philox_randint(uint64_t seed, uint64_t counter) {
+// The four output words of one Philox4x32-10 block: Triton's tl.randint4x(seed, counter).
+FT_HD void philox4(uint64_t seed, uint64_t counter, uint32_t out[4]) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
@@ -25,12 +26,32 @@ FT_HD uint32_t philox_randint(uint64_t seed, uint64_t counter) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
-// Inverted dropout of one element: dropped when its draw falls below threshold = floor(p * 2^32).
-FT_HD float dropout_element(float x, uint64_t seed, uint64_t index, uint32_t threshold, float scale) {
-  return philox_randint(seed, index) >= threshold ? x * scale : 0.0f;
+// The first word alone: Triton's tl.randint(seed, counter).
+FT_HD uint32_t philox_randint(uint64_t seed, uint64_t counter) {
+  uint32_t r[4];
+  philox4(seed, counter, r);
+  return r[0];
+}
+
+// Dropout's draw for element `index`: word index % 4 of the block at counter index / 4, so one
+// Philox evaluation serves four consecutive elements (ten rounds per element made the GPU kernel
+// compute-bound).
+FT_HD uint32_t dropout_draw(uint64_t seed, uint64_t index) {
+  uint32_t r[4];
+  philox4(seed, index >> 2, r);
+  return r[index & 3];
+}
+
+// Inverted dropout of one element given its draw: dropped when the draw falls below
+// threshold = floor(p * 2^32).
+FT_HD float dropout_keep(float x, uint32_t draw, uint32_t threshold, float scale) {
+  return draw >= threshold ? x * scale : 0.0f;
 }
 
 }  // namespace fusedtech

@@ -1,0 +1,39 @@
+"""The eager fast path of the autograd ops. A torch.library custom op costs tens of microseconds of
+Python per call and again per backward (measured: dropout forward+backward 121 us against torch's
+31 us on a small CPU tensor), which on a GPU is longer than the kernels. So an eager call runs the
+implementation inside a plain torch.autograd.Function with the op's own setup_context and backward;
+under torch.compile the custom op runs, so the graph holds one traceable node with its fake kernel."""
+from __future__ import annotations
+
+import torch
+
+
+def eager_fast_path(name: str, op, impl, setup_context, backward):
+    """A callable with op's signature: `op` while compiling, else impl under autograd.Function.
+    The Function's ctx carries `eager = True` so that backward can call implementations directly."""
+
+    class _Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = impl(*args)
+            ctx.eager = True
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    _Eager.__name__ = _Eager.__qualname__ = f"{name}_eager"
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return _Eager.apply(*args)
+
+    call.__name__ = name
+    return call
+
+
+def is_eager(ctx) -> bool:
+    return getattr(ctx, "eager", False)
