@@ -44,6 +44,19 @@ def measure(benchmark, fn, *, dev: torch.device, op: str, impl: str, case: str, 
         op=op, impl=impl, case=case, dtype=str(dtype).replace("torch.", ""), bytes=int(bytes_moved),
         calls_per_round=calls, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", **extra)
     benchmark.pedantic(round_, rounds=rounds, iterations=1, warmup_rounds=0)
+    if dev.type == "cuda":
+        benchmark.extra_info["gpu_busy_s"] = gpu_busy_seconds(round_) / calls
+
+
+def gpu_busy_seconds(round_) -> float:
+    """Seconds the GPU spent in kernels and copies during one round (torch.profiler's device time).
+    Next to the wall time it tells a kernel that is slow from a call whose host side (Python,
+    launches) outlasts the kernel: then wall time > busy time and the GPU idles between calls."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        round_()
+    gpu_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in gpu_events) / 1e6
 
 
 def copy_fn(nbytes: int, dev: torch.device):

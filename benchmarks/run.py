@@ -2,7 +2,8 @@
 and the CIFAR-10 training loop, written to one report folder:
 
   results.json   every measurement, with device, versions and date
-  report.md      one table per op: time, GB/s and fraction of a device copy per implementation
+  report.md      one table per op: time, GB/s and fraction of a device copy per implementation, and on
+                 a GPU the time the GPU was busy (profiler): wall >> busy means host-bound calls
   bandwidth.png  GB/s per case and implementation, one panel per op
   cifar.png      (from benchmarks/cifar.py, when present) epoch time per implementation
 
@@ -70,8 +71,10 @@ def rows_from(json_path: str, module: str) -> list[dict]:
             continue
         calls = info.get("calls_per_round", 1)
         t = b["stats"]["median"] / calls
+        busy = info.get("gpu_busy_s")
         rows.append(dict(info, module=module, name=b["name"], time_s=t, gbps=info["bytes"] / t / 1e9,
-                         time_iqr_s=b["stats"]["iqr"] / calls))
+                         time_iqr_s=b["stats"]["iqr"] / calls,
+                         busy_gbps=info["bytes"] / busy / 1e9 if busy else None))
     # Fraction of the copy measured in the same module run, for the same case and bytes.
     copies = {(r["case"], r["bytes"]): r for r in rows if r["impl"] == "copy"}
     for r in rows:
@@ -93,8 +96,8 @@ def markdown(results: dict) -> str:
         if r["impl"] != "copy":
             by_op[r["op"]].append(r)
     for op, rows in sorted(by_op.items()):
-        out += [f"## {op}", "", "| case | dtype | implementation | time (ms) | GB/s | % of copy | vs torch best |",
-                "|---|---|---|---:|---:|---:|---:|"]
+        out += [f"## {op}", "", "| case | dtype | implementation | time (ms) | GB/s | % of copy | vs torch best "
+                "| GPU busy (ms) | GB/s while busy |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         groups = defaultdict(list)
         for r in rows:
             groups[(r["case"], r["dtype"])].append(r)
@@ -104,10 +107,11 @@ def markdown(results: dict) -> str:
             for r in sorted(rs, key=lambda r: r["time_s"]):
                 frac = f"{100 * r['copy_fraction']:.0f}%" if r.get("copy_fraction") else "-"
                 speed = f"{best_torch / r['time_s']:.2f}x" if best_torch else "-"
-                out.append(f"| {case} | {dtype} | {r['impl']} | {1e3 * r['time_s']:.3f} | {r['gbps']:.1f} | {frac} | {speed} |")
+                busy = (f"{1e3 * r['gpu_busy_s']:.3f} | {r['busy_gbps']:.1f}" if r.get("gpu_busy_s") else "- | -")
+                out.append(f"| {case} | {dtype} | {r['impl']} | {1e3 * r['time_s']:.3f} | {r['gbps']:.1f} | {frac} | {speed} | {busy} |")
             if rs[0].get("copy_time_s"):
                 t = rs[0]["copy_time_s"]
-                out.append(f"| {case} | {dtype} | *device copy, same bytes* | {1e3 * t:.3f} | {rs[0]['bytes'] / t / 1e9:.1f} | 100% | |")
+                out.append(f"| {case} | {dtype} | *device copy, same bytes* | {1e3 * t:.3f} | {rs[0]['bytes'] / t / 1e9:.1f} | 100% | | | |")
         out.append("")
     if results.get("failures"):
         out += ["## Modules that failed", ""] + [f"- `{m}`: exit {rc}" for m, rc in results["failures"].items()] + [""]
