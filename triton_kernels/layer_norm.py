@@ -81,11 +81,39 @@ def _fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, eps, DTYPE: t
 
 
 @triton.jit
-def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, n,
+def _bwd_coeffs_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, n, RMS: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows longer than one block: the row reductions c1 = mean(xhat * w*dy) and c2 = mean(w*dy),
+    one read of the row, so that _bwd_kernel reads it once more instead of once per column block."""
+    row = tl.program_id(0).to(tl.int64)
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    c1acc = tl.zeros([BLOCK], dtype=tl.float32)
+    c2acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n, BLOCK):
+        cc = s + tl.arange(0, BLOCK)
+        mm = cc < n
+        xx = tl.load(x_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
+        gg = tl.load(dy_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            gg = gg * tl.load(w_ptr + cc, mask=mm, other=0.0).to(tl.float32)
+        if RMS:
+            xh = xx * rstd
+        else:
+            xh = (xx - mean) * rstd
+        c1acc += tl.where(mm, xh * gg, 0.0)
+        c2acc += gg
+    tl.store(coeff_ptr + 2 * row, tl.sum(c1acc, axis=0) / n)
+    tl.store(coeff_ptr + 2 * row + 1, tl.sum(c2acc, axis=0) / n)
+
+
+@triton.jit
+def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, n,
                 rows_per_program, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     """Rows [pid * rows_per_program, ...): dx per row; this program's dweight/dbias partial
-    (column block by column block when n > BLOCK)."""
+    (column block by column block when n > BLOCK). A row that fits one block is read once and its
+    c1/c2 reduced in registers; a longer row takes them from _bwd_coeffs_kernel."""
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
     for col0 in range(0, n, BLOCK):
@@ -100,24 +128,6 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, d
             if row < rows:
                 mean = tl.load(mean_ptr + row)
                 rstd = tl.load(rstd_ptr + row)
-                # Row reductions c1 = mean(xhat * wdy) and c2 = mean(wdy) over the whole row.
-                c1acc = tl.zeros([BLOCK], dtype=tl.float32)
-                c2acc = tl.zeros([BLOCK], dtype=tl.float32)
-                for s in range(0, n, BLOCK):
-                    cc = s + tl.arange(0, BLOCK)
-                    mm = cc < n
-                    xx = tl.load(x_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
-                    gg = tl.load(dy_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
-                    if HAS_WEIGHT:
-                        gg = gg * tl.load(w_ptr + cc, mask=mm, other=0.0).to(tl.float32)
-                    if RMS:
-                        xh = xx * rstd
-                    else:
-                        xh = (xx - mean) * rstd
-                    c1acc += tl.where(mm, xh * gg, 0.0)
-                    c2acc += gg
-                c1 = tl.sum(c1acc, axis=0) / n
-                c2 = tl.sum(c2acc, axis=0) / n
                 x = tl.load(x_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
                 if RMS:
@@ -128,6 +138,12 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, d
                     wdy = dy * w
                 else:
                     wdy = dy
+                if ONE_BLOCK:
+                    c1 = tl.sum(tl.where(cmask, xhat * wdy, 0.0), axis=0) / n
+                    c2 = tl.sum(wdy, axis=0) / n
+                else:
+                    c1 = tl.load(coeff_ptr + 2 * row)
+                    c2 = tl.load(coeff_ptr + 2 * row + 1)
                 if RMS:
                     dx = (wdy - xhat * c1) * rstd
                 else:
@@ -171,11 +187,19 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, rms: bool, has_bias: bool):
     dw_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if weight is not None else None
     db_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if has_bias else None
     if rows and n:
-        block, _ = _block(n)
-        _bwd_kernel[(programs,)](dy, x, weight if weight is not None else x, mean, rstd, dx,
+        block, one = _block(n)
+        w = weight if weight is not None else x
+        coeffs = mean  # unused when the row fits one block
+        if not one:
+            coeffs = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
+            _bwd_coeffs_kernel[(rows,)](dy, x, w, mean, rstd, coeffs, n, RMS=rms, HAS_WEIGHT=weight is not None,
+                                        BLOCK=block)
+        # Warps grow with the block so that x, dy, w and the two partials stay in registers.
+        _bwd_kernel[(programs,)](dy, x, w, mean, rstd, coeffs, dx,
                                  dw_part if dw_part is not None else dx, db_part if db_part is not None else dx,
                                  rows, n, rows_per_program, DTYPE=tl_dtype(x.dtype), RMS=rms,
-                                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK=block)
+                                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK=block, ONE_BLOCK=one,
+                                 num_warps=min(max(block // 256, 1), 16))
     else:
         for t in (dw_part, db_part):
             if t is not None:
