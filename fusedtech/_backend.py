@@ -21,6 +21,10 @@ import torch
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 # Preference per device type for the automatic choice.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# Per-op exceptions, from measurements. LayerNorm/RMSNorm on an H100 (benchmarks/results/
+# 2026-11-22-h100): the Triton forward kept the GPU busy for 80-105% of copy bandwidth at hidden
+# 1024-16384, the CUDA C++ kernel 29-69%, so Triton goes first there.
+_AUTO_ORDER_BY_OP = {("layer_norm", "cuda"): ("triton", "cuda", "torch")}
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtech_backend", default=None)
 
@@ -153,7 +157,7 @@ def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
         if why is not None:
             raise BackendUnavailableError(f"fusedtech: backend {wanted!r} was requested for {op} but is unavailable: {why}")
         return wanted
-    order = _AUTO_ORDER.get(device_type, ("torch",))
+    order = _AUTO_ORDER_BY_OP.get((op, device_type)) or _AUTO_ORDER.get(device_type, ("torch",))
     skipped = []
     for name in order:
         if name not in implemented:

@@ -86,3 +86,17 @@ def test_python_m_fusedtech_reports_every_backend():
         assert f"  {name}" in out
     assert torch.__version__ in out
     assert "GPU" in out
+
+
+def test_automatic_order_on_cuda_is_per_op(monkeypatch):
+    # With every backend available on a GPU: LayerNorm takes Triton first (measured faster on an
+    # H100), the other ops the CUDA C++ kernels; an unavailable first choice falls through.
+    monkeypatch.setattr(_backend, "why_unavailable", lambda name, device_type: None)
+    monkeypatch.delenv("FUSEDTECH_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert _backend.select("layer_norm", cuda, ("cuda", "triton", "cpu", "torch")) == "triton"
+    assert _backend.select("adam_step", cuda, ("cuda", "triton", "cpu", "torch")) == "cuda"
+    monkeypatch.setattr(_backend, "why_unavailable", lambda name, device_type: "absent" if name == "triton" else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _backend.select("layer_norm", cuda, ("cuda", "triton", "cpu", "torch")) == "cuda"
