@@ -60,6 +60,21 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 BUILD_INFO = {"cpu": "not attempted", "cuda": "not attempted"}
+
+
+def _compiler_info() -> str:
+    """The C++ compiler torch's build uses ($CXX, else c++) and its version: an extension built by
+    another toolchain than torch's can misbehave (see benchmarks/gpu_run.sh), so it is recorded."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        import subprocess
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - informative only
+        version = f"unknown ({type(e).__name__})"
+    return f"{cxx}: {version}"
+
+
+BUILD_INFO["compiler"] = _compiler_info()
 INCLUDE = [os.path.join(ROOT, "csrc", "include")]
 
 

@@ -16,6 +16,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+# The lent H100 (2026-11-22) had CXX=/opt/gcc/bin/g++; extensions built with it segfaulted whenever
+# a C++ check raised (benchmarks/results/2026-11-22-h100/cpp-error-diag*.txt), while the same
+# torch 2.11 with the distribution's gcc raises properly. Suspected: that toolchain's runtime is
+# not torch's. Build with the system compiler unless FUSEDTECH_CXX names one (not yet verified there).
+export CXX=${FUSEDTECH_CXX:-$(command -v c++ || echo "${CXX:-c++}")}
 # Each phase has a time cap (seconds) so that one device call (10 minutes at most) always returns its logs.
 TEST_CAP=${TEST_CAP:-240} BENCH_CAP=${BENCH_CAP:-330}
 if [ "${SKIP_BUILD:-0}" != 1 ]; then

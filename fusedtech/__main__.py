@@ -1,4 +1,5 @@
 """`python -m fusedtech`: versions, GPU visibility and, for each backend, whether it can run here."""
+import os
 import platform
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def report() -> str:
         f"python    {platform.python_version()} ({sys.executable})",
         f"torch     {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton    {triton_version}",
-        f"c++       {_compiler(['c++', '--version'])}",
+        f"c++       {_compiler([os.environ.get('CXX', 'c++'), '--version'])} ($CXX, else c++)",
         f"nvcc      {_compiler(['nvcc', '--version'])}",
     ]
     if torch.cuda.is_available():
