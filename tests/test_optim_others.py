@@ -166,6 +166,28 @@ def test_sgd_first_step_buffer_is_the_gradient(backend):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], e, atol=1e-7, rtol=1e-6)
 
 
+def test_sgd_momentum_buffer_replaced_by_the_user_is_used():
+    # Steady-state steps reuse last step's buffer list; a buffer the user swaps in (as torch's
+    # SGD would read it from state) must still be the one updated.
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)), torch.nn.Parameter(torch.randn(7, generator=g))]
+    ref = clone(params)
+    opt, ref_opt = optim.SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    for step in range(4):
+        for p, r in zip(params, ref):  # every parameter has a gradient every step: the cached path
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        if step == 2:
+            for o in (opt, ref_opt):
+                for p in o.state:
+                    o.state[p]["momentum_buffer"] = torch.ones_like(p)
+        opt.step(), ref_opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[r]["momentum_buffer"],
+                                   atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
 def test_defaults_repr_and_validation_match_torch(info):
     torch_cls, fused_cls, _ = info

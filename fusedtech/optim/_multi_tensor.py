@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -39,6 +40,8 @@ class Bucket:
     # (param, working copy) pairs for parameters that are not dense or whose gradient has other
     # strides: the kernel updates the copy and the copy is written back after it.
     writeback: list = field(default_factory=list)
+    strides: list = field(default_factory=list)  # of params, kept when the bucket is reused across steps
+    momentum_buffers: Optional[list] = None  # SGD: the buffers of every parameter, once all exist
 
 
 def check_param(name: str, p: torch.Tensor) -> None:
@@ -64,8 +67,8 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         ok = True
         for b in buckets.values():
             grads = [p.grad for p in b.originals]
-            for g, p in zip(grads, b.params):
-                if g.layout != torch.strided or g.stride() != p.stride() or g.dtype != p.dtype or g.device != p.device:
+            for g, p, stride in zip(grads, b.params, b.strides):
+                if g.layout != torch.strided or g.stride() != stride or g.dtype != p.dtype or g.device != p.device:
                     ok = False
                     break
             if not ok:
@@ -76,6 +79,8 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     buckets = _collect(optimizer, group, state_keys, name=name, initial_state=initial_state,
                        master_weights=master_weights, with_step=with_step)
     if all(not b.writeback for b in buckets.values()):
+        for b in buckets.values():
+            b.strides = [p.stride() for p in b.params]  # a parameter's layout does not change
         plans[id(group)] = (key, buckets)
     else:
         plans.pop(id(group), None)

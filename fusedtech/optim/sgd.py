@@ -36,7 +36,12 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                 grad_scale, found_inf = mt.scaler_tensors(self, device)
                 # Parameters whose momentum buffer exists, and those whose buffer this step creates.
                 runs = [(b.params, b.grads, b.masters, [], False, [])]
-                if momentum != 0:
+                cached = getattr(b, "momentum_buffers", None) if momentum != 0 else None
+                if cached is not None and all(self.state[p].get("momentum_buffer") is m
+                                              for p, m in zip(b.originals, cached)):
+                    # Steady state: every buffer exists and is the one laid out last step.
+                    runs = [(b.params, b.grads, b.masters, cached, False, [])]
+                elif momentum != 0:
                     have, new = [], []
                     for i, p in enumerate(b.originals):
                         (have if "momentum_buffer" in self.state[p] else new).append(i)
@@ -52,6 +57,8 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                                                   state_dtype) for i in idx]
                         runs.append(([b.params[i] for i in idx], [b.grads[i] for i in idx],
                                      [b.masters[i] for i in idx] if b.masters else [], bufs, first, idx))
+                        if not first and not new:
+                            b.momentum_buffers = bufs
                 for params, grads, masters, bufs, first, idx in runs:
                     sgd_step_(params, grads, bufs, masters, lr, lr_tensor, momentum, float(group["dampening"]),
                               float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
