@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .._distributed import is_distributed
 from ..ops.grad_norm import multi_tensor_norm
 from ..ops._multi_tensor import implementation
 
@@ -32,7 +33,9 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     norm_type = float(norm_type)
     if not tensors:
         return torch.tensor(0.0)
-    if norm_type not in (2.0, math.inf) or any(t.is_sparse for t in tensors):
+    if norm_type not in (2.0, math.inf) or any(t.is_sparse or is_distributed(t) for t in tensors):
+        # Other orders, sparse gradients and DTensors (FSDP2: the norm spans every process's
+        # shard, which torch's implementation reduces) take torch's path.
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     first_device = tensors[0].device
     norms = [_norm([t for t in group if t.numel()] or group[:1], norm_type).to(first_device)
@@ -56,6 +59,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     gradients scaled in place by min(max_norm / (total + 1e-6), 1) with no host synchronisation."""
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
+    if any(is_distributed(g) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
     if not grads:
         return total

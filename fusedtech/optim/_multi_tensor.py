@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .._distributed import is_distributed, local  # noqa: F401 - used as mt.local / mt.is_distributed
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,7 +68,7 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         buckets = plan[1]
         ok = True
         for b in buckets.values():
-            grads = [p.grad for p in b.originals]
+            grads = [local(p.grad) for p in b.originals]
             for g, p, stride in zip(grads, b.params, b.strides):
                 if g.layout != torch.strided or g.stride() != stride or g.dtype != p.dtype or g.device != p.device:
                     ok = False
@@ -118,15 +120,17 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         if use_master and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
 
-        work, grad = p, p.grad
-        if not dense(p) or grad.stride() != p.stride() or (use_master and state["master_param"].stride() != p.stride()):
-            work = p.detach().contiguous()
+        shard = local(p)
+        work, grad = shard, local(p.grad)
+        if (not dense(shard) or grad.stride() != shard.stride()
+                or (use_master and local(state["master_param"]).stride() != shard.stride())):
+            work = shard.detach().contiguous()
             grad = grad.contiguous()
         elif not dense(grad):
             grad = grad.contiguous()
         b = buckets[(p.device, p.dtype, state_dtype)]
-        if work is not p:
-            b.writeback.append((p, work))
+        if work is not shard:
+            b.writeback.append((shard, work))
         b.params.append(work)
         b.originals.append(p)
         b.grads.append(grad)
@@ -148,6 +152,12 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
 def matching_state(state: dict, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """state[key], relaid out once (to like's strides, device and `dtype`) if a checkpoint gave it another."""
     s = state[key]
+    if is_distributed(s):
+        s = s.to_local()
+        if s.stride() != like.stride() or s.dtype != dtype or s.device != like.device:
+            raise RuntimeError(f"fusedtech: optimizer state {key!r} is a DTensor whose local shard is laid out "
+                               f"unlike its parameter's ({s.stride()}, {s.dtype} vs {like.stride()}, {dtype})")
+        return s
     if s.stride() != like.stride() or s.dtype != dtype or s.device != like.device:
         s = state[key] = torch.empty_like(like, dtype=dtype).copy_(s)
     return s

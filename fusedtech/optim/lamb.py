@@ -82,6 +82,11 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
         global_divisor = None
         for group in self.param_groups:
             beta1, beta2 = (float(b) for b in group["betas"])
+            if any(mt.is_distributed(p) for p in group["params"]):
+                raise NotImplementedError(
+                    "fusedtech: LAMB does not support DTensor (FSDP2 / tensor-parallel) parameters yet: its trust "
+                    "ratio needs each parameter's norm over all shards; the element-wise optimizers (Adam, AdamW, "
+                    "SGD, RMSprop, Adagrad) do")
             for (device, _, _), b in self._buckets(group, _STATE).items():
                 lr, lr_tensor = mt.lr_args(group["lr"], device)
                 grad_scale, found_inf = mt.scaler_tensors(self, device)

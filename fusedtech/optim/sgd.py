@@ -37,7 +37,7 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                 # Parameters whose momentum buffer exists, and those whose buffer this step creates.
                 runs = [(b.params, b.grads, b.masters, [], False, [])]
                 cached = getattr(b, "momentum_buffers", None) if momentum != 0 else None
-                if cached is not None and all(self.state[p].get("momentum_buffer") is m
+                if cached is not None and all(mt.local(self.state[p].get("momentum_buffer")) is m
                                               for p, m in zip(b.originals, cached)):
                     # Steady state: every buffer exists and is the one laid out last step.
                     runs = [(b.params, b.grads, b.masters, cached, False, [])]
@@ -51,8 +51,11 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                             continue
                         if first:
                             for i in idx:
+                                # Made like the parameter itself when it is a DTensor (FSDP2),
+                                # so that the state is one too, as torch's SGD keeps it.
+                                like = b.originals[i] if mt.is_distributed(b.originals[i]) else b.params[i]
                                 self.state[b.originals[i]]["momentum_buffer"] = torch.empty_like(
-                                    b.params[i], dtype=state_dtype)
+                                    like, dtype=state_dtype)
                         bufs = [mt.matching_state(self.state[b.originals[i]], "momentum_buffer", b.params[i],
                                                   state_dtype) for i in idx]
                         runs.append(([b.params[i] for i in idx], [b.grads[i] for i in idx],
