@@ -76,6 +76,7 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
             mod = (torch.nn.LayerNorm(h) if op == "layer_norm" else torch.nn.RMSNorm(h, eps=1e-6)).to(DEV, dtype)
         if impl not in ("torch", "liger"):
             mod = _fused(mod)
+            mod.memory_efficient = impl.endswith("-memeff")  # keeps y, not x, for backward
         fn = mod
     elif op == "dropout":
         fn = (lambda t: torch.nn.functional.dropout(t, 0.1)) if impl == "torch" else (lambda t: F.dropout(t, 0.1))
@@ -100,6 +101,9 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
 
 NORM_CASES = [(op, impl, b, dt, (ROWS(h), h), d) for op in ("layer_norm", "rms_norm") for dt in DTYPES for h in HIDDEN
               for d in ("fwd", "fwd+bwd") for impl, b in _impls(op, h)]
+# The memory-saving LayerNorm (recomputes xhat from the output): what its backward costs.
+NORM_CASES += [("layer_norm", f"fusedtech-{b}-memeff", b, dt, (ROWS(h), h), "fwd+bwd")
+               for dt in DTYPES for h in HIDDEN for b in _fused_backends()]
 DROPOUT_CASES = [("dropout", impl, b, dt, (ROWS(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
                  for impl, b in _impls("dropout")]
 BN_CASES = [("batch_norm", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES for impl, b in _impls("batch_norm")]

@@ -186,6 +186,88 @@ def test_compile_fullgraph_no_graph_break():
     assert model[1].weight.grad is not None
 
 
+def _away_from_zero_case(shape, seed=0):
+    # memory_efficient recovers xhat = (y - b) / w: the weight must have no zero, so keep it in [0.5, 1.5].
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    return (torch.randn(shape, generator=g) * 2 + 0.5, torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g),
+            torch.randn(shape, generator=g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 1), (7, 127), (2, 3, 1024), (3, 9000)], ids=str)
+@pytest.mark.parametrize("rms", [False, True])
+def test_memory_efficient_matches_torch(backend, shape, rms):
+    x, w, b, dy = _away_from_zero_case(shape)
+    n = (shape[-1],)
+    if rms:
+        b = None
+        torch_fn = lambda x, w, b: torch.nn.functional.rms_norm(x, n, w, 1e-6)  # noqa: E731
+        ours_fn = lambda x, w, b: F.rms_norm(x, n, w, 1e-6, memory_efficient=True)  # noqa: E731
+        plain_fn = lambda x, w, b: F.rms_norm(x, n, w, 1e-6)  # noqa: E731
+    else:
+        torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, n, w, b, 1e-5)  # noqa: E731
+        ours_fn = lambda x, w, b: F.layer_norm(x, n, w, b, 1e-5, memory_efficient=True)  # noqa: E731
+        plain_fn = lambda x, w, b: F.layer_norm(x, n, w, b, 1e-5)  # noqa: E731
+    with fusedtech.use_backend(backend):
+        ours, plain = _run(ours_fn, x, w, b, dy), _run(plain_fn, x, w, b, dy)
+    assert torch.equal(ours[0], plain[0])  # the same forward kernel: only what is saved differs
+    exact = _run(torch_fn, x.double(), w.double(), b.double() if b is not None else None, dy.double())
+    _check(ours, _run(torch_fn, x, w, b, dy), exact, torch.float32)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
+def test_memory_efficient_gradcheck_float64(backend):
+    x, w, b, _ = (t.double().requires_grad_() for t in _away_from_zero_case((3, 7)))
+    with fusedtech.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, w, b: F.layer_norm(x, (7,), w, b, memory_efficient=True), (x, w, b))
+        assert torch.autograd.gradcheck(lambda x, w: F.rms_norm(x, (7,), w, 1e-6, memory_efficient=True), (x, w))
+
+
+def _saved_bytes(model, x):
+    """Bytes of the distinct activation storages autograd keeps for backward (a tensor saved twice
+    counts once; parameters exist anyway and do not count)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(seen.values())
+
+
+def test_memory_efficient_saves_the_input_when_the_next_layer_keeps_the_output():
+    # Linear -> LayerNorm -> Linear: the second Linear saves LayerNorm's output, so keeping it
+    # (rather than LayerNorm's input) frees one activation: rows x hidden x 4 bytes here.
+    rows, hidden = 64, 256
+    x = torch.randn(rows, 32)
+    sizes = {}
+    for efficient in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, hidden), fusedtech.nn.LayerNorm(hidden, memory_efficient=efficient),
+                                    torch.nn.Linear(hidden, 8))
+        sizes[efficient] = _saved_bytes(model, x)
+    assert sizes[False] - sizes[True] >= rows * hidden * 4, sizes
+
+
+def test_memory_efficient_opcheck_and_compile():
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu extension not built")
+    from fusedtech.ops.layer_norm import layer_norm_fwd_recompute
+    x, w, b, _ = _away_from_zero_case((4, 9))
+    torch.library.opcheck(layer_norm_fwd_recompute, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, False))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), fusedtech.nn.LayerNorm(16, memory_efficient=True), torch.nn.Linear(16, 4))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    inp = torch.randn(4, 8)
+    torch.testing.assert_close(compiled(inp), model(inp))
+    compiled(inp).sum().backward()
+    assert model[1].weight.grad is not None
+
+
 def test_triton_kernels_compile_for_sm80_sm90():
     import triton.language as tl
     from aot import compile_for_gpus

@@ -16,9 +16,10 @@ from ..ops.dropout import dropout as dropout_apply
 from ..ops.dropout import dropout_add_layer_norm as dropout_add_norm
 from ..ops.dropout import new_seed
 from ..ops.layer_norm import layer_norm as layer_norm_fwd
+from ..ops.layer_norm import layer_norm_recompute
 
 
-def _norm(input, normalized_shape, weight, bias, eps, rms):
+def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=False):
     shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
     if tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise RuntimeError(f"fusedtech: input of shape {tuple(input.shape)} does not end in normalized_shape {shape}")
@@ -34,20 +35,21 @@ def _norm(input, normalized_shape, weight, bias, eps, rms):
         x2 = x2.contiguous()
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
-    y, _, _ = layer_norm_fwd(x2, w, b, float(eps), rms)
+    y, _, _ = (layer_norm_recompute if memory_efficient else layer_norm_fwd)(x2, w, b, float(eps), rms)
     return y.view(input.shape)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
-    """torch.nn.functional.layer_norm, fused (fp32 statistics, one pass per row)."""
-    return _norm(input, normalized_shape, weight, bias, eps, rms=False)
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *, memory_efficient: bool = False):
+    """torch.nn.functional.layer_norm, fused (fp32 statistics, one pass per row). memory_efficient:
+    keep the output instead of the input for backward (see fusedtech/ops/layer_norm.py)."""
+    return _norm(input, normalized_shape, weight, bias, eps, rms=False, memory_efficient=memory_efficient)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, memory_efficient: bool = False):
     """torch.nn.functional.rms_norm, fused; eps=None means torch.finfo(input.dtype).eps, as torch."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    return _norm(input, normalized_shape, weight, None, eps, rms=True)
+    return _norm(input, normalized_shape, weight, None, eps, rms=True, memory_efficient=memory_efficient)
 
 
 def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False):

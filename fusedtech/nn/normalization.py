@@ -19,10 +19,19 @@ def share_state(cls, module):
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    """Drop-in for torch.nn.LayerNorm (fused forward and backward, fp32 statistics)."""
+    """Drop-in for torch.nn.LayerNorm (fused forward and backward, fp32 statistics). Extra keyword
+    memory_efficient=True keeps the output instead of the input for backward (the weight must have
+    no zero): it saves the input's memory when the next layer keeps the output anyway."""
+
+    memory_efficient = False
+
+    def __init__(self, *args, memory_efficient: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_efficient = memory_efficient
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                            memory_efficient=self.memory_efficient)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm":
@@ -30,10 +39,17 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """Drop-in for torch.nn.RMSNorm (eps=None means torch.finfo(input.dtype).eps)."""
+    """Drop-in for torch.nn.RMSNorm (eps=None means torch.finfo(input.dtype).eps); memory_efficient
+    as for LayerNorm."""
+
+    memory_efficient = False
+
+    def __init__(self, *args, memory_efficient: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_efficient = memory_efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, memory_efficient=self.memory_efficient)
 
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm) -> "RMSNorm":

@@ -77,3 +77,55 @@ def _backward(ctx, dy, dmean, drstd):
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 layer_norm = eager_fast_path("layer_norm", layer_norm_fwd, _layer_norm_fwd, _setup_context, _backward)
+
+
+# ---- memory-saving variant --------------------------------------------------------------------
+# Saves the output y instead of the input x (with the weight, bias and rstd) and recovers
+# xhat = (y - bias) / weight in backward, as apex's memory_efficient LayerNorm does. It pays when
+# the next layer keeps y anyway (a Linear saves its input): then x need not be kept at all.
+# The weight must have no zero (its columns of xhat are lost); xhat is recovered from y as
+# stored, so in fp16/bf16 it carries y's rounding (forward outputs are identical).
+
+def _layer_norm_fwd_recompute(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                              eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_fwd(x, weight, bias, eps, rms)
+
+
+layer_norm_fwd_recompute = torch.library.custom_op("fusedtech::layer_norm_fwd_recompute", _layer_norm_fwd_recompute,
+                                                   mutates_args=())
+
+
+@layer_norm_fwd_recompute.register_fake
+def _(x, weight, bias, eps, rms):
+    rows, acc = x.shape[0], stat_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
+
+
+def _recompute_setup_context(ctx, inputs, output):
+    _, weight, bias, _, rms = inputs
+    y, _, rstd = output
+    ctx.save_for_backward(y, weight, bias, rstd)
+    ctx.rms = rms
+    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _recompute_backward(ctx, dy, dmean, drstd):
+    y, weight, bias, rstd = ctx.saved_tensors
+    acc = rstd.dtype
+    xhat = y.to(acc)
+    if bias is not None:
+        xhat = xhat - bias.to(acc)
+    if weight is not None:
+        xhat = xhat / weight.to(acc)
+    # The backward kernels with x = xhat, mean 0 and rstd 1 give dx / rstd, and dweight, dbias as is.
+    bwd = _layer_norm_bwd if is_eager(ctx) else layer_norm_bwd
+    dx, dw, db = bwd(dy.to(acc), xhat, weight.to(acc) if weight is not None else None, torch.zeros_like(rstd),
+                     torch.ones_like(rstd), ctx.rms, bias is not None)
+    wdt, bdt = ctx.dtypes
+    return ((dx * rstd[:, None]).to(y.dtype), dw.to(wdt) if weight is not None else None,
+            db.to(bdt) if bias is not None else None, None, None)
+
+
+layer_norm_fwd_recompute.register_autograd(_recompute_backward, setup_context=_recompute_setup_context)
+layer_norm_recompute = eager_fast_path("layer_norm_recompute", layer_norm_fwd_recompute, _layer_norm_fwd_recompute,
+                                       _recompute_setup_context, _recompute_backward)
