@@ -1,10 +1,12 @@
-"""LayerNorm, RMSNorm, dropout and BatchNorm2d: forward and forward+backward per implementation.
+"""LayerNorm, RMSNorm, dropout, dropout+add+LayerNorm, BatchNorm2d and BatchNorm2d+ReLU: forward and
+forward+backward per implementation (on a GPU also torch.compile for BatchNorm2d).
 
 Bytes moved (each input read once, each output written once, activations in the given dtype):
 forward x + y = 2 N; forward+backward adds dy, x and dx = 5 N (weights and statistics are
 negligible); BatchNorm2d the same. Dropout: forward 2 N, forward+backward 4 N (torch also writes
 and reads a 1-byte mask: +2 N bytes for it, not counted). `saved_bytes` records the activation
-memory each implementation keeps for backward.
+memory each implementation keeps for backward, `peak_bytes` (GPU) the memory one call needs. dropout +
+add + LayerNorm: forward 4 N (x, residual in; out, sum out), forward+backward 8 N.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ LIGER_MAX_HIDDEN = 65536  # Liger's norms hold a row in one block and refuse lon
 
 
 def _impls(op: str, hidden: int = 0):
-    # BatchNorm has no CUDA C++ kernel yet (Triton runs it on a GPU); the others have all backends.
-    impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and op == "batch_norm")]
+    # BatchNorm, BatchNorm+act and dropout+add+LayerNorm have no CUDA C++ kernel (Triton runs them on a GPU).
+    no_cuda_kernel = op in ("batch_norm", "batch_norm_relu", "dropout_add_layer_norm")
+    impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and no_cuda_kernel)]
     if op in ("layer_norm", "rms_norm") and _has_liger() and hidden <= LIGER_MAX_HIDDEN:
         impls.append(("liger", None))  # the peer: Liger-Kernel's Triton LayerNorm / RMSNorm modules
     return impls
@@ -80,11 +83,27 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
         fn = mod
     elif op == "dropout":
         fn = (lambda t: torch.nn.functional.dropout(t, 0.1)) if impl == "torch" else (lambda t: F.dropout(t, 0.1))
+    elif op == "dropout_add_layer_norm":
+        h = shape[-1]
+        res = torch.randn_like(x, requires_grad=x.requires_grad)
+        w, b = torch.ones(h, device=DEV, dtype=dtype), torch.zeros(h, device=DEV, dtype=dtype)
+        if impl == "torch":
+            fn = lambda t: torch.nn.functional.layer_norm(torch.nn.functional.dropout(t, 0.1) + res, (h,), w, b)  # noqa: E731
+        else:
+            fn = lambda t: F.dropout_add_layer_norm(t, res, w, b, p=0.1)  # noqa: E731
+    elif op == "batch_norm_relu":  # BatchNormAct2d against BatchNorm2d then ReLU
+        mod = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), torch.nn.ReLU()).to(DEV, dtype)
+        if impl != "torch":
+            mod, _ = fusedtech.nn.convert_model(mod, fuse_activations=True)
+            assert type(mod[0]).__name__ == "BatchNormAct2d"
+        fn = mod
     else:
         mod = torch.nn.BatchNorm2d(shape[1]).to(DEV, dtype)
-        if impl != "torch":
+        if impl not in ("torch", "torch-compile"):
             mod = _fused(mod)
         fn = mod
+    if impl == "torch-compile":
+        fn = torch.compile(fn)
     dy = torch.randn_like(x)
 
     def run():
@@ -93,10 +112,26 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
             if direction == "fwd+bwd":
                 y.backward(dy)
 
-    factor = (2 if direction == "fwd" else (4 if op == "dropout" else 5))
     saved = _saved_bytes(fn, x) if direction == "fwd+bwd" else 0
+    peak = None
+    if GPU:  # memory a call needs above what exists before it (activations saved, temporaries)
+        run()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peak = torch.cuda.max_memory_allocated() - base
     _common.measure(benchmark, run, dev=DEV, op=f"{op} {direction}", impl=impl, case="x".join(map(str, shape)),
-                    dtype=dtype, bytes_moved=factor * n, saved_bytes=saved)
+                    dtype=dtype, bytes_moved=_factor(op, direction) * n, saved_bytes=saved, peak_bytes=peak)
+
+
+def _factor(op: str, direction: str) -> int:
+    """Activation-sized tensors moved per call (see the module docstring)."""
+    if op == "dropout":
+        return 2 if direction == "fwd" else 4
+    if op == "dropout_add_layer_norm":  # x, residual in, out (and the sum) out; backward dy, sum in, dx, dres out
+        return 4 if direction == "fwd" else 8
+    return 2 if direction == "fwd" else 5
 
 
 NORM_CASES = [(op, impl, b, dt, (ROWS(h), h), d) for op in ("layer_norm", "rms_norm") for dt in DTYPES for h in HIDDEN
@@ -107,7 +142,15 @@ NORM_CASES += [("layer_norm", f"fusedtech-{b}-memeff", b, dt, (ROWS(h), h), "fwd
 DROPOUT_CASES = [("dropout", impl, b, dt, (ROWS(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
                  for impl, b in _impls("dropout")]
 BN_CASES = [("batch_norm", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES for impl, b in _impls("batch_norm")]
-ALL = NORM_CASES + DROPOUT_CASES + BN_CASES
+BN_ACT_CASES = [("batch_norm_relu", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES[:2]
+                for impl, b in _impls("batch_norm")]
+DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (ROWS(h), h), "fwd+bwd") for dt in DTYPES for h in HIDDEN[1:3]
+             for impl, b in _impls("dropout_add_layer_norm")]
+# torch.compile of the torch modules (Inductor's generated kernels), on a GPU only: compiling on
+# the CPU would dominate the short CPU run.
+COMPILE_CASES = ([("batch_norm", "torch-compile", None, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES]
+                 if GPU else [])
+ALL = NORM_CASES + DROPOUT_CASES + BN_CASES + BN_ACT_CASES + DAN_CASES + COMPILE_CASES
 
 
 @pytest.mark.parametrize("op,impl,backend,dtype,shape,direction", ALL,
@@ -116,7 +159,7 @@ def test_nn_op(benchmark, op, impl, backend, dtype, shape, direction):
     _case(op, impl, backend, dtype, shape, direction, benchmark)
 
 
-COPIES = sorted({(c[4], c[3], (2 if c[5] == "fwd" else (4 if c[0] == "dropout" else 5))) for c in ALL}, key=str)
+COPIES = sorted({(c[4], c[3], _factor(c[0], c[5])) for c in ALL}, key=str)
 
 
 @pytest.mark.parametrize("shape,dtype,factor", COPIES, ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{c[2]}" for c in COPIES])
