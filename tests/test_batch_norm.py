@@ -19,7 +19,9 @@ BACKENDS = cpu_backends()
 TOL32 = dict(atol=1e-5, rtol=1e-5)
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 CASES = [(torch.nn.BatchNorm1d, fusedtech.nn.BatchNorm1d, (8, 5)), (torch.nn.BatchNorm1d, fusedtech.nn.BatchNorm1d, (4, 3, 7)),
-         (torch.nn.BatchNorm2d, fusedtech.nn.BatchNorm2d, (3, 4, 5, 6)), (torch.nn.BatchNorm2d, fusedtech.nn.BatchNorm2d, (2, 3, 1, 1))]
+         (torch.nn.BatchNorm2d, fusedtech.nn.BatchNorm2d, (3, 4, 5, 6)), (torch.nn.BatchNorm2d, fusedtech.nn.BatchNorm2d, (2, 3, 1, 1)),
+         # More than one Triton block per channel: statistics and gradient sums split into slices, the last partial.
+         (torch.nn.BatchNorm2d, fusedtech.nn.BatchNorm2d, (5, 3, 17, 19)), (torch.nn.BatchNorm1d, fusedtech.nn.BatchNorm1d, (3000, 2))]
 
 
 def _ids(c):
@@ -172,13 +174,15 @@ def test_triton_kernels_compile_for_sm80_sm90():
     from aot import compile_for_gpus
     from fusedtech.triton_kernels import batch_norm as k
     view = {"S": "i64", "sN": "i64", "sC": "i64", "sS": "i64"}
-    compile_for_gpus(k._stats_kernel, {"x_ptr": "*bf16", "mean_ptr": "*fp32", "var_ptr": "*fp32", "NS": "i64", **view},
-                     dict(BLOCK=1024))
+    compile_for_gpus(k._stats_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", "NS": "i64", **view, "CHUNK": "i64",
+                                       "SPLIT": "i64"}, dict(BLOCK=1024))
+    compile_for_gpus(k._stats_combine_kernel, {"part_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32",
+                                               "SPLIT": "i64"}, {})
     compile_for_gpus(k._apply_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
                                        "w_ptr": "*bf16", "b_ptr": "*bf16", "total": "i64", "C": "i64", **view},
                      dict(DTYPE=tl.bfloat16, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK=1024))
     compile_for_gpus(k._bwd_reduce_kernel, {"dy_ptr": "*fp32", "x_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
-                                            "sum_dy_ptr": "*fp32", "sum_dy_xhat_ptr": "*fp32", "NS": "i64", **view},
+                                            "part_ptr": "*fp32", "NS": "i64", **view, "CHUNK": "i64", "SPLIT": "i64"},
                      dict(BLOCK=1024))
     compile_for_gpus(k._bwd_apply_kernel, {"dy_ptr": "*fp16", "x_ptr": "*fp16", "dx_ptr": "*fp16", "mean_ptr": "*fp32",
                                            "invstd_ptr": "*fp32", "w_ptr": "*fp16", "sum_dy_ptr": "*fp32",

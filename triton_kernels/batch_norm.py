@@ -1,7 +1,8 @@
 """BatchNorm over dim 1 of (N, C, *) in Triton, NCHW or channels_last through one strided
-(N, C, S) view: per-channel statistics (one program per channel, blocks merged with Chan's
-parallel-variance formula: one read, deterministic), the normalisation, and the backward (a
-per-channel reduction of dy and dy * xhat, then dx)."""
+(N, C, S) view: per-channel statistics (each channel split into slices over enough programs to fill
+a GPU, blocks and then slices merged with Chan's parallel-variance formula: one read,
+deterministic), the normalisation, and the backward (per-slice sums of dy and dy * xhat, summed in
+order, then dx)."""
 from __future__ import annotations
 
 import torch
@@ -20,14 +21,19 @@ def _address(j, S, sN, sC, sS, c):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_ptr, var_ptr, NS, S, sN, sC, sS, BLOCK: tl.constexpr):
+def _stats_kernel(x_ptr, part_ptr, NS, S, sN, sC, sS, CHUNK, SPLIT, BLOCK: tl.constexpr):
+    """Program (c, p): count, mean and M2 of channel c over its p-th slice of CHUNK elements, blocks
+    merged with Chan's formula."""
     c = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    begin = p * CHUNK
+    end = tl.minimum(begin + CHUNK, NS)
     count = 0.0
     mean = 0.0
     m2 = 0.0
-    for start in range(0, NS, BLOCK):
+    for start in range(begin, end, BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = j < NS
+        mask = j < end
         x = tl.load(x_ptr + _address(j, S, sN, sC, sS, c), mask=mask, other=0.0).to(tl.float32)
         nb = tl.sum(mask.to(tl.float32), axis=0)
         mb = tl.sum(x, axis=0) / nb
@@ -37,6 +43,28 @@ def _stats_kernel(x_ptr, mean_ptr, var_ptr, NS, S, sN, sC, sS, BLOCK: tl.constex
         delta = mb - mean
         mean = mean + delta * (nb / tot)
         m2 = m2 + m2b + delta * delta * (count * nb / tot)
+        count = tot
+    out = part_ptr + (c * SPLIT + p) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _stats_combine_kernel(part_ptr, mean_ptr, var_ptr, SPLIT):
+    """Channel c: its SPLIT partials merged in order (Chan's formula again): deterministic."""
+    c = tl.program_id(0).to(tl.int64)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for p in range(0, SPLIT):
+        part = part_ptr + (c * SPLIT + p) * 3
+        nb = tl.load(part)
+        mb = tl.load(part + 1)
+        tot = count + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + tl.load(part + 2) + delta * delta * (count * nb / tot)
         count = tot
     tl.store(mean_ptr + c, mean)
     tl.store(var_ptr + c, m2 / count)
@@ -61,23 +89,28 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, S,
 
 
 @triton.jit
-def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, NS, S, sN, sC, sS,
+def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, part_ptr, NS, S, sN, sC, sS, CHUNK, SPLIT,
                        BLOCK: tl.constexpr):
+    """Program (c, p): sums of dy and dy * xhat over channel c's p-th slice, into part[0|1, c, p]."""
     c = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    C = tl.num_programs(0)
+    begin = p * CHUNK
+    end = tl.minimum(begin + CHUNK, NS)
     mean = tl.load(mean_ptr + c)
     invstd = tl.load(invstd_ptr + c)
     acc_dy = tl.zeros([BLOCK], dtype=tl.float32)
     acc_dyx = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, NS, BLOCK):
+    for start in range(begin, end, BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = j < NS
+        mask = j < end
         addr = _address(j, S, sN, sC, sS, c)
         g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         acc_dy += g
-        acc_dyx += g * (x - mean) * invstd
-    tl.store(sum_dy_ptr + c, tl.sum(acc_dy, axis=0))
-    tl.store(sum_dy_xhat_ptr + c, tl.sum(acc_dyx, axis=0))
+        acc_dyx += tl.where(mask, g * (x - mean) * invstd, 0.0)
+    tl.store(part_ptr + c * SPLIT + p, tl.sum(acc_dy, axis=0))
+    tl.store(part_ptr + (C + c) * SPLIT + p, tl.sum(acc_dyx, axis=0))
 
 
 @triton.jit
@@ -118,12 +151,28 @@ def _view(x: torch.Tensor):
     return x, x.size(0), x.size(1), S, (x.stride(0), x.stride(1), x.stride(-1) if x.dim() > 2 else 1)
 
 
+# Programs to aim for: a few per SM of an H100 (132), so that few channels with many elements
+# each (64 x 512*32*32 in a CIFAR ResNet) still fill the GPU. A fixed function of the shape: the
+# statistics' summation order, hence their bits, never change between runs.
+TARGET_PROGRAMS = 4 * 132
+
+
+def _split(NS: int, C: int) -> tuple[int, int]:
+    """(slices per channel, elements per slice: a multiple of BLOCK)."""
+    split = max(1, min(triton.cdiv(NS, BLOCK), triton.cdiv(TARGET_PROGRAMS, max(C, 1))))
+    chunk = triton.cdiv(triton.cdiv(NS, split), BLOCK) * BLOCK
+    return triton.cdiv(NS, chunk), chunk
+
+
 def batch_norm_stats(x):
     x, N, C, S, (sN, sC, sS) = _view(x)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     var = torch.empty(C, device=x.device, dtype=torch.float32)
     if C:
-        _stats_kernel[(C,)](x, mean, var, N * S, S, sN, sC, sS, BLOCK=BLOCK)
+        split, chunk = _split(N * S, C)
+        part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
+        _stats_kernel[(C, split)](x, part, N * S, S, sN, sC, sS, chunk, split, BLOCK=BLOCK)
+        _stats_combine_kernel[(C,)](part, mean, var, split)
     return mean, var
 
 
@@ -148,7 +197,10 @@ def batch_norm_bwd(dy, x, weight, mean, invstd, training: bool):
     sum_dy_xhat = torch.zeros(C, device=x.device, dtype=torch.float32)
     mean, invstd = mean.float(), invstd.float()
     if x.numel():
-        _bwd_reduce_kernel[(C,)](dy, x, mean, invstd, sum_dy, sum_dy_xhat, N * S, S, sN, sC, sS, BLOCK=BLOCK)
+        split, chunk = _split(N * S, C)
+        part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
+        _bwd_reduce_kernel[(C, split)](dy, x, mean, invstd, part, N * S, S, sN, sC, sS, chunk, split, BLOCK=BLOCK)
+        sum_dy, sum_dy_xhat = part.sum(-1)  # slices in a fixed order: deterministic
         _bwd_apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](
             dy, x, dx, mean, invstd, weight if weight is not None else x, sum_dy, sum_dy_xhat, x.numel(), C, S,
             sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, TRAINING=bool(training),
