@@ -265,6 +265,17 @@ def test_drop_block_semantics():
     assert m(x).shape == x.shape and "block_size=3" in repr(m)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_block_centres_have_probability_gamma(backend):
+    # block_size 1: gamma = p and no growth, so the dropped fraction is binomial(p) within 5 sigma.
+    x = torch.rand(8, 4, 32, 32) + 0.5
+    p, n = 0.3, x.numel()
+    with fusedtech.use_backend(backend):
+        y = F.drop_block2d(x, p, 1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n), dropped
+
+
 def test_dropout_add_layer_norm_module():
     m = fusedtech.nn.DropoutAddLayerNorm(32, p=0.1)
     x, r = torch.randn(4, 32), torch.randn(4, 32)

@@ -149,9 +149,9 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
                  block_mask=None):
     """torchvision.ops.drop_block2d's semantics: block seeds with probability
     gamma = p H W / (block^2 (H - block + 1)(W - block + 1)), grown to block x block squares, output
-    scaled by numel / (eps + kept). The seeds come from the Philox stream of fusedtech's dropout
-    (seeded from torch's generator); `block_mask` (1 = keep) replaces them, for tests.
-    Not yet one kernel: the block growth is torch's max_pool2d."""
+    scaled by numel / (eps + kept). The block centres are the elements fused dropout with p = gamma
+    drops (seeded from torch's generator for the device); `block_mask` (1 = keep) replaces them, for
+    tests. Not yet one kernel: the block growth is torch's max_pool2d, and the mask is kept."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"drop probability has to be between 0 and 1, but got {p}.")
     if input.dim() != 4:
@@ -164,11 +164,12 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
         raise ValueError(f"block size should be odd. Got {block_size} which is even.")
     if block_mask is None:
         gamma = (p * h * w) / ((block_size ** 2) * ((h - block_size + 1) * (w - block_size + 1)))
-        from ..reference.dropout import philox_randint
-        seed = int(new_seed(torch.device("cpu")).item())
-        counters = torch.arange(n * c * (h - block_size + 1) * (w - block_size + 1), dtype=torch.int64)
-        seeds = (philox_randint(seed, counters) < min(int(gamma * 2 ** 32), 2 ** 32 - 1)).to(input.device, input.dtype)
-        seeds = seeds.view(n, c, h - block_size + 1, w - block_size + 1)
+        # Block centres with probability gamma: exactly the elements fused dropout with p = gamma
+        # drops, drawn on the input's device from its generator (no host round trip).
+        centres = input.new_ones(n, c, h - block_size + 1, w - block_size + 1)
+        if gamma < 1.0:
+            centres = (dropout_apply(centres, float(gamma), new_seed(input.device)) == 0).to(input.dtype)
+        seeds = centres
         seeds = torch.nn.functional.pad(seeds, [block_size // 2] * 4, value=0)
         seeds = torch.nn.functional.max_pool2d(seeds, stride=(1, 1), kernel_size=(block_size, block_size),
                                                padding=block_size // 2)
