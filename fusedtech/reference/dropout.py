@@ -18,11 +18,6 @@ def _mul_parts(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return high & M32, low
 
 
-def philox_randint(seed: int, counter: torch.Tensor) -> torch.Tensor:
-    """uint32 draws (as int64) for int64 counters: the first word of each block (tl.randint)."""
-    return philox4(seed, counter)[0]
-
-
 def dropout_draws(seed: int, index: torch.Tensor) -> torch.Tensor:
     """Dropout's draw of element i: word i % 4 of the block at counter i // 4."""
     words = torch.stack(philox4(seed, index // 4))

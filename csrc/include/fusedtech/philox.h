@@ -1,6 +1,7 @@
 // Counter-based Philox4x32-10, bit-identical to Triton's tl.randint4x(seed, offset) (triton/language/
 // random.py: counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi)), so the CPU, CUDA and
-// Triton dropout kernels draw the same mask from the same (seed, element index).
+// Triton dropout kernels draw the same mask from the same (seed, element index): element i takes
+// word i % 4 of the block at counter i / 4, so one evaluation (ten rounds) serves four elements.
 #pragma once
 
 #include <cstdint>
@@ -30,22 +31,6 @@ FT_HD void philox4(uint64_t seed, uint64_t counter, uint32_t out[4]) {
   out[1] = c1;
   out[2] = c2;
   out[3] = c3;
-}
-
-// The first word alone: Triton's tl.randint(seed, counter).
-FT_HD uint32_t philox_randint(uint64_t seed, uint64_t counter) {
-  uint32_t r[4];
-  philox4(seed, counter, r);
-  return r[0];
-}
-
-// Dropout's draw for element `index`: word index % 4 of the block at counter index / 4, so one
-// Philox evaluation serves four consecutive elements (ten rounds per element made the GPU kernel
-// compute-bound).
-FT_HD uint32_t dropout_draw(uint64_t seed, uint64_t index) {
-  uint32_t r[4];
-  philox4(seed, index >> 2, r);
-  return r[index & 3];
 }
 
 // Inverted dropout of one element given its draw: dropped when the draw falls below
