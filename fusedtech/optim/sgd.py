@@ -36,7 +36,7 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                 grad_scale, found_inf = mt.scaler_tensors(self, device)
                 # Parameters whose momentum buffer exists, and those whose buffer this step creates.
                 runs = [(b.params, b.grads, b.masters, [], False, [])]
-                cached = getattr(b, "momentum_buffers", None) if momentum != 0 else None
+                cached = b.momentum_buffers if momentum != 0 else None
                 if cached is not None and all(mt.local(self.state[p].get("momentum_buffer")) is m
                                               for p, m in zip(b.originals, cached)):
                     # Steady state: every buffer exists and is the one laid out last step.
