@@ -268,3 +268,80 @@ def test_convert_model_fuses_activations_and_keeps_keys():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled(x).sum().backward()
     assert model[1].weight.grad is not None
+
+
+def _torch_and_fused(c):
+    t = torch.nn.BatchNorm2d(c) if c else None
+    f = fusedtech.nn.BatchNorm2d(c)
+    f.load_state_dict(t.state_dict())
+    return t, f
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["sliced", "grad-channels_last", "transposed-2d"])
+def test_non_contiguous_input_and_grad(backend, layout):
+    g = torch.Generator().manual_seed(1)
+    if layout == "transposed-2d":  # (N, C) stored as (C, N): channels are not contiguous
+        t, f = torch.nn.BatchNorm1d(5), fusedtech.nn.BatchNorm1d(5)
+        x = (torch.randn(5, 9, generator=g) * 2 + 1).t()
+        dy = torch.randn(9, 5, generator=g)
+    else:
+        t, f = _torch_and_fused(4)
+        x = (torch.randn(3, 4, 7, 12, generator=g) * 2 + 1)[:, :, 1:, ::2]  # no uniform stride over H, W
+        dy = torch.randn(x.shape, generator=g)
+        if layout == "grad-channels_last":
+            x = x.contiguous()
+            dy = dy.contiguous(memory_format=torch.channels_last)
+    assert not (x.is_contiguous() and dy.is_contiguous())
+    xt, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yt = t(xt)
+    gt = torch.autograd.grad(yt, [xt, t.weight, t.bias], dy)
+    with fusedtech.use_backend(backend):
+        yf = f(xf)
+        gf = torch.autograd.grad(yf, [xf, f.weight, f.bias], dy)
+    torch.testing.assert_close(yf, yt, **TOL32)
+    for a, b in zip(gf, gt):
+        torch.testing.assert_close(a, b, **TOL32)
+    torch.testing.assert_close(f.running_var, t.running_var, **TOL32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_like_torch(backend, shape, training):
+    t, f = _torch_and_fused(3)
+    t.running_mean.fill_(0.5), f.running_mean.fill_(0.5)
+    t.train(training), f.train(training)
+    xt, xf = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    yt = t(xt)
+    gt = torch.autograd.grad(yt.sum(), [xt, t.weight, t.bias])
+    with fusedtech.use_backend(backend):
+        yf = f(xf)
+        gf = torch.autograd.grad(yf.sum(), [xf, f.weight, f.bias])
+    assert yf.shape == yt.shape
+    for a, b in zip(gf, gt):
+        torch.testing.assert_close(a, b)
+    for name, buf in t.named_buffers():  # an empty batch leaves the running statistics alone
+        torch.testing.assert_close(dict(f.named_buffers())[name], buf)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ cpu extension is not built")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_kernel_same_bits_whatever_the_thread_count(channels_last):
+    # Row sums are cut into chunks fixed by the shape, not by the threads: 1 and 2 threads agree.
+    x = torch.randn(64, 8, 9, 9) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    m = fusedtech.nn.BatchNorm2d(8)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xr = x.clone().requires_grad_()
+            with fusedtech.use_backend("cpu"):
+                y = m(xr)
+                results.append((y, *torch.autograd.grad(y, [xr, m.weight, m.bias], dy)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

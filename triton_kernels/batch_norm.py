@@ -166,9 +166,9 @@ def _split(NS: int, C: int) -> tuple[int, int]:
 
 def batch_norm_stats(x):
     x, N, C, S, (sN, sC, sS) = _view(x)
-    mean = torch.empty(C, device=x.device, dtype=torch.float32)
-    var = torch.empty(C, device=x.device, dtype=torch.float32)
-    if C:
+    mean = torch.zeros(C, device=x.device, dtype=torch.float32)  # an empty batch: zeros, as the cpu kernel
+    var = torch.zeros(C, device=x.device, dtype=torch.float32)
+    if C and N * S:
         split, chunk = _split(N * S, C)
         part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
         _stats_kernel[(C, split)](x, part, N * S, S, sN, sC, sS, chunk, split, BLOCK=BLOCK)

@@ -1,6 +1,12 @@
-// BatchNorm over dim 1 of an (N, C, *) tensor on CPU, in NCHW or channels_last memory alike: the
-// tensor is walked as (N, C, S) through its strides. Statistics in double, one channel per task,
-// elements summed in a fixed order: deterministic whatever the thread count.
+// BatchNorm over dim 1 of an (N, C, *) tensor on CPU. The tensor is walked as (N, C, S) through its
+// strides, in one of two shapes of loop:
+//   channel runs (NCHW): each (n, c) is a contiguous run of S elements; one task per channel.
+//   channel rows (channels_last, and (N, C)): each (n, s) is a contiguous row of C channels; rows are
+//     cut into chunks fixed by the shape, each chunk sums into its own partials, and the partials are
+//     added in chunk order.
+// Sums are in double over eight lanes (element i goes to lane i % 8, lanes added in order at the
+// end) so that the loops vectorise; the order depends on the shape only, so results are identical
+// run to run and whatever the thread count. Elementwise math is in float (double for double).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,32 +15,135 @@
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace fusedtech::cpu {
 namespace {
 
+constexpr int kLanes = 8;
+constexpr int64_t kMaxChunks = 256;  // channel rows: partial sums kept per chunk of rows
+
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 struct View {
   int64_t n, c, s;     // sizes
   int64_t sn, sc, ss;  // strides
+  bool rows() const { return c == 1 || sc == 1; }  // channels contiguous within a row
+  int64_t chunk_rows() const { return (n * s + kMaxChunks - 1) / kMaxChunks; }
+  int64_t row_offset(int64_t r) const { return (r / s) * sn + (r % s) * ss; }
 };
 
-// The (N, C, S) view of x, if its trailing dims form one uniformly strided run (true for
-// contiguous and channels_last tensors); otherwise of a contiguous copy.
+bool uniformly_strided(const at::Tensor& t) {
+  for (int64_t d = 2; d + 1 < t.dim(); ++d) {
+    if (t.size(d) != 1 && t.stride(d) != t.stride(d + 1) * t.size(d + 1)) return false;
+  }
+  return t.is_non_overlapping_and_dense();
+}
+
+View view_of(const at::Tensor& x) {
+  View v{x.size(0), x.size(1), 1, x.stride(0), x.stride(1), 1};
+  for (int64_t d = 2; d < x.dim(); ++d) v.s *= x.size(d);
+  if (x.dim() > 2) v.ss = x.stride(x.dim() - 1);
+  if (v.s == 1) v.ss = 1;
+  // A run of S elements is contiguous only if ss == 1; rows need sc == 1. Anything else is copied.
+  return v;
+}
+
+// The (N, C, S) view of x if its trailing dims form one uniformly strided run that one of the two
+// loops walks (contiguous and channels_last tensors); otherwise of a contiguous copy.
 std::pair<at::Tensor, View> channel_view(const at::Tensor& x_in, const char* name) {
   TORCH_CHECK(x_in.dim() >= 2, "fusedtech: batch_norm ", name, " must have at least 2 dims, got ", x_in.sizes());
   TORCH_CHECK(x_in.device().is_cpu(), "fusedtech: batch_norm (cpu) got ", name, " on ", x_in.device());
   at::Tensor x = x_in;
-  auto uniform = [](const at::Tensor& t) {
-    for (int64_t d = 2; d + 1 < t.dim(); ++d) {
-      if (t.size(d) != 1 && t.stride(d) != t.stride(d + 1) * t.size(d + 1)) return false;
-    }
-    return t.is_non_overlapping_and_dense();
-  };
-  if (!uniform(x)) x = x.contiguous();
-  View v{x.size(0), x.size(1), 1, x.stride(0), x.stride(1), 1};
-  for (int64_t d = 2; d < x.dim(); ++d) v.s *= x.size(d);
-  if (x.dim() > 2) v.ss = x.stride(x.dim() - 1);
+  if (!uniformly_strided(x)) x = x.contiguous();
+  View v = view_of(x);
+  if (!v.rows() && v.ss != 1) {
+    x = x.contiguous();
+    v = view_of(x);
+  }
   return {x, v};
+}
+
+template <typename T>
+inline double to_double(T v) {
+  return static_cast<double>(static_cast<math_t<T>>(v));
+}
+
+// lanes[i % 8] += f(p[i], q[i]) for i < len (q may be null: f sees 0).
+template <typename T, typename F>
+inline void accumulate_run(const T* p, const T* q, int64_t len, double* lanes, F f) {
+  auto at = [&](int64_t i) { return f(to_double(p[i]), q ? to_double(q[i]) : 0.0); };
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += at(i + k);
+  for (int k = 0; i < len; ++i, ++k) lanes[k] += at(i);
+}
+
+inline double fold(const double* lanes) {
+  double s = 0.0;
+  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  return s;
+}
+
+// sums[c] = sum over every element i of channel c of f(c, p[i], q[i]) (q may be null), via
+// per-chunk partials for rows. p and q share the view's strides.
+template <typename T, typename F>
+void channel_sums(const T* p, const T* q, const View& v, double* sums, F f) {
+  if (!v.rows()) {
+    at::parallel_for(0, v.c, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        double lanes[kLanes] = {};
+        for (int64_t n = 0; n < v.n; ++n) {
+          const int64_t off = n * v.sn + c * v.sc;
+          accumulate_run(p + off, q ? q + off : nullptr, v.s, lanes, [&](double a, double b) { return f(c, a, b); });
+        }
+        sums[c] = fold(lanes);
+      }
+    });
+    return;
+  }
+  const int64_t rows = v.n * v.s, per_chunk = std::max<int64_t>(1, v.chunk_rows());
+  const int64_t chunks = rows == 0 ? 0 : (rows + per_chunk - 1) / per_chunk;
+  std::vector<double> partial(chunks * v.c, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      double* acc = partial.data() + k * v.c;
+      for (int64_t r = k * per_chunk; r < std::min(rows, (k + 1) * per_chunk); ++r) {
+        const int64_t off = v.row_offset(r);
+        const T* prow = p + off;
+        if (q) {
+          const T* qrow = q + off;
+          for (int64_t c = 0; c < v.c; ++c) acc[c] += f(c, to_double(prow[c]), to_double(qrow[c]));
+        } else {
+          for (int64_t c = 0; c < v.c; ++c) acc[c] += f(c, to_double(prow[c]), 0.0);
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < v.c; ++c) sums[c] = 0.0;
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t c = 0; c < v.c; ++c) sums[c] += partial[k * v.c + c];
+}
+
+// out[i] = g(c, in[i], aux[i]) elementwise, out/in/aux sharing the view's strides.
+template <typename T, typename G>
+void channel_map(const T* in, const T* aux, T* out, const View& v, G g) {
+  if (!v.rows()) {
+    at::parallel_for(0, v.n * v.c, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t nc = lo; nc < hi; ++nc) {
+        const int64_t c = nc % v.c, off = (nc / v.c) * v.sn + c * v.sc;
+        for (int64_t s = 0; s < v.s; ++s) out[off + s] = g(c, in[off + s], aux ? aux[off + s] : T(0));
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, v.n * v.s, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, v.c)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t off = v.row_offset(r);
+      for (int64_t c = 0; c < v.c; ++c) out[off + c] = g(c, in[off + c], aux ? aux[off + c] : T(0));
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in) {
@@ -42,32 +151,28 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in) 
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({v.c}, x.options().dtype(stat)), var = at::empty({v.c}, x.options().dtype(stat));
   const double count = static_cast<double>(v.n) * v.s;
+  std::vector<double> mu(v.c), m2(v.c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    channel_sums<scalar_t>(xp, nullptr, v, mu.data(), [](int64_t, double xv, double) { return xv; });
+    for (auto& m : mu) m = count > 0 ? m / count : 0.0;
+    const double* mup = mu.data();
+    channel_sums<scalar_t>(xp, nullptr, v, m2.data(), [mup](int64_t c, double xv, double) {
+      const double d = xv - mup[c];
+      return d * d;
+    });
     stat_t* mp = mean.data_ptr<stat_t>();
     stat_t* vp = var.data_ptr<stat_t>();
-    at::parallel_for(0, v.c, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        double sum = 0.0;
-        for (int64_t n = 0; n < v.n; ++n)
-          for (int64_t s = 0; s < v.s; ++s) sum += static_cast<double>(xp[n * v.sn + c * v.sc + s * v.ss]);
-        const double mu = count > 0 ? sum / count : 0.0;
-        double m2 = 0.0;
-        for (int64_t n = 0; n < v.n; ++n)
-          for (int64_t s = 0; s < v.s; ++s) {
-            const double d = static_cast<double>(xp[n * v.sn + c * v.sc + s * v.ss]) - mu;
-            m2 += d * d;
-          }
-        mp[c] = static_cast<stat_t>(mu);
-        vp[c] = static_cast<stat_t>(count > 0 ? m2 / count : 0.0);  // biased: what normalisation uses
-      }
-    });
+    for (int64_t c = 0; c < v.c; ++c) {
+      mp[c] = static_cast<stat_t>(mu[c]);
+      vp[c] = static_cast<stat_t>(count > 0 ? m2[c] / count : 0.0);  // biased: what normalisation uses
+    }
   });
   return {mean, var};
 }
 
-// y = (x - mean) * invstd * w + b, per channel; in x's memory format.
+// y = x * scale + shift per channel (scale = invstd w, shift = b - mean scale); in x's memory format.
 at::Tensor batch_norm_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
   auto [x, v] = channel_view(x_in, "input");
@@ -76,20 +181,20 @@ at::Tensor batch_norm_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean, 
   const at::Tensor w = weight ? weight->to(at::kDouble) : at::ones({v.c}, x.options().dtype(at::kDouble));
   const at::Tensor b = bias ? bias->to(at::kDouble) : at::zeros({v.c}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_apply_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
+    using mt = math_t<scalar_t>;
     const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>(),
                  *wp = w.const_data_ptr<double>(), *bp = b.const_data_ptr<double>();
-    at::parallel_for(0, v.c, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        const double scale = rp[c] * wp[c], shift = bp[c] - mp[c] * scale;
-        for (int64_t n = 0; n < v.n; ++n)
-          for (int64_t s = 0; s < v.s; ++s) {
-            const int64_t i = n * v.sn + c * v.sc + s * v.ss;
-            yp[i] = static_cast<scalar_t>(static_cast<double>(xp[i]) * scale + shift);
-          }
-      }
-    });
+    std::vector<mt> scale(v.c), shift(v.c);
+    for (int64_t c = 0; c < v.c; ++c) {
+      const double k = rp[c] * wp[c];
+      scale[c] = static_cast<mt>(k);
+      shift[c] = static_cast<mt>(bp[c] - mp[c] * k);
+    }
+    const mt *sp = scale.data(), *hp = shift.data();
+    channel_map<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), v,
+                          [sp, hp](int64_t c, scalar_t xv, scalar_t) {
+                            return static_cast<scalar_t>(static_cast<mt>(xv) * sp[c] + hp[c]);
+                          });
   });
   return y;
 }
@@ -99,44 +204,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(const at::Tens
                                                                  const std::optional<at::Tensor>& weight,
                                                                  const at::Tensor& mean, const at::Tensor& invstd,
                                                                  bool training) {
-  auto [x, v] = channel_view(x_in, "input");
   TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "fusedtech: batch_norm grad has shape ", dy_in.sizes(), ", input ", x_in.sizes());
-  const at::Tensor dy = dy_in.contiguous(x.suggest_memory_format());
-  auto [dyv, vd] = channel_view(dy, "grad");
+  auto [x, v] = channel_view(x_in, "input");
+  at::Tensor dy = dy_in.contiguous(x.suggest_memory_format());
+  if (dy.strides() != x.strides()) {  // one view walks x, dy and dx together
+    x = x.contiguous();
+    dy = dy.contiguous();
+    v = view_of(x);
+  }
   at::Tensor dx = at::empty_like(x);
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dw = at::empty({v.c}, x.options().dtype(stat)), db = at::empty({v.c}, x.options().dtype(stat));
   const at::Tensor m = mean.to(at::kDouble), r = invstd.to(at::kDouble);
   const at::Tensor w = weight ? weight->to(at::kDouble) : at::ones({v.c}, x.options().dtype(at::kDouble));
   const double count = static_cast<double>(v.n) * v.s;
+  std::vector<double> sum_dy(v.c), sum_dy_xmu(v.c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_bwd_cpu", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dyv.const_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    using mt = math_t<scalar_t>;
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dy.const_data_ptr<scalar_t>();
     const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>(), *wp = w.const_data_ptr<double>();
+    channel_sums<scalar_t>(gp, nullptr, v, sum_dy.data(), [](int64_t, double g, double) { return g; });
+    channel_sums<scalar_t>(gp, xp, v, sum_dy_xmu.data(), [mp](int64_t c, double g, double xv) { return g * (xv - mp[c]); });
     stat_t *dwp = dw.data_ptr<stat_t>(), *dbp = db.data_ptr<stat_t>();
-    at::parallel_for(0, v.c, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        double sum_dy = 0.0, sum_dy_xhat = 0.0;
-        for (int64_t n = 0; n < v.n; ++n)
-          for (int64_t s = 0; s < v.s; ++s) {
-            const double g = static_cast<double>(gp[n * vd.sn + c * vd.sc + s * vd.ss]);
-            sum_dy += g;
-            sum_dy_xhat += g * (static_cast<double>(xp[n * v.sn + c * v.sc + s * v.ss]) - mp[c]) * rp[c];
-          }
-        dwp[c] = static_cast<stat_t>(sum_dy_xhat);
-        dbp[c] = static_cast<stat_t>(sum_dy);
-        const double k = wp[c] * rp[c];
-        const double mean_dy = training && count > 0 ? sum_dy / count : 0.0;
-        const double mean_dy_xhat = training && count > 0 ? sum_dy_xhat / count : 0.0;
-        for (int64_t n = 0; n < v.n; ++n)
-          for (int64_t s = 0; s < v.s; ++s) {
-            const int64_t i = n * v.sn + c * v.sc + s * v.ss;
-            const double g = static_cast<double>(gp[n * vd.sn + c * vd.sc + s * vd.ss]);
-            const double xhat = (static_cast<double>(xp[i]) - mp[c]) * rp[c];
-            dxp[i] = static_cast<scalar_t>(training ? k * (g - mean_dy - xhat * mean_dy_xhat) : k * g);
-          }
-      }
+    std::vector<mt> k1(v.c), k2(v.c), k3(v.c), mu(v.c);
+    for (int64_t c = 0; c < v.c; ++c) {
+      const double sum_dy_xhat = sum_dy_xmu[c] * rp[c];
+      dwp[c] = static_cast<stat_t>(sum_dy_xhat);
+      dbp[c] = static_cast<stat_t>(sum_dy[c]);
+      const double k = wp[c] * rp[c];
+      const double mean_dy = training && count > 0 ? sum_dy[c] / count : 0.0;
+      const double mean_dy_xhat = training && count > 0 ? sum_dy_xhat / count : 0.0;
+      // dx = k dy - k mean_dy - k mean_dy_xhat invstd (x - mean)
+      k1[c] = static_cast<mt>(k);
+      k2[c] = static_cast<mt>(k * mean_dy);
+      k3[c] = static_cast<mt>(k * mean_dy_xhat * rp[c]);
+      mu[c] = static_cast<mt>(mp[c]);
+    }
+    const mt *a = k1.data(), *bq = k2.data(), *cq = k3.data(), *up = mu.data();
+    channel_map<scalar_t>(gp, xp, dx.data_ptr<scalar_t>(), v, [=](int64_t c, scalar_t g, scalar_t xv) {
+      return static_cast<scalar_t>(a[c] * static_cast<mt>(g) - bq[c] - cq[c] * (static_cast<mt>(xv) - up[c]));
     });
   });
   return {dx, dw, db};

@@ -18,8 +18,10 @@ def _per_channel(t, x):
 
 
 def batch_norm_stats(x):
-    """(mean, biased variance) per channel."""
+    """(mean, biased variance) per channel; zeros for an empty batch."""
     xf = x.to(_acc(x))
+    if x.numel() == 0:
+        return xf.new_zeros(x.shape[1]), xf.new_zeros(x.shape[1])
     return xf.mean(_dims(x)), xf.var(_dims(x), unbiased=False)
 
 
