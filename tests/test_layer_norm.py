@@ -113,6 +113,17 @@ def test_empty_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_of_no_elements_like_torch(backend, rms):
+    x = torch.randn(4, 3, 0, requires_grad=True)
+    fused, ref = (fusedtech.nn.RMSNorm(0), torch.nn.RMSNorm(0)) if rms else (fusedtech.nn.LayerNorm(0), torch.nn.LayerNorm(0))
+    with fusedtech.use_backend(backend):
+        y = fused(x)
+        (gx,) = torch.autograd.grad(y.sum(), [x])
+    assert y.shape == ref(x).shape == (4, 3, 0) and gx.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_is_bitwise_deterministic(backend):
     x, w, b, dy = _case((64, 300), torch.float32, True, True)
     with fusedtech.use_backend(backend):

@@ -172,3 +172,8 @@ def test_gpu_matches_oracle(backend, dtype):
     ref = run(optim.LAMB, ref_params, backend="torch", **config)
     ours = run(optim.LAMB, params, backend=backend, **config)
     assert_close_params_and_state(ref, ref_params, ours, params, **(FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype]))
+
+
+def test_lamb_is_also_importable_under_torch_optimizers_name():
+    from fusedtech import optim
+    assert optim.Lamb is optim.LAMB is optim.FusedLAMB

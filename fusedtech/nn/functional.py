@@ -29,6 +29,10 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
         if t is not None and t.device != input.device:
             raise RuntimeError(f"fusedtech: {name} is on {t.device} but input is on {input.device}")
     n = math.prod(shape)
+    if n == 0:  # rows of no elements: nothing to normalise, torch's op gives the empty result and grads
+        if rms:
+            return torch.nn.functional.rms_norm(input, shape, weight, eps)
+        return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     # A copy only when the input is not contiguous: the kernels walk rows of n contiguous elements.
     x2 = input.reshape(-1, n)
     if not x2.is_contiguous():

@@ -6,7 +6,7 @@ from torch.optim import Optimizer, lr_scheduler, swa_utils  # noqa: F401
 
 from .adagrad import Adagrad, FusedAdagrad  # noqa: F401
 from .adam import Adam, AdamW, FusedAdam, FusedAdamW  # noqa: F401
-from .lamb import LAMB, FusedLAMB  # noqa: F401
+from .lamb import LAMB, FusedLAMB, Lamb  # noqa: F401
 from .rmsprop import FusedRMSprop, RMSprop  # noqa: F401
 from .sgd import SGD, FusedSGD  # noqa: F401
 

@@ -115,3 +115,4 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
 
 
 FusedLAMB = LAMB
+Lamb = LAMB  # the name torch_optimizer users know
