@@ -60,4 +60,14 @@ TORCH_LIBRARY(fusedtech_C, m) {
   m.def(
       "batch_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, bool training) "
       "-> (Tensor, Tensor, Tensor)");
+  // BatchNorm, a residual add and an activation (0 none, 1 relu, 2 gelu, 3 silu) in one pass: the
+  // output and, for ReLU, its packed mask (output > 0, 8 logical elements a byte; empty otherwise).
+  // Backward: extra is that mask (ReLU) or the residual (GELU, SiLU recompute the pre-activation);
+  // returns (dx, dweight, dbias, dresidual: empty without a residual).
+  m.def(
+      "batch_norm_act_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "int activation) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "Tensor? extra, bool has_residual, int activation, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -70,9 +70,48 @@ def _stats_combine_kernel(part_ptr, mean_ptr, var_ptr, SPLIT):
     tl.store(var_ptr + c, m2 / count)
 
 
+# Activations after BatchNorm (and an optional residual add): codes shared with the C++ kernels.
+ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+
+
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, S, sN, sC, sS, DTYPE: tl.constexpr,
-                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _activate(pre, ACT: tl.constexpr):
+    if ACT == 1:
+        return tl.maximum(pre, 0.0)
+    elif ACT == 2:  # exact GELU, x Phi(x)
+        return 0.5 * pre * (1.0 + tl.erf(pre * 0.7071067811865476))
+    elif ACT == 3:
+        return pre * tl.sigmoid(pre)
+    else:
+        return pre
+
+
+@triton.jit
+def _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT: tl.constexpr, LOAD_RES: tl.constexpr):
+    """The gradient at the pre-activation bn(x) + residual: ReLU reads its bit (logical element k);
+    GELU and SiLU recompute the pre-activation exactly as the forward did."""
+    if ACT == 1:
+        byte = tl.load(bits_ptr + k // 8, mask=mask, other=0).to(tl.int32)
+        return tl.where(((byte >> (k % 8).to(tl.int32)) & 1) != 0, g, 0.0)
+    elif ACT >= 2:
+        pre = (x - mean) * invstd * w + b
+        if LOAD_RES:
+            pre += tl.load(res_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 2:
+            cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
+            return g * (cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327)
+        else:
+            sig = tl.sigmoid(pre)
+            return g * (sig * (1.0 + pre * (1.0 - sig)))
+    else:
+        return g
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, total, C, S, sN, sC, sS,
+                  DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                  ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = act(bn(x) + residual); for ReLU also bit k % 8 of bits[k // 8] = y[k] > 0 (logical order k)."""
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # logical (n, c, s) order
     mask = k < total
     s = k % S
@@ -85,13 +124,23 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, S,
         y = y * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + addr, round_to(y, DTYPE), mask=mask)
+    if HAS_RES:
+        y = y + tl.load(res_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    out = round_to(_activate(y, ACT), DTYPE)
+    tl.store(y_ptr + addr, out, mask=mask)
+    if ACT == 1:  # the mask ReLU's backward needs (torch's: output > 0), 8 elements a byte
+        on = ((out > 0) & mask).to(tl.int32)
+        byte = tl.sum(tl.reshape(on, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :], axis=1)
+        i = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(bits_ptr + i, byte.to(tl.uint8), mask=i < (total + 7) // 8)
 
 
 @triton.jit
-def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, part_ptr, NS, S, sN, sC, sS, CHUNK, SPLIT,
-                       BLOCK: tl.constexpr):
-    """Program (c, p): sums of dy and dy * xhat over channel c's p-th slice, into part[0|1, c, p]."""
+def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, part_ptr, NS, S, sN,
+                       sC, sS, CHUNK, SPLIT, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       LOAD_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (c, p): sums of g and g * xhat over channel c's p-th slice, into part[0|1, c, p], where g
+    is the gradient at the pre-activation (dy itself without an activation)."""
     c = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
     C = tl.num_programs(0)
@@ -99,14 +148,18 @@ def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, part_ptr, NS, S, sN,
     end = tl.minimum(begin + CHUNK, NS)
     mean = tl.load(mean_ptr + c)
     invstd = tl.load(invstd_ptr + c)
+    w = tl.load(w_ptr + c).to(tl.float32) if HAS_WEIGHT else 1.0
+    b = tl.load(b_ptr + c).to(tl.float32) if HAS_BIAS else 0.0
     acc_dy = tl.zeros([BLOCK], dtype=tl.float32)
     acc_dyx = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < end
         addr = _address(j, S, sN, sC, sS, c)
-        g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        k = (j // S) * (C * S) + c * S + j % S
         x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
         acc_dy += g
         acc_dyx += tl.where(mask, g * (x - mean) * invstd, 0.0)
     tl.store(part_ptr + c * SPLIT + p, tl.sum(acc_dy, axis=0))
@@ -114,23 +167,28 @@ def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, part_ptr, NS, S, sN,
 
 
 @triton.jit
-def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, sum_dy_ptr, sum_dy_xhat_ptr, total, C, S,
-                      sN, sC, sS, count, DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, dres_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr,
+                      sum_dy_ptr, sum_dy_xhat_ptr, total, C, S, sN, sC, sS, count, DTYPE: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_RES: tl.constexpr,
+                      WRITE_DRES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = k < total
     s = k % S
     c = (k // S) % C
     n = k // (S * C)
     addr = n * sN + c * sC + s * sS
-    g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    b = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
+    if WRITE_DRES:  # the residual's gradient is the pre-activation's
+        tl.store(dres_ptr + addr, round_to(g, DTYPE), mask=mask)
+    scale = invstd * w
     if TRAINING:
-        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - tl.load(mean_ptr + c, mask=mask, other=0.0)) * invstd
+        xhat = (x - mean) * invstd
         mean_dy = tl.load(sum_dy_ptr + c, mask=mask, other=0.0) / count
         mean_dyx = tl.load(sum_dy_xhat_ptr + c, mask=mask, other=0.0) / count
         dx = scale * (g - mean_dy - xhat * mean_dyx)
@@ -176,33 +234,60 @@ def batch_norm_stats(x):
     return mean, var
 
 
-def batch_norm_apply(x, mean, invstd, weight, bias):
+def _like(t, x):
+    """t laid out with x's strides (the kernels walk both through one view)."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
+def batch_norm_act_apply(x, mean, invstd, weight, bias, residual, activation: int):
+    """(act(bn(x) + residual), ReLU's packed mask: 8 logical elements a byte, empty otherwise)."""
     x, N, C, S, (sN, sC, sS) = _view(x)
     y = torch.empty_like(x)
     total = x.numel()
+    bits = torch.empty((total + 7) // 8 if activation == 1 else 0, device=x.device, dtype=torch.uint8)
+    if residual is not None:
+        residual = _like(residual, x)
     if total:
-        _apply_kernel[(triton.cdiv(total, BLOCK),)](x, y, mean.float(), invstd.float(),
-                                                    weight if weight is not None else x, bias if bias is not None else x,
-                                                    total, C, S, sN, sC, sS, DTYPE=tl_dtype(x.dtype),
-                                                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK)
-    return y
+        _apply_kernel[(triton.cdiv(total, BLOCK),)](
+            x, y, mean.float(), invstd.float(), weight if weight is not None else x, bias if bias is not None else x,
+            residual if residual is not None else x, bits if activation == 1 else x, total, C, S, sN, sC, sS,
+            DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, ACT=activation, BLOCK=BLOCK)
+    return y, bits
 
 
-def batch_norm_bwd(dy, x, weight, mean, invstd, training: bool):
+def batch_norm_apply(x, mean, invstd, weight, bias):
+    return batch_norm_act_apply(x, mean, invstd, weight, bias, None, 0)[0]
+
+
+def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: bool, activation: int, training: bool):
+    """(dx, dweight, dbias, dresidual or None). extra: ReLU's packed mask, or the residual GELU and
+    SiLU recompute the pre-activation with (None without one)."""
     x, N, C, S, (sN, sC, sS) = _view(x)
-    if dy.stride() != x.stride():
-        dy = torch.empty_like(x).copy_(dy)
+    dy = _like(dy, x)
+    load_res = activation >= 2 and extra is not None
+    if load_res:
+        extra = _like(extra, x)
     dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if has_residual else None
     sum_dy = torch.zeros(C, device=x.device, dtype=torch.float32)
     sum_dy_xhat = torch.zeros(C, device=x.device, dtype=torch.float32)
     mean, invstd = mean.float(), invstd.float()
+    w, b = weight if weight is not None else x, bias if bias is not None else x
+    res, bits = (extra, x) if load_res else (x, extra if activation == 1 else x)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, LOAD_RES=load_res, ACT=activation)
     if x.numel():
         split, chunk = _split(N * S, C)
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
-        _bwd_reduce_kernel[(C, split)](dy, x, mean, invstd, part, N * S, S, sN, sC, sS, chunk, split, BLOCK=BLOCK)
+        _bwd_reduce_kernel[(C, split)](dy, x, mean, invstd, w, b, res, bits, part, N * S, S, sN, sC, sS, chunk, split,
+                                       BLOCK=BLOCK, **flags)
         sum_dy, sum_dy_xhat = part.sum(-1)  # slices in a fixed order: deterministic
         _bwd_apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            dy, x, dx, mean, invstd, weight if weight is not None else x, sum_dy, sum_dy_xhat, x.numel(), C, S,
-            sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, TRAINING=bool(training),
-            BLOCK=BLOCK)
-    return dx, sum_dy_xhat, sum_dy
+            dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, x.numel(), C,
+            S, sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
+            BLOCK=BLOCK, **flags)
+    return dx, sum_dy_xhat, sum_dy, dres
+
+
+def batch_norm_bwd(dy, x, weight, mean, invstd, training: bool):
+    return batch_norm_act_bwd(dy, x, weight, None, mean, invstd, None, False, 0, training)[:3]

@@ -172,15 +172,72 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in) 
   return {mean, var};
 }
 
-// y = x * scale + shift per channel (scale = invstd w, shift = b - mean scale); in x's memory format.
-at::Tensor batch_norm_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
-                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+// Activation codes, shared with the Triton kernels: 0 none, 1 relu, 2 gelu, 3 silu. ReLU is applied
+// in the normalising pass; GELU and SiLU by ATen's vectorised kernels on the pre-activation that
+// pass writes (a scalar erf/exp per element here was 3-7x slower than torch's BN then GELU).
+template <int Act, typename M>
+inline M activate(M v) {
+  if constexpr (Act == 1) return v > M(0) ? v : M(0);
+  return v;
+}
+
+// Calls f(c, k, offset) for every element: k its logical (n, c, s) index, offset its address.
+template <typename F>
+void for_each_element(const View& v, F f) {
+  if (!v.rows()) {
+    at::parallel_for(0, v.n * v.c, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t nc = lo; nc < hi; ++nc) {
+        const int64_t c = nc % v.c, off = (nc / v.c) * v.sn + c * v.sc;
+        for (int64_t s = 0; s < v.s; ++s) f(c, nc * v.s + s, off + s);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, v.n * v.s, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, v.c)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t off = v.row_offset(r), n = r / v.s, s = r % v.s;
+      for (int64_t c = 0; c < v.c; ++c) f(c, (n * v.c + c) * v.s + s, off + c);
+    }
+  });
+}
+
+// t in x's strides (one view walks both), or a contiguous pair.
+void share_layout(at::Tensor& x, View& v, at::Tensor& t) {
+  t = t.contiguous(x.suggest_memory_format());
+  if (t.strides() != x.strides()) {
+    x = x.contiguous();
+    t = t.contiguous();
+    v = view_of(x);
+  }
+}
+
+// y = act(x * scale + shift + residual) per channel (scale = invstd w, shift = b - mean scale), in
+// x's memory format; for ReLU also the packed mask of y > 0 (8 logical elements a byte).
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean,
+                                                            const at::Tensor& invstd,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            const std::optional<at::Tensor>& residual_in, int64_t act) {
+  TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: batch_norm activation code must be 0..3, got ", act);
+  if (act >= 2) {
+    const at::Tensor pre = std::get<0>(batch_norm_act_apply_cpu(x_in, mean, invstd, weight, bias, residual_in, 0));
+    return {act == 2 ? at::gelu(pre) : at::silu(pre), at::empty({0}, x_in.options().dtype(at::kByte))};
+  }
   auto [x, v] = channel_view(x_in, "input");
+  at::Tensor residual;
+  if (residual_in) {
+    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), "fusedtech: batch_norm residual has shape ", residual_in->sizes(),
+                ", input ", x_in.sizes());
+    residual = *residual_in;
+    share_layout(x, v, residual);
+  }
   at::Tensor y = at::empty_like(x);
+  const int64_t total = x.numel();
+  at::Tensor bits = at::zeros({act == 1 ? (total + 7) / 8 : 0}, x.options().dtype(at::kByte));
   const at::Tensor m = mean.to(at::kDouble), r = invstd.to(at::kDouble);
   const at::Tensor w = weight ? weight->to(at::kDouble) : at::ones({v.c}, x.options().dtype(at::kDouble));
   const at::Tensor b = bias ? bias->to(at::kDouble) : at::zeros({v.c}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_apply_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_apply_cpu", [&] {
     using mt = math_t<scalar_t>;
     const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>(),
                  *wp = w.const_data_ptr<double>(), *bp = b.const_data_ptr<double>();
@@ -191,12 +248,45 @@ at::Tensor batch_norm_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean, 
       shift[c] = static_cast<mt>(bp[c] - mp[c] * k);
     }
     const mt *sp = scale.data(), *hp = shift.data();
-    channel_map<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), v,
-                          [sp, hp](int64_t c, scalar_t xv, scalar_t) {
-                            return static_cast<scalar_t>(static_cast<mt>(xv) * sp[c] + hp[c]);
-                          });
+    const scalar_t* rs = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    auto run = [&](auto act_code) {
+      constexpr int A = decltype(act_code)::value;
+      channel_map<scalar_t>(x.const_data_ptr<scalar_t>(), rs, yp, v, [sp, hp, rs](int64_t c, scalar_t xv, scalar_t rv) {
+        mt pre = static_cast<mt>(xv) * sp[c] + hp[c];
+        if (rs) pre += static_cast<mt>(rv);
+        return static_cast<scalar_t>(activate<A>(pre));
+      });
+    };
+    if (act == 1) {
+      run(std::integral_constant<int, 1>{});
+    } else {
+      run(std::integral_constant<int, 0>{});
+    }
+    if (act == 1) {  // torch's ReLU backward tests its output > 0; bytes in logical order, one task each
+      uint8_t* bp8 = bits.data_ptr<uint8_t>();
+      at::parallel_for(0, bits.numel(), 4096, [&](int64_t lo, int64_t hi) {
+        int64_t k = lo * 8, s = k % v.s, c = (k / v.s) % v.c, n = k / (v.s * v.c);
+        for (int64_t i = lo; i < hi; ++i) {
+          uint8_t byte = 0;
+          for (int t = 0; t < 8 && k < total; ++t, ++k) {
+            if (static_cast<mt>(yp[n * v.sn + c * v.sc + s * v.ss]) > mt(0)) byte |= uint8_t(1u << t);
+            if (++s == v.s) {  // step the logical index (n, c, s) without dividing
+              s = 0;
+              if (++c == v.c) c = 0, ++n;
+            }
+          }
+          bp8[i] = byte;
+        }
+      });
+    }
   });
-  return y;
+  return {y, bits};
+}
+
+at::Tensor batch_norm_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  return std::get<0>(batch_norm_act_apply_cpu(x, mean, invstd, weight, bias, std::nullopt, 0));
 }
 
 // Training: dx = w invstd (dy - mean(dy) - xhat mean(dy xhat)); eval: dx = w invstd dy.
@@ -249,12 +339,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(const at::Tens
   return {dx, dw, db};
 }
 
+// The gradient at the pre-activation (ReLU: dy where its packed mask is set; GELU, SiLU: from the
+// pre-activation recomputed as the forward wrote it, residual included), in x's dtype as torch's
+// activation backward gives it, then BatchNorm's backward. Returns (dx, dw, db, dresidual or empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& extra, bool has_residual, int64_t act, bool training) {
+  TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: batch_norm activation code must be 0..3, got ", act);
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "fusedtech: batch_norm grad has shape ", dy_in.sizes(), ", input ", x_in.sizes());
+  at::Tensor g = dy_in;
+  if (act >= 2) {  // the pre-activation recomputed in one pass, then ATen's activation backward
+    const at::Tensor pre = std::get<0>(batch_norm_act_apply_cpu(x_in, mean, invstd, weight, bias, extra, 0));
+    g = act == 2 ? at::gelu_backward(dy_in, pre) : at::silu_backward(dy_in, pre);
+  } else if (act == 1) {
+    TORCH_CHECK(extra && extra->scalar_type() == at::kByte && extra->numel() == (x_in.numel() + 7) / 8,
+                "fusedtech: batch_norm ReLU backward needs the forward's packed mask");
+    auto [x, v] = channel_view(x_in, "input");
+    at::Tensor dy = dy_in;
+    share_layout(x, v, dy);
+    g = at::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_grad_cpu", [&] {
+      const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+      const uint8_t* bits = extra->const_data_ptr<uint8_t>();
+      scalar_t* op = g.data_ptr<scalar_t>();
+      for_each_element(v, [&](int64_t, int64_t k, int64_t off) {
+        op[off] = (bits[k >> 3] >> (k & 7)) & 1 ? gp[off] : scalar_t(0);
+      });
+    });
+  }
+  auto [dx, dw, db] = batch_norm_bwd_cpu(g, x_in, weight, mean, invstd, training);
+  // The residual's gradient is the pre-activation's (a copy of dy without an activation: never an alias).
+  at::Tensor dres = !has_residual ? at::empty({0}, dy_in.options()) : (act == 0 ? dy_in.clone() : g);
+  return {dx, dw, db, dres};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtech_C, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
   m.impl("batch_norm_apply", &batch_norm_apply_cpu);
   m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
+  m.impl("batch_norm_act_apply", &batch_norm_act_apply_cpu);
+  m.impl("batch_norm_act_bwd", &batch_norm_act_bwd_cpu);
 }
 
 }  // namespace fusedtech::cpu

@@ -111,7 +111,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     else:
         if residual is not None and residual.shape != input.shape:
             raise RuntimeError(f"fusedtech: residual has shape {tuple(residual.shape)} but input has {tuple(input.shape)}")
-        y, mean, _, var = batch_norm_act_fwd(input, weight, bias, rm, rv, residual, training, float(eps), activation)
+        y, mean, _, var, _ = batch_norm_act_fwd(input, weight, bias, rm, rv, residual, training, float(eps), activation)
     # An empty batch has no statistics: torch leaves the running ones as they are.
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], float(momentum))

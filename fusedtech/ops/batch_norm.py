@@ -93,14 +93,18 @@ batch_norm = eager_fast_path("batch_norm", batch_norm_fwd, _batch_norm_fwd, _set
 
 
 # ---- BatchNorm + residual add + activation ---------------------------------------------------
-# Forward: out = act(bn(x) + residual). Nothing of bn(x) or the pre-activation is saved: ReLU
-# keeps a 1-bit mask of where the pre-activation was positive (all its backward needs); GELU and
-# SiLU recompute the pre-activation from x and the statistics BatchNorm keeps anyway, plus the
-# residual. torch's BN -> add -> act keeps x and a full activation for the act's backward.
+# Forward: out = act(bn(x) + residual) in one pass over x (and the residual). Nothing of bn(x) or
+# the pre-activation is saved: ReLU keeps a 1-bit mask of where its output is positive (all its
+# backward needs), written by the same pass; GELU and SiLU recompute the pre-activation from x and
+# the statistics BatchNorm keeps anyway, plus the residual. torch's BN -> add -> act keeps x and a
+# full activation for the act's backward. The backward is one op too: the gradient at the
+# pre-activation is formed inside BatchNorm's backward passes (Triton) or in one pass before them (C++).
 ACTIVATIONS = ("relu", "gelu", "silu", "none")
+ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}  # the kernels' codes
 
 
 def _activate(pre, activation):
+    """torch's activation (what the CUDA default path composes with torch's BatchNorm)."""
     if activation == "relu":
         return torch.relu(pre)
     if activation == "gelu":
@@ -110,23 +114,20 @@ def _activate(pre, activation):
     return pre
 
 
-def _activation_grad(dy, pre, activation):
-    if activation == "relu":
-        return torch.where(pre > 0, dy, torch.zeros_like(dy))
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(dy, pre)
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(dy, pre)
-    return dy
-
-
 def _batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                       residual: Optional[torch.Tensor], training: bool, eps: float,
-                       activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, invstd, var = _batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps)
-    pre = y if residual is None else y + residual
-    return _activate(pre, activation), mean, invstd, var
+                        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                        residual: Optional[torch.Tensor], training: bool, eps: float,
+                        activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, saved mean, saved invstd, biased batch variance, ReLU's packed mask or an empty tensor)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if training:
+        mean, var = _impl("batch_norm_stats", x.device)(x)
+    else:
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    invstd = torch.rsqrt(var + eps)
+    out, bits = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, weight, bias, residual,
+                                                        ACTIVATION_CODES[activation])
+    return out, mean, invstd, var, bits
 
 
 batch_norm_act_fwd = torch.library.custom_op("fusedtech::batch_norm_act_fwd", _batch_norm_act_fwd, mutates_args=())
@@ -136,60 +137,42 @@ batch_norm_act_fwd = torch.library.custom_op("fusedtech::batch_norm_act_fwd", _b
 def _(x, weight, bias, running_mean, running_var, residual, training, eps, activation):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[1]
-    return torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+    nbits = (x.numel() + 7) // 8 if activation == "relu" else 0
+    return (torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc),
+            x.new_empty(nbits, dtype=torch.uint8))
 
 
-def _batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
-                      bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The normalisation alone (what the activation backward recomputes)."""
-    return _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
+def _batch_norm_act_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        mean: torch.Tensor, invstd: torch.Tensor, extra: Optional[torch.Tensor], has_residual: bool,
+                        activation: int, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dresidual: an empty tensor without a residual)."""
+    dx, dw, db, dres = _impl("batch_norm_act_bwd", x.device)(dy, x, weight, bias, mean, invstd, extra, has_residual,
+                                                             activation, training)
+    return dx, dw, db, dres if dres is not None else x.new_empty(0)
 
 
-batch_norm_apply = torch.library.custom_op("fusedtech::batch_norm_apply", _batch_norm_apply, mutates_args=())
+batch_norm_act_bwd = torch.library.custom_op("fusedtech::batch_norm_act_bwd", _batch_norm_act_bwd, mutates_args=())
 
 
-@batch_norm_apply.register_fake
-def _(x, mean, invstd, weight, bias):
-    return torch.empty_like(x)
-
-
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor -> uint8, 8 elements a byte (in memory order of the flattened tensor)."""
-    flat = mask.reshape(-1)
-    flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-flat.numel()) % 8))
-    return (flat.view(-1, 8) * _BITS.to(mask.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    bits = (packed[:, None] & _BITS.to(packed.device)) != 0
-    return bits.reshape(-1)[:like.numel()].view(like.shape)
+@batch_norm_act_bwd.register_fake
+def _(dy, x, weight, bias, mean, invstd, extra, has_residual, activation, training):
+    return (torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean),
+            torch.empty_like(x) if has_residual else x.new_empty(0))
 
 
 def _act_setup_context(ctx, inputs, output):
     x, weight, bias, _, _, residual, training, _, activation = inputs
-    out, mean, invstd, _ = output
-    ctx.training, ctx.activation, ctx.has_residual = training, activation, residual is not None
-    if activation == "relu":
-        ctx.save_for_backward(x, weight, bias, mean, invstd, pack_bits(out > 0))
-    else:
-        ctx.save_for_backward(x, weight, bias, mean, invstd, residual)
+    _, mean, invstd, _, bits = output
+    ctx.training, ctx.activation, ctx.has_residual = training, ACTIVATION_CODES[activation], residual is not None
+    ctx.save_for_backward(x, weight, bias, mean, invstd, bits if activation == "relu" else residual)
 
 
-def _act_backward(ctx, dy, dmean, dinvstd, dvar):
+def _act_backward(ctx, dy, dmean, dinvstd, dvar, dbits):
     x, weight, bias, mean, invstd, extra = ctx.saved_tensors
-    eager = is_eager(ctx)
-    if ctx.activation == "relu":
-        dpre = torch.where(unpack_bits(extra, dy), dy, torch.zeros_like(dy))
-    else:
-        y = (_batch_norm_apply if eager else batch_norm_apply)(x, mean, invstd, weight, bias)  # recomputed, not saved
-        pre = y if extra is None else y + extra
-        dpre = _activation_grad(dy, pre, ctx.activation)
-    dx, dw, db = (_batch_norm_bwd if eager else batch_norm_bwd)(dpre, x, weight, mean, invstd, ctx.training)
+    dx, dw, db, dres = (_batch_norm_act_bwd if is_eager(ctx) else batch_norm_act_bwd)(
+        dy, x, weight, bias, mean, invstd, extra, ctx.has_residual, ctx.activation, ctx.training)
     return (dx, dw.to(weight.dtype) if weight is not None else None, db.to(bias.dtype) if bias is not None else None,
-            None, None, dpre if ctx.has_residual else None, None, None, None)
+            None, None, dres if ctx.has_residual else None, None, None, None)
 
 
 batch_norm_act_fwd.register_autograd(_act_backward, setup_context=_act_setup_context)

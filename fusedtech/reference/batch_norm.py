@@ -47,3 +47,50 @@ def batch_norm_bwd(dy, x, weight, mean, invstd, training: bool):
     else:
         dx = _per_channel(k, x) * g
     return dx.to(x.dtype), sum_dy_xhat, sum_dy
+
+
+# ---- BatchNorm + residual add + activation (activation codes: 0 none, 1 relu, 2 gelu, 3 silu) ----
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8, 8 elements a byte, in logical (row-major) order whatever the layout."""
+    flat = mask.reshape(-1)
+    flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-flat.numel()) % 8))
+    return (flat.view(-1, 8) * _BITS.to(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    bits = (packed[:, None] & _BITS.to(packed.device)) != 0
+    return bits.reshape(-1)[:like.numel()].view(like.shape)
+
+
+def _pre_activation(x, mean, invstd, weight, bias, residual):
+    xf = x.to(_acc(x))
+    y = (xf - _per_channel(mean.to(xf.dtype), x)) * _per_channel(invstd.to(xf.dtype), x)
+    if weight is not None:
+        y = y * _per_channel(weight.to(xf.dtype), x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(xf.dtype), x)
+    return y if residual is None else y + residual.to(xf.dtype)
+
+
+def batch_norm_act_apply(x, mean, invstd, weight, bias, residual, activation: int):
+    """(act(bn(x) + residual) in x's dtype, ReLU's packed mask of output > 0 (empty otherwise))."""
+    pre = _pre_activation(x, mean, invstd, weight, bias, residual)
+    act = {0: lambda t: t, 1: torch.relu, 2: torch.nn.functional.gelu, 3: torch.nn.functional.silu}[activation]
+    y = act(pre).to(x.dtype)
+    bits = pack_bits(y > 0) if activation == 1 else torch.empty(0, dtype=torch.uint8, device=x.device)
+    return y, bits
+
+
+def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: bool, activation: int, training: bool):
+    """(dx, dweight, dbias, dresidual or None); extra: ReLU's packed mask, or the residual."""
+    g = dy.to(_acc(x))
+    if activation == 1:
+        g = torch.where(unpack_bits(extra, dy), g, torch.zeros_like(g))
+    elif activation >= 2:
+        pre = _pre_activation(x, mean, invstd, weight, bias, extra)
+        g = (torch.ops.aten.gelu_backward if activation == 2 else torch.ops.aten.silu_backward)(g, pre)
+    dx, dw, db = batch_norm_bwd(g, x, weight, mean, invstd, training)
+    return dx, dw, db, g.to(x.dtype) if has_residual else None
