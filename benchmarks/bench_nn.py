@@ -1,12 +1,14 @@
-"""LayerNorm, RMSNorm, dropout, dropout+add+LayerNorm, BatchNorm2d and BatchNorm2d+ReLU: forward and
-forward+backward per implementation (on a GPU also torch.compile for BatchNorm2d).
+"""LayerNorm, RMSNorm, dropout, dropout+add+LayerNorm, BatchNorm2d and BatchNormAct2d (BN+ReLU, BN+GELU,
+BN+residual+ReLU): forward and forward+backward per implementation (on a GPU also torch.compile of
+the torch modules for BatchNorm2d and its activation variants).
 
 Bytes moved (each input read once, each output written once, activations in the given dtype):
 forward x + y = 2 N; forward+backward adds dy, x and dx = 5 N (weights and statistics are
 negligible); BatchNorm2d the same. Dropout: forward 2 N, forward+backward 4 N (torch also writes
 and reads a 1-byte mask: +2 N bytes for it, not counted). `saved_bytes` records the activation
 memory each implementation keeps for backward, `peak_bytes` (GPU) the memory one call needs. dropout +
-add + LayerNorm: forward 4 N (x, residual in; out, sum out), forward+backward 8 N.
+add + LayerNorm: forward 4 N (x, residual in; out, sum out), forward+backward 8 N. BN + residual +
+act: forward 3 N, forward+backward 7 N (dy in, dx and dresidual out).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ LIGER_MAX_HIDDEN = 65536  # Liger's norms hold a row in one block and refuse lon
 
 def _impls(op: str, hidden: int = 0):
     # BatchNorm, BatchNorm+act and dropout+add+LayerNorm have no CUDA C++ kernel (Triton runs them on a GPU).
-    no_cuda_kernel = op in ("batch_norm", "batch_norm_relu", "dropout_add_layer_norm")
+    no_cuda_kernel = op.startswith("batch_norm") or op == "dropout_add_layer_norm"
     impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and no_cuda_kernel)]
     if op in ("layer_norm", "rms_norm") and _has_liger() and hidden <= LIGER_MAX_HIDDEN:
         impls.append(("liger", None))  # the peer: Liger-Kernel's Triton LayerNorm / RMSNorm modules
@@ -91,12 +93,21 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
             fn = lambda t: torch.nn.functional.layer_norm(torch.nn.functional.dropout(t, 0.1) + res, (h,), w, b)  # noqa: E731
         else:
             fn = lambda t: F.dropout_add_layer_norm(t, res, w, b, p=0.1)  # noqa: E731
-    elif op == "batch_norm_relu":  # BatchNormAct2d against BatchNorm2d then ReLU
-        mod = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), torch.nn.ReLU()).to(DEV, dtype)
-        if impl != "torch":
+    elif op in BN_ACT_OPS:  # BatchNormAct2d against BatchNorm2d, (+ residual,) then the activation
+        act = BN_ACT_OPS[op]
+        mod = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), ACT_MODULES[act]()).to(DEV, dtype)
+        if impl not in ("torch", "torch-compile"):
             mod, _ = fusedtech.nn.convert_model(mod, fuse_activations=True)
             assert type(mod[0]).__name__ == "BatchNormAct2d"
-        fn = mod
+        if "_add_" in op:
+            res = torch.randn_like(x, requires_grad=x.requires_grad)
+            bn, act_mod = mod[0], mod[-1]
+            if impl in ("torch", "torch-compile"):
+                fn = lambda t: act_mod(bn(t) + res)  # noqa: E731
+            else:
+                fn = lambda t: bn(t, res)  # noqa: E731 - BatchNormAct2d(x, residual)
+        else:
+            fn = mod
     else:
         mod = torch.nn.BatchNorm2d(shape[1]).to(DEV, dtype)
         if impl not in ("torch", "torch-compile"):
@@ -127,6 +138,8 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
 
 def _factor(op: str, direction: str) -> int:
     """Activation-sized tensors moved per call (see the module docstring)."""
+    if "_add_" in op:  # BN + residual + act: x, residual in, out; backward dy in, dx, dresidual out
+        return 3 if direction == "fwd" else 7
     if op == "dropout":
         return 2 if direction == "fwd" else 4
     if op == "dropout_add_layer_norm":  # x, residual in, out (and the sum) out; backward dy, sum in, dx, dres out
@@ -142,13 +155,18 @@ NORM_CASES += [("layer_norm", f"fusedtech-{b}-memeff", b, dt, (ROWS(h), h), "fwd
 DROPOUT_CASES = [("dropout", impl, b, dt, (ROWS(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
                  for impl, b in _impls("dropout")]
 BN_CASES = [("batch_norm", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES for impl, b in _impls("batch_norm")]
-BN_ACT_CASES = [("batch_norm_relu", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES[:2]
+# BatchNormAct2d against torch's BN then the activation: ReLU (CIFAR ResNets), GELU (airbench), and
+# the ResNet block's end, BN + residual + ReLU.
+BN_ACT_OPS = {"batch_norm_relu": "relu", "batch_norm_gelu": "gelu", "batch_norm_add_relu": "relu"}
+ACT_MODULES = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
+BN_ACT_CASES = [(op, impl, b, dt, s, "fwd+bwd") for op in BN_ACT_OPS for dt in DTYPES for s in BN_SHAPES[:2]
                 for impl, b in _impls("batch_norm")]
 DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (ROWS(h), h), "fwd+bwd") for dt in DTYPES for h in HIDDEN[1:3]
              for impl, b in _impls("dropout_add_layer_norm")]
 # torch.compile of the torch modules (Inductor's generated kernels), on a GPU only: compiling on
 # the CPU would dominate the short CPU run.
 COMPILE_CASES = ([("batch_norm", "torch-compile", None, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES]
+                 + [(op, "torch-compile", None, dt, BN_SHAPES[0], "fwd+bwd") for op in BN_ACT_OPS for dt in DTYPES]
                  if GPU else [])
 ALL = NORM_CASES + DROPOUT_CASES + BN_CASES + BN_ACT_CASES + DAN_CASES + COMPILE_CASES
 

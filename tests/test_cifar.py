@@ -168,14 +168,15 @@ def test_benchmark_suite_cpu_mode_writes_report(tmp_path):
 
 
 def test_nn_benchmarks_cpu_mode_run(tmp_path):
-    # bench_nn's cases build and time on CPU (BatchNorm+ReLU fused by convert_model, dropout+add+LayerNorm).
+    # bench_nn's cases build and time on CPU (BatchNorm+ReLU and BN+residual+ReLU fused by convert_model,
+    # dropout+add+LayerNorm).
     sys.path.insert(0, ROOT)
     from benchmarks import run
     rc = run.main(["--out", str(tmp_path), "--quick", "--only", "bench_nn", "--no-cifar",
-                   "--select", "batch_norm_relu or (dropout_add and 4096)"])
+                   "--select", "batch_norm_relu or batch_norm_add_relu or (dropout_add and 4096)"])
     assert rc == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     ops = {(r["op"], r["impl"]) for r in rows}
-    for op in ("batch_norm_relu fwd+bwd", "dropout_add_layer_norm fwd+bwd"):
+    for op in ("batch_norm_relu fwd+bwd", "batch_norm_add_relu fwd+bwd", "dropout_add_layer_norm fwd+bwd"):
         assert {(op, "torch"), (op, "fusedtech-cpu")} <= ops, ops
     assert all(r["saved_bytes"] > 0 for r in rows if r["impl"] != "copy")
