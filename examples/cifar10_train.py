@@ -11,6 +11,7 @@ The dataset is kept on the device and augmented there (random crop with padding,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--fused-optim", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fused-norm", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fused-dropout", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fuse-activations", action="store_true",
+                   help="with --impl fused: fold BatchNorm2d + ReLU/GELU/SiLU into fusedtech.nn.BatchNormAct2d")
+    p.add_argument("--fused-backend", choices=("auto", "triton", "cuda", "cpu", "torch"), default="auto",
+                   help="with --impl fused: run the model's fused ops on this backend (on a GPU, 'triton' "
+                        "replaces the cuDNN BatchNorm that 'auto' keeps)")
     p.add_argument("--model", choices=tuple(models.MODELS), default="cnn")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum")
     p.add_argument("--lr", type=float, default=None, help="default depends on the optimizer")
@@ -111,16 +117,24 @@ def build(args, train_x):
         # Only the module kinds asked for; convert_model skips kinds with no fused class yet.
         keep = {torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d} if args.fused_norm else set()
         keep |= {torch.nn.Dropout} if args.fused_dropout else set()
-        model, report = fusedtech.nn.convert_model(model, include=keep)
+        model, report = fusedtech.nn.convert_model(model, include=keep, fuse_activations=args.fuse_activations)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, report
 
 
+def fused_backend(args):
+    """The context the model runs in: fusedtech.use_backend(--fused-backend) for the fused run."""
+    if args.impl != "fused" or args.fused_backend == "auto":
+        return contextlib.nullcontext()
+    import fusedtech
+    return fusedtech.use_backend(args.fused_backend)
+
+
 def evaluate(model, x, y, args, scale):
     model.eval()
     total_loss, correct = 0.0, 0
-    with torch.no_grad(), autocast(args):
+    with torch.no_grad(), autocast(args), fused_backend(args):
         for i in range(0, len(x), 1000):
             xb = data.normalize(x[i:i + 1000])
             if args.channels_last:
@@ -188,7 +202,7 @@ def train(args) -> dict:
             xb = data.normalize(data.augment(train_x[idx], g))
             if args.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast(args):
+            with autocast(args), fused_backend(args):
                 loss = torch.nn.functional.cross_entropy(model(xb).float() * scale, train_y[idx], label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -105,6 +105,18 @@ def test_each_norm_choice(norm, model):
     assert h_torch["epochs"][-1]["train_loss"] < h_torch["initial_train_loss"]
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_fuse_activations_agrees_with_torch(backend):
+    # The CNN's Conv-BN-ReLU blocks fold into BatchNormAct2d; --fused-backend picks the ops' backend.
+    h_torch = trainer.train(_args(model="cnn", optimizer="adamw"))
+    h_fused = trainer.train(_args(model="cnn", optimizer="adamw", impl="fused", fuse_activations=True,
+                                  fused_backend=backend))
+    assert h_fused["converted"]["replaced"] == {"BatchNorm2d+ReLU": 3, "Dropout": 1}
+    a, b = torch.tensor(h_torch["step_loss"]), torch.tensor(h_fused["step_loss"])
+    torch.testing.assert_close(b[:4], a[:4], rtol=1e-5, atol=1e-6)
+    assert h_fused["epochs"][-1]["train_loss"] < h_fused["initial_train_loss"]
+
+
 def test_fused_dropout_trains():
     # Fused dropout draws its masks from its own Philox stream, so losses differ from torch's run:
     # what must hold is that training works and that the module was swapped.
