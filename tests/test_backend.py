@@ -100,3 +100,17 @@ def test_automatic_order_on_cuda_is_per_op(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _backend.select("layer_norm", cuda, ("cuda", "triton", "cpu", "torch")) == "cuda"
+
+
+def test_large_lists_go_to_triton_first_on_cuda(monkeypatch):
+    # The automatic order, with every backend pretending to be available: measured preferences.
+    monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device_type: None)
+    cuda, impl = torch.device("cuda"), ("cuda", "triton", "cpu", "torch")
+    big = _backend.LARGE_LIST_ELEMENTS
+    assert _backend.select("adam_step", cuda, impl) == "cuda"
+    assert _backend.select("adam_step", cuda, impl, elements=big - 1) == "cuda"
+    assert _backend.select("adam_step", cuda, impl, elements=big) == "triton"
+    assert _backend.select("layer_norm", cuda, impl) == "triton"
+    assert _backend.select("adam_step", torch.device("cpu"), impl, elements=big) == "cpu"
+    with _backend.use_backend("cuda"):  # asking wins over the size rule
+        assert _backend.select("adam_step", cuda, impl, elements=big) == "cuda"

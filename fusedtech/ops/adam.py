@@ -20,7 +20,7 @@ def _adam_step_op(
     weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
 ) -> None:
-    implementation("adam_step_", "adam", params[0].device)(
+    implementation("adam_step_", "adam", params[0].device, params)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
         beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)
 

@@ -16,7 +16,7 @@ L = list[torch.Tensor]
 def _sgd_op(params: L, grads: L, momentum_buffers: L, master_params: L, lr: float, lr_tensor: Optional[T],
             momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
             first_step: bool, grad_scale: Optional[T], found_inf: Optional[T]) -> None:
-    implementation("sgd_step_", "sgd", params[0].device)(
+    implementation("sgd_step_", "sgd", params[0].device, params)(
         params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
         nesterov, maximize, first_step, grad_scale, found_inf)
 
@@ -26,7 +26,7 @@ def _sgd_op(params: L, grads: L, momentum_buffers: L, master_params: L, lr: floa
 def _rmsprop_op(params: L, grads: L, square_avgs: L, grad_avgs: L, momentum_buffers: L, master_params: L,
                 lr: float, lr_tensor: Optional[T], alpha: float, eps: float, weight_decay: float,
                 momentum: float, maximize: bool, grad_scale: Optional[T], found_inf: Optional[T]) -> None:
-    implementation("rmsprop_step_", "rmsprop", params[0].device)(
+    implementation("rmsprop_step_", "rmsprop", params[0].device, params)(
         params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, lr, lr_tensor, alpha, eps,
         weight_decay, momentum, maximize, grad_scale, found_inf)
 
@@ -35,7 +35,7 @@ def _rmsprop_op(params: L, grads: L, square_avgs: L, grad_avgs: L, momentum_buff
 def _adagrad_op(params: L, grads: L, state_sums: L, master_params: L, steps: L, lr: float,
                 lr_tensor: Optional[T], lr_decay: float, weight_decay: float, eps: float, maximize: bool,
                 grad_scale: Optional[T], found_inf: Optional[T]) -> None:
-    implementation("adagrad_step_", "adagrad", params[0].device)(
+    implementation("adagrad_step_", "adagrad", params[0].device, params)(
         params, grads, state_sums, master_params, steps, lr, lr_tensor, lr_decay, weight_decay, eps,
         maximize, grad_scale, found_inf)
 
@@ -45,7 +45,7 @@ def _lamb_op(params: L, grads: L, exp_avgs: L, exp_avg_sqs: L, master_params: L,
              lr_tensor: Optional[T], beta1: float, beta2: float, eps: float, weight_decay: float, clamp_lower: float,
              clamp_upper: float, debias: bool, adam: bool, grad_averaging: bool, grad_scale: Optional[T],
              found_inf: Optional[T]) -> None:
-    implementation("lamb_step_", "lamb", params[0].device)(
+    implementation("lamb_step_", "lamb", params[0].device, params)(
         params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
         clamp_lower, clamp_upper, debias, adam, grad_averaging, grad_scale, found_inf)
 
