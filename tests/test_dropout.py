@@ -276,6 +276,44 @@ def test_drop_block_centres_have_probability_gamma(backend):
     assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n), dropped
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_block_saves_no_mask_and_backward_uses_the_forwards(backend):
+    x = (torch.rand(2, 3, 12, 12) + 0.5).requires_grad_()
+    dy = torch.randn(2, 3, 12, 12)
+    saved = []
+    with fusedtech.use_backend(backend):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = F.drop_block2d(x, 0.3, 3)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    assert saved and max(saved) <= 1, saved  # the seed and the scale: nothing of the input's size
+    kept = y != 0  # x has no zeros
+    assert 0 < kept.float().mean() < 1
+    torch.testing.assert_close(dx, dy * (y / x).detach(), rtol=1e-6, atol=0)
+    assert torch.equal(dx == 0, ~kept)
+
+
+def test_drop_block_gradcheck_opcheck_and_compile():
+    from fusedtech.ops.dropout import drop_block_fwd, new_seed
+    x = (torch.rand(2, 2, 7, 7, dtype=torch.float64) + 0.5).requires_grad_()
+    seed = new_seed(x.device)
+    assert torch.autograd.gradcheck(lambda t: drop_block_fwd(t, seed, 0.2, 3, 1e-6)[0], (x,))
+    torch.library.opcheck(drop_block_fwd, (x.detach().float(), seed, 0.2, 3, 1e-6))
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), fusedtech.nn.DropBlock2d(0.2, 3))
+    out = torch.compile(m, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 10, 10))
+    out.sum().backward()
+    assert m[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_drop_block_low_precision_scale_does_not_overflow(dtype):
+    # 2^17 kept elements: a sum in fp16 would overflow (inf) and zero the output.
+    x = torch.ones(8, 16, 32, 32, dtype=dtype)
+    y = F.drop_block2d(x, 0.1, 3)
+    kept = (y != 0).sum().item()
+    assert torch.isfinite(y).all() and kept > 0
+    torch.testing.assert_close(y[y != 0].float(), torch.full((kept,), x.numel() / kept), rtol=1e-2, atol=0)
+
+
 def test_dropout_add_layer_norm_module():
     m = fusedtech.nn.DropoutAddLayerNorm(32, p=0.1)
     x, r = torch.randn(4, 32), torch.randn(4, 32)

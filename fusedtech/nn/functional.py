@@ -14,7 +14,7 @@ from ..ops.batch_norm import batch_norm as batch_norm_fwd
 from ..ops.batch_norm import batch_norm_act as batch_norm_act_fwd
 from ..ops.dropout import dropout as dropout_apply
 from ..ops.dropout import dropout_add_layer_norm as dropout_add_norm
-from ..ops.dropout import new_seed
+from ..ops.dropout import drop_block, new_seed
 from ..ops.layer_norm import layer_norm as layer_norm_fwd
 from ..ops.layer_norm import layer_norm_recompute
 
@@ -156,7 +156,8 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
     gamma = p H W / (block^2 (H - block + 1)(W - block + 1)), grown to block x block squares, output
     scaled by numel / (eps + kept). The block centres are the elements fused dropout with p = gamma
     drops (seeded from torch's generator for the device); `block_mask` (1 = keep) replaces them, for
-    tests. Not yet one kernel: the block growth is torch's max_pool2d, and the mask is kept."""
+    tests. Backward regenerates the mask from the seed: nothing input-sized is saved. Not one kernel
+    yet: the block growth is torch's max_pool2d."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"drop probability has to be between 0 and 1, but got {p}.")
     if input.dim() != 4:
@@ -167,20 +168,12 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
     block_size = min(block_size, w, h)
     if block_size % 2 == 0:
         raise ValueError(f"block size should be odd. Got {block_size} which is even.")
-    if block_mask is None:
-        gamma = (p * h * w) / ((block_size ** 2) * ((h - block_size + 1) * (w - block_size + 1)))
-        # Block centres with probability gamma: exactly the elements fused dropout with p = gamma
-        # drops, drawn on the input's device from its generator (no host round trip).
-        centres = input.new_ones(n, c, h - block_size + 1, w - block_size + 1)
-        if gamma < 1.0:
-            centres = (dropout_apply(centres, float(gamma), new_seed(input.device)) == 0).to(input.dtype)
-        seeds = centres
-        seeds = torch.nn.functional.pad(seeds, [block_size // 2] * 4, value=0)
-        seeds = torch.nn.functional.max_pool2d(seeds, stride=(1, 1), kernel_size=(block_size, block_size),
-                                               padding=block_size // 2)
-        block_mask = 1 - seeds
-    block_mask = block_mask.to(input.dtype)
-    scale = block_mask.numel() / (eps + block_mask.sum())
-    if inplace:
-        return input.mul_(block_mask).mul_(scale)
-    return input * block_mask * scale
+    if block_mask is not None:  # a given mask (tests): torch's composition, which keeps the mask
+        block_mask = block_mask.to(input.dtype)
+        scale = block_mask.numel() / (eps + block_mask.sum())
+        if inplace:
+            return input.mul_(block_mask).mul_(scale)
+        return input * block_mask * scale
+    gamma = (p * h * w) / ((block_size ** 2) * ((h - block_size + 1) * (w - block_size + 1)))
+    out, _ = drop_block(input, new_seed(input.device), float(gamma), int(block_size), float(eps))
+    return input.copy_(out) if inplace else out

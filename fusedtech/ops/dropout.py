@@ -115,3 +115,65 @@ def new_seed(device: torch.device) -> torch.Tensor:
     """A fresh 62-bit seed drawn from torch's default generator for `device` (so torch.manual_seed
     reproduces runs); it stays on the device: no host synchronisation."""
     return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
+
+
+# ---- DropBlock --------------------------------------------------------------------------------
+# Block centres are the elements fused dropout with p = gamma drops, grown to block x block squares
+# by a max-pool; output = x * keep * numel / (eps + kept). Backward regenerates the centres from
+# the saved seed, so only the seed and the one-element scale are kept (torch's composition keeps
+# an input-sized mask).
+def keep_mask(like: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int) -> torch.Tensor:
+    """1 where DropBlock keeps an element, in like's dtype and (N, C, H, W) shape."""
+    n, c, h, w = like.shape
+    centres = like.new_ones(n, c, h - block_size + 1, w - block_size + 1)
+    if gamma < 1.0:
+        centres = (_apply(centres, gamma, seed) == 0).to(like.dtype)
+    grown = torch.nn.functional.pad(centres, [block_size // 2] * 4, value=0)
+    grown = torch.nn.functional.max_pool2d(grown, stride=(1, 1), kernel_size=(block_size, block_size),
+                                           padding=block_size // 2)
+    return 1 - grown
+
+
+def _drop_block_fwd(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d tensor)."""
+    keep = keep_mask(x, seed, gamma, block_size)
+    scale = keep.numel() / (eps + keep.sum(dtype=torch.float32))
+    return x * keep * scale.to(x.dtype), scale
+
+
+drop_block_fwd = torch.library.custom_op("fusedtech::drop_block2d", _drop_block_fwd, mutates_args=())
+
+
+@drop_block_fwd.register_fake
+def _(x, seed, gamma, block_size, eps):
+    return torch.empty_like(x), x.new_empty((), dtype=torch.float32)
+
+
+def _drop_block_bwd(dy: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor, gamma: float,
+                    block_size: int) -> torch.Tensor:
+    return dy * keep_mask(dy, seed, gamma, block_size) * scale.to(dy.dtype)
+
+
+drop_block_bwd = torch.library.custom_op("fusedtech::drop_block2d_bwd", _drop_block_bwd, mutates_args=())
+
+
+@drop_block_bwd.register_fake
+def _(dy, seed, scale, gamma, block_size):
+    return torch.empty_like(dy)
+
+
+def _db_setup_context(ctx, inputs, output):
+    _, seed, gamma, block_size, _ = inputs
+    ctx.gamma, ctx.block_size = gamma, block_size
+    ctx.save_for_backward(seed, output[1])  # one int64 and one float: all backward needs
+
+
+def _db_backward(ctx, dy, dscale):
+    seed, scale = ctx.saved_tensors
+    bwd = _drop_block_bwd if is_eager(ctx) else drop_block_bwd
+    return bwd(dy, seed, scale, ctx.gamma, ctx.block_size), None, None, None, None
+
+
+drop_block_fwd.register_autograd(_db_backward, setup_context=_db_setup_context)
+drop_block = eager_fast_path("drop_block2d", drop_block_fwd, _drop_block_fwd, _db_setup_context, _db_backward)
