@@ -53,6 +53,11 @@ TORCH_LIBRARY(fusedtech_C, m) {
   // backward are the same op.
   m.def("dropout_apply(Tensor x, float p, Tensor seed) -> Tensor");
 
+  // dropout(x) + residual, then LayerNorm/RMSNorm, in one pass per row (CPU): (out, the sum, mean, rstd).
+  m.def(
+      "dropout_add_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float p, float eps, bool rms, "
+      "Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // BatchNorm over dim 1 of (N, C, *), NCHW or channels_last: per-channel mean and biased
   // variance; the normalisation; the backward (dx, dweight, dbias).
   m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");

@@ -65,7 +65,9 @@ def _dropout_add_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mea
     seed = tl.load(seed_ptr)
     keep = draws_for(seed, idx) >= threshold
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    s = tl.where(keep, x * scale, 0.0) + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    # Rounded as torch's dropout(x) + residual rounds: the dropout output to x's dtype, then the sum.
+    dropped = round_to(tl.where(keep, x * scale, 0.0), DTYPE).to(tl.float32)
+    s = dropped + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     s = round_to(s, DTYPE).to(tl.float32)  # the sum as stored (the next residual) is what is normalised
     tl.store(sum_ptr + idx, round_to(s, DTYPE), mask=mask)
     if RMS:

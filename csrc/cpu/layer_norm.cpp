@@ -8,11 +8,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
 
 #include "fusedtech/norm.h"
+#include "fusedtech/philox.h"
 
 namespace fusedtech::cpu {
 namespace {
@@ -53,6 +55,27 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
   }
 }
 
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// One row: mean and rstd from sums in double, then y = norm(x) with the elementwise math in float
+// (double for double) as torch's.
+template <typename scalar_t, typename mt = math_t<scalar_t>>
+void norm_row(const scalar_t* xr, scalar_t* yr, int64_t n, const mt* wf, const mt* bf, bool rms, double eps, mt& mean,
+              mt& rstd) {
+  const double mu = rms ? 0.0 : row_sum(n, [&](int64_t j) { return static_cast<double>(xr[j]); }) / n;
+  const double var = row_sum(n, [&](int64_t j) {
+    const double d = static_cast<double>(xr[j]) - mu;
+    return d * d;
+  });
+  const double rs = 1.0 / std::sqrt(var / n + eps);
+  const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
+  for (int64_t j = 0; j < n; ++j)
+    yr[j] = static_cast<scalar_t>(norm_forward<mt>(static_cast<mt>(xr[j]), muf, rsf, wf[j], bf[j]));
+  mean = static_cast<mt>(mu);
+  rstd = static_cast<mt>(rs);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x,
                                                                  const std::optional<at::Tensor>& weight,
                                                                  const std::optional<at::Tensor>& bias, double eps,
@@ -67,31 +90,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   if (rows == 0 || n == 0) return {y, mean, rstd};
   const at::Tensor w = as_double(weight, n, 1.0, x), b = as_double(bias, n, 0.0, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    using mt = math_t<scalar_t>;
+    const at::Tensor wm = w.to(c10::CppTypeToScalarType<mt>::value), bm = b.to(c10::CppTypeToScalarType<mt>::value);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    // Sums in double; the elementwise normalisation in float (double for double), as torch's.
-    using mt = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor wm = w.to(c10::CppTypeToScalarType<mt>::value), bm = b.to(c10::CppTypeToScalarType<mt>::value);
-    const mt *wf = wm.const_data_ptr<mt>(), *bf = bm.const_data_ptr<mt>();
-    using stat_t = mt;
-    stat_t* mp = mean.data_ptr<stat_t>();
-    stat_t* rp = rstd.data_ptr<stat_t>();
+    mt *mp = mean.data_ptr<mt>(), *rp = rstd.data_ptr<mt>();
     at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const scalar_t* xr = xp + r * n;
-        const double mu = rms ? 0.0 : row_sum(n, [&](int64_t j) { return static_cast<double>(xr[j]); }) / n;
-        const double var = row_sum(n, [&](int64_t j) {
-          const double d = static_cast<double>(xr[j]) - mu;
-          return d * d;
-        });
-        const double rs = 1.0 / std::sqrt(var / n + eps);
-        scalar_t* yr = yp + r * n;
-        const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
-        for (int64_t j = 0; j < n; ++j)
-          yr[j] = static_cast<scalar_t>(norm_forward<mt>(static_cast<mt>(xr[j]), muf, rsf, wf[j], bf[j]));
-        mp[r] = static_cast<stat_t>(mu);
-        rp[r] = static_cast<stat_t>(rs);
-      }
+      for (int64_t r = lo; r < hi; ++r)
+        norm_row(xp + r * n, yp + r * n, n, wm.const_data_ptr<mt>(), bm.const_data_ptr<mt>(), rms, eps, mp[r], rp[r]);
     });
   });
   return {y, mean, rstd};
@@ -159,9 +165,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
           has_bias ? db_part.sum(0).to(stat) : at::empty({0}, opts)};
 }
 
+// LayerNorm fed by dropout(x) + residual, one row at a time: the row of the sum is written (the
+// next block's residual, and what backward needs) and normalised while it is in cache. The mask is
+// the dropout kernel's: word i % 4 of Philox block i / 4 for element i. The sum is rounded to x's
+// dtype as stored, dropout(x) first as the dropout op rounds it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double p, double eps, bool rms, const at::Tensor& seed) {
+  check_inputs(x, weight, bias);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.is_contiguous() && residual.scalar_type() == x.scalar_type(),
+              "fusedtech: dropout_add_layer_norm residual must be contiguous, of x's shape and dtype, got ",
+              residual.sizes(), " ", residual.scalar_type());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fusedtech: dropout probability has to be in [0, 1), got ", p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "fusedtech: seed must be a one-element int64 tensor");
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor y = at::empty_like(x), sum = at::empty_like(x);
+  const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::zeros({rows}, x.options().dtype(stat)), rstd = at::zeros({rows}, x.options().dtype(stat));
+  if (rows == 0 || n == 0) return {y, sum, mean, rstd};
+  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint32_t threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const at::Tensor w = as_double(weight, n, 1.0, x), b = as_double(bias, n, 0.0, x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_norm_fwd_cpu", [&] {
+    using mt = math_t<scalar_t>;
+    const at::Tensor wm = w.to(c10::CppTypeToScalarType<mt>::value), bm = b.to(c10::CppTypeToScalarType<mt>::value);
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *rp = residual.const_data_ptr<scalar_t>();
+    scalar_t *yp = y.data_ptr<scalar_t>(), *sp = sum.data_ptr<scalar_t>();
+    mt *meanp = mean.data_ptr<mt>(), *rstdp = rstd.data_ptr<mt>();
+    at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t first = r * n, last = first + n;
+        for (int64_t g = first / 4; g * 4 < last; ++g) {  // Philox blocks overlapping this row
+          uint32_t draw[4];
+          philox4(key, static_cast<uint64_t>(g), draw);
+          for (int64_t i = std::max(first, 4 * g); i < std::min(last, 4 * g + 4); ++i) {
+            const scalar_t dropped = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[i]), draw[i & 3], threshold, scale));
+            sp[i] = static_cast<scalar_t>(static_cast<mt>(dropped) + static_cast<mt>(rp[i]));
+          }
+        }
+        norm_row(sp + first, yp + first, n, wm.const_data_ptr<mt>(), bm.const_data_ptr<mt>(), rms, eps, meanp[r], rstdp[r]);
+      }
+    });
+  });
+  return {y, sum, mean, rstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtech_C, CPU, m) {
+  m.impl("dropout_add_norm_fwd", &dropout_add_norm_fwd_cpu);
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
 }

@@ -60,10 +60,8 @@ def _dan_impl(x, residual, weight, bias, p, eps, rms, seed):
     if backend == "triton":
         from ..triton_kernels.dropout import dropout_add_norm_fwd
         return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
-    if backend == "cpu":  # the C++ dropout and LayerNorm kernels, one after the other
-        s = (torch.ops.fusedtech_C.dropout_apply(x, p, seed).float() + residual.float()).to(x.dtype)
-        out, mean, rstd = torch.ops.fusedtech_C.layer_norm_fwd(s, weight, bias, eps, rms)
-        return out, s, mean, rstd
+    if backend == "cpu":
+        return torch.ops.fusedtech_C.dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
     from ..reference.dropout import dropout_add_norm_fwd
     return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
 
