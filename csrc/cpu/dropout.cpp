@@ -27,14 +27,15 @@ at::Tensor dropout_apply_cpu(const at::Tensor& x_in, double p, const at::Tensor&
     scalar_t* yp = y.data_ptr<scalar_t>();
     const float scale = static_cast<float>(1.0 / (1.0 - p));
     const int64_t n = x.numel();
-    // Work in groups of four elements: one Philox block gives the four draws.
-    at::parallel_for(0, (n + 3) / 4, 1 << 12, [&](int64_t lo, int64_t hi) {
-      for (int64_t g = lo; g < hi; ++g) {
-        uint32_t draw[4];
-        philox4(s, static_cast<uint64_t>(g), draw);
-        const int64_t end = std::min<int64_t>(4 * g + 4, n);
-        for (int64_t i = 4 * g; i < end; ++i) {
-          yp[i] = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[i]), draw[i & 3], threshold, scale));
+    // Chunks of draws computed eight Philox blocks at a time, then applied.
+    constexpr int64_t kChunk = 1024;
+    at::parallel_for(0, (n + kChunk - 1) / kChunk, 16, [&](int64_t lo, int64_t hi) {
+      uint32_t draw[kChunk];
+      for (int64_t chunk = lo; chunk < hi; ++chunk) {
+        const int64_t first = chunk * kChunk, count = std::min(kChunk, n - first);
+        philox_draws(s, first, count, draw);
+        for (int64_t k = 0; k < count; ++k) {
+          yp[first + k] = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[first + k]), draw[k], threshold, scale));
         }
       }
     });

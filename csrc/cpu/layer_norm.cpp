@@ -193,14 +193,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *rp = residual.const_data_ptr<scalar_t>();
     scalar_t *yp = y.data_ptr<scalar_t>(), *sp = sum.data_ptr<scalar_t>();
     mt *meanp = mean.data_ptr<mt>(), *rstdp = rstd.data_ptr<mt>();
+    constexpr int64_t kDrawChunk = 1024;
     at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+      uint32_t draws[kDrawChunk];
       for (int64_t r = lo; r < hi; ++r) {
-        const int64_t first = r * n, last = first + n;
-        for (int64_t g = first / 4; g * 4 < last; ++g) {  // Philox blocks overlapping this row
-          uint32_t draw[4];
-          philox4(key, static_cast<uint64_t>(g), draw);
-          for (int64_t i = std::max(first, 4 * g); i < std::min(last, 4 * g + 4); ++i) {
-            const scalar_t dropped = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[i]), draw[i & 3], threshold, scale));
+        const int64_t first = r * n;
+        for (int64_t j0 = 0; j0 < n; j0 += kDrawChunk) {  // this row's draws, a chunk at a time
+          const int64_t count = std::min(kDrawChunk, n - j0);
+          philox_draws(key, first + j0, count, draws);
+          for (int64_t k = 0; k < count; ++k) {
+            const int64_t i = first + j0 + k;
+            const scalar_t dropped = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[i]), draws[k], threshold, scale));
             sp[i] = static_cast<scalar_t>(static_cast<mt>(dropped) + static_cast<mt>(rp[i]));
           }
         }
