@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -30,6 +31,7 @@ struct View {
   int64_t n, c, s;     // sizes
   int64_t sn, sc, ss;  // strides
   bool rows() const { return c == 1 || sc == 1; }  // channels contiguous within a row
+  bool logical() const { return ss == 1 && sc == s && sn == c * s; }  // memory order = (n, c, s) order
   int64_t chunk_rows() const { return (n * s + kMaxChunks - 1) / kMaxChunks; }
   int64_t row_offset(int64_t r) const { return (r / s) * sn + (r % s) * ss; }
 };
@@ -70,60 +72,60 @@ inline double to_double(T v) {
   return static_cast<double>(static_cast<math_t<T>>(v));
 }
 
-// lanes[i % 8] += f(p[i], q[i]) for i < len (q may be null: f sees 0).
-template <typename T, typename F>
-inline void accumulate_run(const T* p, const T* q, int64_t len, double* lanes, F f) {
-  auto at = [&](int64_t i) { return f(to_double(p[i]), q ? to_double(q[i]) : 0.0); };
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) lanes[k] += at(i + k);
-  for (int k = 0; i < len; ++i, ++k) lanes[k] += at(i);
-}
-
 inline double fold(const double* lanes) {
   double s = 0.0;
   for (int k = 0; k < kLanes; ++k) s += lanes[k];
   return s;
 }
 
-// sums[c] = sum over every element i of channel c of f(c, p[i], q[i]) (q may be null), via
-// per-chunk partials for rows. p and q share the view's strides.
-template <typename T, typename F>
-void channel_sums(const T* p, const T* q, const View& v, double* sums, F f) {
+// For each channel c, K sums over its elements i: sums[j][c] = sum of f(c, p[i], q[i])[j] (q may
+// be null: f sees 0), via eight lanes per channel run (NCHW) or per-chunk partials (rows). One pass
+// however many sums (BatchNorm's backward needs two). p and q share the view's strides.
+template <int K, typename T, typename F>
+void channel_sums(const T* p, const T* q, const View& v, std::array<double*, K> sums, F f) {
+  auto at = [&](int64_t c, int64_t i) { return f(c, to_double(p[i]), q ? to_double(q[i]) : 0.0); };
   if (!v.rows()) {
     at::parallel_for(0, v.c, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
-        double lanes[kLanes] = {};
+        double lanes[K][kLanes] = {};
         for (int64_t n = 0; n < v.n; ++n) {
           const int64_t off = n * v.sn + c * v.sc;
-          accumulate_run(p + off, q ? q + off : nullptr, v.s, lanes, [&](double a, double b) { return f(c, a, b); });
+          int64_t i = 0;
+          for (; i + kLanes <= v.s; i += kLanes)
+            for (int l = 0; l < kLanes; ++l) {
+              const std::array<double, K> r = at(c, off + i + l);
+              for (int j = 0; j < K; ++j) lanes[j][l] += r[j];
+            }
+          for (int l = 0; i < v.s; ++i, ++l) {
+            const std::array<double, K> r = at(c, off + i);
+            for (int j = 0; j < K; ++j) lanes[j][l] += r[j];
+          }
         }
-        sums[c] = fold(lanes);
+        for (int j = 0; j < K; ++j) sums[j][c] = fold(lanes[j]);
       }
     });
     return;
   }
   const int64_t rows = v.n * v.s, per_chunk = std::max<int64_t>(1, v.chunk_rows());
   const int64_t chunks = rows == 0 ? 0 : (rows + per_chunk - 1) / per_chunk;
-  std::vector<double> partial(chunks * v.c, 0.0);
+  std::vector<double> partial(chunks * K * v.c, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      double* acc = partial.data() + k * v.c;
+      double* acc = partial.data() + k * K * v.c;  // [K][C] for this chunk
       for (int64_t r = k * per_chunk; r < std::min(rows, (k + 1) * per_chunk); ++r) {
         const int64_t off = v.row_offset(r);
-        const T* prow = p + off;
-        if (q) {
-          const T* qrow = q + off;
-          for (int64_t c = 0; c < v.c; ++c) acc[c] += f(c, to_double(prow[c]), to_double(qrow[c]));
-        } else {
-          for (int64_t c = 0; c < v.c; ++c) acc[c] += f(c, to_double(prow[c]), 0.0);
+        for (int64_t c = 0; c < v.c; ++c) {
+          const std::array<double, K> x = at(c, off + c);
+          for (int j = 0; j < K; ++j) acc[j * v.c + c] += x[j];
         }
       }
     }
   });
-  for (int64_t c = 0; c < v.c; ++c) sums[c] = 0.0;
+  for (int j = 0; j < K; ++j)
+    for (int64_t c = 0; c < v.c; ++c) sums[j][c] = 0.0;
   for (int64_t k = 0; k < chunks; ++k)
-    for (int64_t c = 0; c < v.c; ++c) sums[c] += partial[k * v.c + c];
+    for (int j = 0; j < K; ++j)
+      for (int64_t c = 0; c < v.c; ++c) sums[j][c] += partial[(k * K + j) * v.c + c];
 }
 
 // out[i] = g(c, in[i], aux[i]) elementwise, out/in/aux sharing the view's strides.
@@ -155,12 +157,13 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in) 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    channel_sums<scalar_t>(xp, nullptr, v, mu.data(), [](int64_t, double xv, double) { return xv; });
+    channel_sums<1>(xp, static_cast<const scalar_t*>(nullptr), v, {mu.data()},
+                    [](int64_t, double xv, double) { return std::array<double, 1>{xv}; });
     for (auto& m : mu) m = count > 0 ? m / count : 0.0;
     const double* mup = mu.data();
-    channel_sums<scalar_t>(xp, nullptr, v, m2.data(), [mup](int64_t c, double xv, double) {
+    channel_sums<1>(xp, static_cast<const scalar_t*>(nullptr), v, {m2.data()}, [mup](int64_t c, double xv, double) {
       const double d = xv - mup[c];
-      return d * d;
+      return std::array<double, 1>{d * d};
     });
     stat_t* mp = mean.data_ptr<stat_t>();
     stat_t* vp = var.data_ptr<stat_t>();
@@ -265,6 +268,17 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cpu(const at::Tensor& x_
     }
     if (act == 1) {  // torch's ReLU backward tests its output > 0; bytes in logical order, one task each
       uint8_t* bp8 = bits.data_ptr<uint8_t>();
+      if (v.logical()) {  // memory order is logical order: eight neighbours a byte
+        at::parallel_for(0, bits.numel(), 4096, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            uint8_t byte = 0;
+            for (int t = 0; t < 8; ++t)
+              byte |= uint8_t((i * 8 + t < total && static_cast<mt>(yp[i * 8 + t]) > mt(0)) << t);
+            bp8[i] = byte;
+          }
+        });
+        return;
+      }
       at::parallel_for(0, bits.numel(), 4096, [&](int64_t lo, int64_t hi) {
         int64_t k = lo * 8, s = k % v.s, c = (k / v.s) % v.c, n = k / (v.s * v.c);
         for (int64_t i = lo; i < hi; ++i) {
@@ -314,8 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(const at::Tens
     using mt = math_t<scalar_t>;
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dy.const_data_ptr<scalar_t>();
     const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>(), *wp = w.const_data_ptr<double>();
-    channel_sums<scalar_t>(gp, nullptr, v, sum_dy.data(), [](int64_t, double g, double) { return g; });
-    channel_sums<scalar_t>(gp, xp, v, sum_dy_xmu.data(), [mp](int64_t c, double g, double xv) { return g * (xv - mp[c]); });
+    channel_sums<2>(gp, xp, v, {sum_dy.data(), sum_dy_xmu.data()},
+                    [mp](int64_t c, double g, double xv) { return std::array<double, 2>{g, g * (xv - mp[c])}; });
     stat_t *dwp = dw.data_ptr<stat_t>(), *dbp = db.data_ptr<stat_t>();
     std::vector<mt> k1(v.c), k2(v.c), k3(v.c), mu(v.c);
     for (int64_t c = 0; c < v.c; ++c) {
@@ -363,6 +377,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
       const scalar_t* gp = dy.const_data_ptr<scalar_t>();
       const uint8_t* bits = extra->const_data_ptr<uint8_t>();
       scalar_t* op = g.data_ptr<scalar_t>();
+      if (v.logical()) {
+        at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t lo, int64_t hi) {
+          for (int64_t k = lo; k < hi; ++k) op[k] = (bits[k >> 3] >> (k & 7)) & 1 ? gp[k] : scalar_t(0);
+        });
+        return;
+      }
       for_each_element(v, [&](int64_t, int64_t k, int64_t off) {
         op[off] = (bits[k >> 3] >> (k & 7)) & 1 ? gp[off] : scalar_t(0);
       });
