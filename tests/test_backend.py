@@ -111,6 +111,7 @@ def test_large_lists_go_to_triton_first_on_cuda(monkeypatch):
     assert _backend.select("adam_step", cuda, impl, elements=big - 1) == "cuda"
     assert _backend.select("adam_step", cuda, impl, elements=big) == "triton"
     assert _backend.select("layer_norm", cuda, impl) == "triton"
+    assert _backend.select("batch_norm", cuda, impl) == "triton"  # CUDA C++ BatchNorm: not yet run on a GPU
     assert _backend.select("adam_step", torch.device("cpu"), impl, elements=big) == "cpu"
     with _backend.use_backend("cuda"):  # asking wins over the size rule
         assert _backend.select("adam_step", cuda, impl, elements=big) == "cuda"

@@ -213,12 +213,14 @@ ACTS = {"relu": torch.nn.ReLU(), "gelu": torch.nn.GELU(), "silu": torch.nn.SiLU(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("activation,with_residual", [(None, False), ("relu", False), ("relu", True), ("gelu", True),
                                                       ("silu", False)])
-def test_gpu_triton_forward_backward_within_twice_torchs_error(channels_last, dtype, activation, with_residual):
-    # Against a float64 computation; torch's own CUDA BatchNorm (+ add + activation) in the same
+def test_gpu_forward_backward_within_twice_torchs_error(backend, channels_last, dtype, activation, with_residual):
+    # The Triton and the CUDA C++ kernels, forward and backward, against a float64 computation;
+    # torch's own CUDA BatchNorm (+ add + activation) in the same
     # dtype sets the error budget: ours within twice torch's plus about one ulp at unit scale.
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (16, 48, 13, 11)  # 2288 elements per channel: several Triton blocks, a partial last one
@@ -235,7 +237,7 @@ def test_gpu_triton_forward_backward_within_twice_torchs_error(channels_last, dt
 
     exact, exact_bn = run(torch.nn.BatchNorm2d(48).cuda().double(), False, x.double(), r.double(), dy.double())
     fused_cls = (lambda c: fusedtech.nn.BatchNormAct2d(c, activation=activation)) if activation else fusedtech.nn.BatchNorm2d
-    with fusedtech.use_backend("triton"):
+    with fusedtech.use_backend(backend):
         if activation or with_residual:
             ours, ours_bn = run(fused_cls(48).cuda().to(dtype), True, x, r, dy)
         else:

@@ -23,8 +23,11 @@ def _run(mode: str) -> dict:
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, WORKER, mode, str(_free_port())], capture_output=True, text=True,
-                          timeout=600, env=env)
+    for _ in range(3):  # the free port can be taken between choosing it and binding it: choose again
+        proc = subprocess.run([sys.executable, WORKER, mode, str(_free_port())], capture_output=True, text=True,
+                              timeout=600, env=env)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -14,12 +14,12 @@ import torch
 from .. import _backend
 from ._eager import eager_fast_path, is_eager
 
-IMPLEMENTED = ("triton", "cpu", "torch")
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
 def _impl(name: str, device):
     backend = _backend.select("batch_norm", device, IMPLEMENTED)
-    if backend == "cpu":
+    if backend in ("cuda", "cpu"):
         return getattr(torch.ops.fusedtech_C, name)
     package = "triton_kernels" if backend == "triton" else "reference"
     return getattr(importlib.import_module(f"fusedtech.{package}.batch_norm"), name)
