@@ -70,8 +70,8 @@ def _stats_combine_kernel(part_ptr, mean_ptr, var_ptr, SPLIT):
     tl.store(var_ptr + c, m2 / count)
 
 
-# Activations after BatchNorm (and an optional residual add): codes shared with the C++ kernels.
-ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+# Activations after BatchNorm (and an optional residual add), by the codes of
+# fusedtech.ops.batch_norm.ACTIVATION_CODES (0 none, 1 relu, 2 gelu, 3 silu), as the C++ kernels.
 
 
 @triton.jit

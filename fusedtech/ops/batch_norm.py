@@ -25,17 +25,23 @@ def _impl(name: str, device):
     return getattr(importlib.import_module(f"fusedtech.{package}.batch_norm"), name)
 
 
-def _batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, saved mean, saved 1/sqrt(var + eps), biased batch variance): batch statistics in training,
-    the given running statistics (read only) in eval. Statistics are fp32 (float64 for float64)."""
+def _statistics(x, running_mean, running_var, training: bool, eps: float):
+    """(mean, 1/sqrt(var + eps), biased variance): the batch's in training, the running ones in eval;
+    fp32 (float64 for float64)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if training:
         mean, var = _impl("batch_norm_stats", x.device)(x)
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-    invstd = torch.rsqrt(var + eps)
+    return mean, torch.rsqrt(var + eps), var
+
+
+def _batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, saved mean, saved 1/sqrt(var + eps), biased batch variance): batch statistics in training,
+    the given running statistics (read only) in eval. Statistics are fp32 (float64 for float64)."""
+    mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
     y = _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
     return y, mean, invstd, var
 
@@ -123,12 +129,7 @@ def _batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
                         residual: Optional[torch.Tensor], training: bool, eps: float,
                         activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, saved mean, saved invstd, biased batch variance, ReLU's packed mask or an empty tensor)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if training:
-        mean, var = _impl("batch_norm_stats", x.device)(x)
-    else:
-        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-    invstd = torch.rsqrt(var + eps)
+    mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
     out, bits = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, weight, bias, residual,
                                                         ACTIVATION_CODES[activation])
     return out, mean, invstd, var, bits

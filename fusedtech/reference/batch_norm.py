@@ -26,13 +26,7 @@ def batch_norm_stats(x):
 
 
 def batch_norm_apply(x, mean, invstd, weight, bias):
-    xf = x.to(_acc(x))
-    y = (xf - _per_channel(mean.to(xf.dtype), x)) * _per_channel(invstd.to(xf.dtype), x)
-    if weight is not None:
-        y = y * _per_channel(weight.to(xf.dtype), x)
-    if bias is not None:
-        y = y + _per_channel(bias.to(xf.dtype), x)
-    return y.to(x.dtype)
+    return _pre_activation(x, mean, invstd, weight, bias, None).to(x.dtype)
 
 
 def batch_norm_bwd(dy, x, weight, mean, invstd, training: bool):
