@@ -36,6 +36,22 @@ inline void check_like_params(at::TensorList params, at::TensorList list, const 
   }
 }
 
+// BatchNorm + residual + activation (codes 0 none, 1 relu, 2 gelu, 3 silu): the forward's arguments,
+// and the backward's (ReLU's backward reads the forward's mask, 8 elements a byte).
+inline void check_batch_norm_act(int64_t act, const at::Tensor& x, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: batch_norm activation code must be 0..3, got ", act);
+  TORCH_CHECK(!residual || residual->sizes() == x.sizes(), "fusedtech: batch_norm residual has shape ",
+              residual ? residual->sizes() : x.sizes(), ", input ", x.sizes());
+}
+
+inline void check_batch_norm_act_bwd(int64_t act, const at::Tensor& dy, const at::Tensor& x,
+                                     const std::optional<at::Tensor>& extra) {
+  check_batch_norm_act(act, x, std::nullopt);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "fusedtech: batch_norm grad has shape ", dy.sizes(), ", input ", x.sizes());
+  TORCH_CHECK(act != 1 || (extra && extra->scalar_type() == at::kByte && extra->numel() == (x.numel() + 7) / 8),
+              "fusedtech: batch_norm ReLU backward needs the forward's packed mask");
+}
+
 inline void check_param_list(at::TensorList params) {
   TORCH_CHECK(!params.empty(), "fusedtech: params is empty");
   const auto dtype = params[0].scalar_type();

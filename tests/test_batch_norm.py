@@ -469,3 +469,15 @@ def test_cpu_kernel_same_bits_whatever_the_thread_count(channels_last):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ cpu extension is not built")
+def test_batch_norm_act_kernel_errors_name_the_argument():
+    ops = torch.ops.fusedtech_C
+    x, mean, invstd = torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        ops.batch_norm_act_apply(x, mean, invstd, None, None, torch.randn(2, 3, 4, 5), 1)
+    with pytest.raises(RuntimeError, match="activation code must be 0..3"):
+        ops.batch_norm_act_apply(x, mean, invstd, None, None, None, 7)
+    with pytest.raises(RuntimeError, match="ReLU backward needs the forward's packed mask"):
+        ops.batch_norm_act_bwd(x, x, None, None, mean, invstd, None, False, 1, True)

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <array>
 #include <cmath>
 #include <tuple>
@@ -221,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cpu(const at::Tensor& x_
                                                             const std::optional<at::Tensor>& weight,
                                                             const std::optional<at::Tensor>& bias,
                                                             const std::optional<at::Tensor>& residual_in, int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: batch_norm activation code must be 0..3, got ", act);
+  check_batch_norm_act(act, x_in, residual_in);
   if (act >= 2) {
     const at::Tensor pre = std::get<0>(batch_norm_act_apply_cpu(x_in, mean, invstd, weight, bias, residual_in, 0));
     return {act == 2 ? at::gelu(pre) : at::silu(pre), at::empty({0}, x_in.options().dtype(at::kByte))};
@@ -229,8 +231,6 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cpu(const at::Tensor& x_
   auto [x, v] = channel_view(x_in, "input");
   at::Tensor residual;
   if (residual_in) {
-    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), "fusedtech: batch_norm residual has shape ", residual_in->sizes(),
-                ", input ", x_in.sizes());
     residual = *residual_in;
     share_layout(x, v, residual);
   }
@@ -360,15 +360,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
     const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& extra, bool has_residual, int64_t act, bool training) {
-  TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: batch_norm activation code must be 0..3, got ", act);
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "fusedtech: batch_norm grad has shape ", dy_in.sizes(), ", input ", x_in.sizes());
+  check_batch_norm_act_bwd(act, dy_in, x_in, extra);
   at::Tensor g = dy_in;
   if (act >= 2) {  // the pre-activation recomputed in one pass, then ATen's activation backward
     const at::Tensor pre = std::get<0>(batch_norm_act_apply_cpu(x_in, mean, invstd, weight, bias, extra, 0));
     g = act == 2 ? at::gelu_backward(dy_in, pre) : at::silu_backward(dy_in, pre);
   } else if (act == 1) {
-    TORCH_CHECK(extra && extra->scalar_type() == at::kByte && extra->numel() == (x_in.numel() + 7) / 8,
-                "fusedtech: batch_norm ReLU backward needs the forward's packed mask");
     auto [x, v] = channel_view(x_in, "input");
     at::Tensor dy = dy_in;
     share_layout(x, v, dy);

@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <tuple>
 
@@ -292,13 +294,11 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cuda(const at::Tensor& x
                                                              const std::optional<at::Tensor>& weight,
                                                              const std::optional<at::Tensor>& bias,
                                                              const std::optional<at::Tensor>& residual_in, int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: batch_norm activation code must be 0..3, got ", act);
+  check_batch_norm_act(act, x_in, residual_in);
   auto [x, v] = channel_view(x_in, "input");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor residual;
   if (residual_in) {
-    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), "fusedtech: batch_norm residual has shape ", residual_in->sizes(),
-                ", input ", x_in.sizes());
     residual = like(*residual_in, x);
   }
   at::Tensor y = at::empty_like(x);
@@ -332,12 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cu
     const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& extra, bool has_residual, int64_t act, bool training) {
-  TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: batch_norm activation code must be 0..3, got ", act);
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "fusedtech: batch_norm grad has shape ", dy_in.sizes(), ", input ", x_in.sizes());
-  if (act == 1) {
-    TORCH_CHECK(extra && extra->scalar_type() == at::kByte && extra->numel() == (x_in.numel() + 7) / 8,
-                "fusedtech: batch_norm ReLU backward needs the forward's packed mask");
-  }
+  check_batch_norm_act_bwd(act, dy_in, x_in, extra);
   auto [x, v] = channel_view(x_in, "input");
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dy = like(dy_in, x);
