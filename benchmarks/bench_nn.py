@@ -1,11 +1,12 @@
-"""LayerNorm, RMSNorm, dropout, dropout+add+LayerNorm, BatchNorm2d and BatchNormAct2d (BN+ReLU, BN+GELU,
+"""LayerNorm, RMSNorm, dropout, dropout+add+LayerNorm, DropBlock, BatchNorm2d and BatchNormAct2d (BN+ReLU, BN+GELU,
 BN+residual+ReLU): forward and forward+backward per implementation (on a GPU also torch.compile of
 the torch modules for BatchNorm2d and its activation variants).
 
 Bytes moved (each input read once, each output written once, activations in the given dtype):
 forward x + y = 2 N; forward+backward adds dy, x and dx = 5 N (weights and statistics are
 negligible); BatchNorm2d the same. Dropout: forward 2 N, forward+backward 4 N (torch also writes
-and reads a 1-byte mask: +2 N bytes for it, not counted). `saved_bytes` records the activation
+and reads a 1-byte mask: +2 N bytes for it, not counted); DropBlock the same as dropout (torchvision's
+composition, timed as "torch", keeps an input-sized mask). `saved_bytes` records the activation
 memory each implementation keeps for backward, `peak_bytes` (GPU) the memory one call needs. dropout +
 add + LayerNorm: forward 4 N (x, residual in; out, sum out), forward+backward 8 N. BN + residual +
 act: forward 3 N, forward+backward 7 N (dy in, dx and dresidual out).
@@ -43,8 +44,8 @@ LIGER_MAX_HIDDEN = 65536  # Liger's norms hold a row in one block and refuse lon
 
 
 def _impls(op: str, hidden: int = 0):
-    # dropout+add+LayerNorm has no CUDA C++ kernel (Triton runs it on a GPU).
-    no_cuda_kernel = op == "dropout_add_layer_norm"
+    # dropout+add+LayerNorm and DropBlock have no CUDA C++ kernel (Triton runs them on a GPU).
+    no_cuda_kernel = op in ("dropout_add_layer_norm", "drop_block2d")
     impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and no_cuda_kernel)]
     if op in ("layer_norm", "rms_norm") and _has_liger() and hidden <= LIGER_MAX_HIDDEN:
         impls.append(("liger", None))  # the peer: Liger-Kernel's Triton LayerNorm / RMSNorm modules
@@ -93,6 +94,10 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
             fn = lambda t: torch.nn.functional.layer_norm(torch.nn.functional.dropout(t, 0.1) + res, (h,), w, b)  # noqa: E731
         else:
             fn = lambda t: F.dropout_add_layer_norm(t, res, w, b, p=0.1)  # noqa: E731
+    elif op.startswith("drop_block2d"):
+        block = int(op.rsplit("_b", 1)[1])
+        fn = ((lambda t: _torchvision_drop_block2d(t, 0.1, block)) if impl in ("torch", "torch-compile")
+              else (lambda t: F.drop_block2d(t, 0.1, block)))
     elif op in BN_ACT_OPS:  # BatchNormAct2d against BatchNorm2d, (+ residual,) then the activation
         act = BN_ACT_OPS[op]
         mod = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), ACT_MODULES[act]()).to(DEV, dtype)
@@ -136,11 +141,21 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
                     dtype=dtype, bytes_moved=_factor(op, direction) * n, saved_bytes=saved, peak_bytes=peak)
 
 
+def _torchvision_drop_block2d(x, p: float, block: int, eps: float = 1e-6):
+    """torchvision.ops.drop_block2d's composition (torchvision is not a dependency): the baseline."""
+    n, c, h, w = x.shape
+    gamma = (p * h * w) / ((block ** 2) * ((h - block + 1) * (w - block + 1)))
+    noise = torch.empty((n, c, h - block + 1, w - block + 1), dtype=x.dtype, device=x.device).bernoulli_(gamma)
+    noise = torch.nn.functional.pad(noise, [block // 2] * 4, value=0)
+    noise = 1 - torch.nn.functional.max_pool2d(noise, stride=(1, 1), kernel_size=(block, block), padding=block // 2)
+    return x * noise * (noise.numel() / (eps + noise.sum()))
+
+
 def _factor(op: str, direction: str) -> int:
     """Activation-sized tensors moved per call (see the module docstring)."""
     if "_add_" in op:  # BN + residual + act: x, residual in, out; backward dy in, dx, dresidual out
         return 3 if direction == "fwd" else 7
-    if op == "dropout":
+    if op == "dropout" or op.startswith("drop_block2d"):
         return 2 if direction == "fwd" else 4
     if op == "dropout_add_layer_norm":  # x, residual in, out (and the sum) out; backward dy, sum in, dx, dres out
         return 4 if direction == "fwd" else 8
@@ -154,6 +169,9 @@ NORM_CASES += [("layer_norm", f"fusedtech-{b}-memeff", b, dt, (ROWS(h), h), "fwd
                for dt in DTYPES for h in HIDDEN for b in _fused_backends()]
 DROPOUT_CASES = [("dropout", impl, b, dt, (ROWS(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
                  for impl, b in _impls("dropout")]
+DROP_BLOCK_SHAPES = [(512, 64, 32, 32), (512, 256, 8, 8)] if GPU else [(32, 64, 16, 16)]
+DROP_BLOCK_CASES = [(f"drop_block2d_b{block}", impl, b, dt, s, "fwd+bwd") for block in ((3, 7) if GPU else (3,))
+                    for dt in DTYPES for s in DROP_BLOCK_SHAPES for impl, b in _impls("drop_block2d")]
 BN_CASES = [("batch_norm", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES for impl, b in _impls("batch_norm")]
 # BatchNormAct2d against torch's BN then the activation: ReLU (CIFAR ResNets), GELU (airbench), and
 # the ResNet block's end, BN + residual + ReLU.
@@ -167,8 +185,9 @@ DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (ROWS(h), h), "fwd+bwd") fo
 # the CPU would dominate the short CPU run.
 COMPILE_CASES = ([("batch_norm", "torch-compile", None, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES]
                  + [(op, "torch-compile", None, dt, BN_SHAPES[0], "fwd+bwd") for op in BN_ACT_OPS for dt in DTYPES]
+                 + [("drop_block2d_b7", "torch-compile", None, dt, DROP_BLOCK_SHAPES[0], "fwd+bwd") for dt in DTYPES]
                  if GPU else [])
-ALL = NORM_CASES + DROPOUT_CASES + BN_CASES + BN_ACT_CASES + DAN_CASES + COMPILE_CASES
+ALL = NORM_CASES + DROPOUT_CASES + DROP_BLOCK_CASES + BN_CASES + BN_ACT_CASES + DAN_CASES + COMPILE_CASES
 
 
 @pytest.mark.parametrize("op,impl,backend,dtype,shape,direction", ALL,

@@ -53,6 +53,11 @@ TORCH_LIBRARY(fusedtech_C, m) {
   // backward are the same op.
   m.def("dropout_apply(Tensor x, float p, Tensor seed) -> Tensor");
 
+  // DropBlock: the keep mask of (seed, gamma, block_size) as uint8 with x's strides, and how many it
+  // keeps; then x * scale where kept (forward and backward).
+  m.def("drop_block_keep(Tensor x, Tensor seed, float gamma, int block_size) -> (Tensor, Tensor)");
+  m.def("drop_block_apply(Tensor x, Tensor keep, Tensor scale) -> Tensor");
+
   // dropout(x) + residual, then LayerNorm/RMSNorm, in one pass per row (CPU): (out, the sum, mean, rstd).
   m.def(
       "dropout_add_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float p, float eps, bool rms, "

@@ -182,6 +182,21 @@ def test_gpu_same_mask_as_cpu(backend):
     assert torch.equal(cpu, gpu)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_drop_block_same_as_cpu(layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(8, 16, 33, 31).to(memory_format=fmt)
+    dy = torch.randn_like(x)
+    seed = torch.tensor([7])
+    with fusedtech.use_backend("cpu"):
+        cpu = _drop_block_run(x, seed, 0.05, 5, dy)
+    with fusedtech.use_backend("triton"):
+        gpu = _drop_block_run(x.cuda(), seed.cuda(), 0.05, 5, dy.cuda())
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+
+
 def _unfused(x, r, w, b, p, seed, rms):
     from fusedtech.reference.dropout import keep_mask
     mask = keep_mask(x.shape, p, int(seed), x.device)
@@ -245,6 +260,20 @@ def test_dropout_add_layer_norm_saves_only_the_sum_and_statistics(backend):
         F.dropout_add_layer_norm(x, r, w, b, p=0.5).sum().backward()
     assert sum(1 for n in sizes if n == x.numel()) == 1  # the pre-norm sum; no mask, no copy of x
     assert x.grad is not None and r.grad is not None
+
+
+def test_drop_block_kernels_compile_for_sm80_sm90():
+    import triton.language as tl
+    from aot import compile_for_gpus
+    from fusedtech.triton_kernels import drop_block as k
+    compile_for_gpus(k._centres_kernel, {"seed_ptr": "*i64", "centres_ptr": "*u8", "n": "i64", "threshold": "i64"},
+                     dict(BLOCK=1024))
+    compile_for_gpus(k._keep_kernel, {"centres_ptr": "*u8", "keep_ptr": "*u8", "counts_ptr": "*i32", "C": "i32",
+                                      "H": "i32", "W": "i32", "stride_n": "i64", "stride_c": "i64", "stride_h": "i64",
+                                      "stride_w": "i64", "block_size": "i32", "tiles_per_plane": "i32"},
+                     dict(BLOCK=1024))
+    compile_for_gpus(k._apply_kernel, {"x_ptr": "*bf16", "keep_ptr": "*u8", "scale_ptr": "*fp32", "y_ptr": "*bf16",
+                                       "n": "i64"}, dict(DTYPE=tl.bfloat16, BLOCK=1024))
 
 
 def test_dropout_add_norm_kernel_compiles():
@@ -323,6 +352,87 @@ def test_drop_block_gradcheck_opcheck_and_compile():
     out = torch.compile(m, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 10, 10))
     out.sum().backward()
     assert m[0].weight.grad is not None
+
+
+def test_drop_block_oracle_grows_blocks_as_torchvision_does():
+    # torchvision: pad the centre grid by block // 2, max-pool with padding block // 2. The oracle
+    # states the same growth as a window [h - b + 1, h] x [w - b + 1, w]; same mask, given its centres.
+    from fusedtech.reference.drop_block import centre_threshold, drop_block_keep
+    from fusedtech.reference.dropout import dropout_draws
+    x, seed, gamma = torch.rand(2, 3, 11, 9), torch.tensor([5]), 0.08
+    for b in (1, 3, 5, 7):
+        centres = dropout_draws(5, torch.arange(2 * 3 * (11 - b + 1) * (9 - b + 1))) < centre_threshold(gamma)
+        centres = centres.view(2, 3, 11 - b + 1, 9 - b + 1).float()
+        grown = torch.nn.functional.max_pool2d(torch.nn.functional.pad(centres, [b // 2] * 4), b, stride=1,
+                                               padding=b // 2)
+        keep, kept = drop_block_keep(x, seed, gamma, b)
+        assert torch.equal(keep, grown == 0) and kept.item() == (grown == 0).sum().item()
+        assert 0 < kept.item() < x.numel()
+
+
+def _drop_block_run(x, seed, gamma, b, dy):
+    from fusedtech.ops.dropout import drop_block_fwd
+    x = x.detach().requires_grad_()
+    y, scale = drop_block_fwd(x, seed, gamma, b, 1e-6)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    return y, scale, dx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,b", [((2, 3, 7, 9), 3), ((1, 2, 5, 5), 5), ((3, 1, 11, 6), 1), ((2, 4, 12, 13), 7),
+                                     ((1, 1, 1, 1), 1), ((2, 5, 33, 35), 3)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_drop_block_every_backend_bit_identical_to_the_oracle(dtype, shape, b, layout):
+    from fusedtech.reference import drop_block as oracle
+    x = torch.randn(shape).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    if layout == "channels_last":
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider tensor
+        x, dy = torch.cat([x, x], 3)[..., ::2], torch.cat([dy, dy], 3)[..., ::2]
+    seed, gamma = torch.tensor([1234]), 0.15
+    keep, kept = oracle.drop_block_keep(x, seed, gamma, b)
+    scale = (x.numel() / (1e-6 + kept.double())).float()
+    for backend in BACKENDS:
+        with fusedtech.use_backend(backend):
+            y, got_scale, dx = _drop_block_run(x, seed, gamma, b, dy)
+        assert torch.equal(got_scale, scale), backend
+        assert torch.equal(y, oracle.drop_block_apply(x, keep, scale)), backend
+        assert torch.equal(dx, oracle.drop_block_apply(dy, keep, scale)), backend
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_block_gamma_edges_and_empty_tensors(backend):
+    x, seed = torch.rand(2, 3, 6, 6) + 0.5, torch.tensor([3])
+    with fusedtech.use_backend(backend):
+        y, scale, dx = _drop_block_run(x, seed, 1.0, 3, torch.ones_like(x))  # every centre set: all dropped
+        assert torch.equal(y, torch.zeros_like(x)) and torch.equal(dx, torch.zeros_like(x))
+        assert scale.item() == pytest.approx(x.numel() / 1e-6)
+        y, scale, dx = _drop_block_run(x, seed, 0.0, 3, torch.ones_like(x))  # no centre: x * numel / (eps + numel)
+        assert torch.equal(y, x * scale) and scale.item() == pytest.approx(1.0)
+        for shape in [(0, 3, 6, 6), (2, 0, 6, 6)]:
+            y, scale, dx = _drop_block_run(torch.rand(shape), seed, 0.2, 3, torch.rand(shape))
+            assert y.shape == shape and dx.shape == shape
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ cpu extension is not built")
+def test_drop_block_kernel_errors_name_the_argument():
+    ops, x, seed = torch.ops.fusedtech_C, torch.randn(2, 3, 6, 6), torch.tensor([1])
+    with pytest.raises(RuntimeError, match="block_size must be in"):
+        ops.drop_block_keep(x, seed, 0.1, 7)
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        ops.drop_block_keep(x[0], seed, 0.1, 3)
+    with pytest.raises(RuntimeError, match="gamma must be in"):
+        ops.drop_block_keep(x, seed, 1.5, 3)
+    with pytest.raises(RuntimeError, match="seed must be"):
+        ops.drop_block_keep(x, seed.float(), 0.1, 3)
+    keep, _ = ops.drop_block_keep(x, seed, 0.1, 3)
+    with pytest.raises(RuntimeError, match="keep must be a uint8 tensor with the input's shape and strides"):
+        ops.drop_block_apply(x.contiguous(memory_format=torch.channels_last), keep, torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="scale must be a float32 scalar"):
+        ops.drop_block_apply(x, keep, torch.tensor(1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -24,15 +24,20 @@ def draws_for(seed, idx):
 
 
 @triton.jit
+def block_draws(seed, first, BLOCK: tl.constexpr):
+    """The draws of elements first .. first + BLOCK - 1 (first a multiple of 4): one Philox block
+    per four consecutive elements, the four words of block j, interleaved, are the draws of
+    elements 4j .. 4j+3 (join twice then flatten puts word 2a+b at position 2a+b)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, first // 4 + tl.arange(0, BLOCK // 4))
+    return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK]).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, threshold, scale, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    # One Philox block per four consecutive elements: the four words of block j, interleaved, are
-    # the draws of elements 4j .. 4j+3 (join twice then flatten puts word 2a+b at position 2a+b).
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    seed = tl.load(seed_ptr)
-    r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK]).to(tl.uint32, bitcast=True)
+    r = block_draws(tl.load(seed_ptr), pid * BLOCK, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(r >= threshold, x * scale, 0.0)
     tl.store(y_ptr + offs, round_to(y, DTYPE), mask=mask)

@@ -154,10 +154,10 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
                  block_mask=None):
     """torchvision.ops.drop_block2d's semantics: block seeds with probability
     gamma = p H W / (block^2 (H - block + 1)(W - block + 1)), grown to block x block squares, output
-    scaled by numel / (eps + kept). The block centres are the elements fused dropout with p = gamma
-    drops (seeded from torch's generator for the device); `block_mask` (1 = keep) replaces them, for
-    tests. Backward regenerates the mask from the seed: nothing input-sized is saved. Not one kernel
-    yet: the block growth is torch's max_pool2d."""
+    scaled by numel / (eps + kept). The block centres are Philox draws seeded from torch's generator
+    for the device (fusedtech/reference/drop_block.py states the mask); `block_mask` (1 = keep)
+    replaces them, for tests. Backward regenerates the mask from the seed: nothing input-sized is
+    saved."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"drop probability has to be between 0 and 1, but got {p}.")
     if input.dim() != 4:

@@ -116,28 +116,35 @@ def new_seed(device: torch.device) -> torch.Tensor:
 
 
 # ---- DropBlock --------------------------------------------------------------------------------
-# Block centres are the elements fused dropout with p = gamma drops, grown to block x block squares
-# by a max-pool; output = x * keep * numel / (eps + kept). Backward regenerates the centres from
-# the saved seed, so only the seed and the one-element scale are kept (torch's composition keeps
-# an input-sized mask).
-def keep_mask(like: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int) -> torch.Tensor:
-    """1 where DropBlock keeps an element, in like's dtype and (N, C, H, W) shape."""
-    n, c, h, w = like.shape
-    centres = like.new_ones(n, c, h - block_size + 1, w - block_size + 1)
-    if gamma < 1.0:
-        centres = (_apply(centres, gamma, seed) == 0).to(like.dtype)
-    grown = torch.nn.functional.pad(centres, [block_size // 2] * 4, value=0)
-    grown = torch.nn.functional.max_pool2d(grown, stride=(1, 1), kernel_size=(block_size, block_size),
-                                           padding=block_size // 2)
-    return 1 - grown
+# Each backend builds the keep mask from (seed, gamma, block_size) and counts what it keeps, then
+# scales: output = x * keep * numel / (eps + kept). Backward rebuilds the mask from the saved seed,
+# so only the seed and the one-element scale are kept (torch's composition keeps an input-sized mask).
+DROP_BLOCK_IMPLEMENTED = ("triton", "cpu", "torch")
+
+
+def _drop_block_backend(device):
+    """The module-like object with drop_block_keep and drop_block_apply for `device`."""
+    backend = _backend.select("drop_block2d", device, DROP_BLOCK_IMPLEMENTED)
+    if backend == "cpu":
+        return torch.ops.fusedtech_C
+    package = "triton_kernels" if backend == "triton" else "reference"
+    return importlib.import_module(f"fusedtech.{package}.drop_block")
+
+
+def _dense_format(x: torch.Tensor) -> torch.memory_format:
+    """The format the kernels run x in: channels_last if x is stored so, else contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _drop_block_fwd(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d tensor)."""
-    keep = keep_mask(x, seed, gamma, block_size)
-    scale = keep.numel() / (eps + keep.sum(dtype=torch.float32))
-    return x * keep * scale.to(x.dtype), scale
+    """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d fp32 tensor)."""
+    x = x.contiguous(memory_format=_dense_format(x))
+    impl = _drop_block_backend(x.device)
+    keep, kept = impl.drop_block_keep(x, seed, gamma, block_size)
+    scale = (x.numel() / (eps + kept.double())).float()  # on the device: no host synchronisation
+    return impl.drop_block_apply(x, keep, scale), scale
 
 
 drop_block_fwd = torch.library.custom_op("fusedtech::drop_block2d", _drop_block_fwd, mutates_args=())
@@ -145,12 +152,15 @@ drop_block_fwd = torch.library.custom_op("fusedtech::drop_block2d", _drop_block_
 
 @drop_block_fwd.register_fake
 def _(x, seed, gamma, block_size, eps):
-    return torch.empty_like(x), x.new_empty((), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=_dense_format(x)), x.new_empty((), dtype=torch.float32)
 
 
 def _drop_block_bwd(dy: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor, gamma: float,
                     block_size: int) -> torch.Tensor:
-    return dy * keep_mask(dy, seed, gamma, block_size) * scale.to(dy.dtype)
+    dy = dy.contiguous(memory_format=_dense_format(dy))
+    impl = _drop_block_backend(dy.device)
+    keep, _ = impl.drop_block_keep(dy, seed, gamma, block_size)
+    return impl.drop_block_apply(dy, keep, scale)
 
 
 drop_block_bwd = torch.library.custom_op("fusedtech::drop_block2d_bwd", _drop_block_bwd, mutates_args=())
@@ -158,7 +168,7 @@ drop_block_bwd = torch.library.custom_op("fusedtech::drop_block2d_bwd", _drop_bl
 
 @drop_block_bwd.register_fake
 def _(dy, seed, scale, gamma, block_size):
-    return torch.empty_like(dy)
+    return torch.empty_like(dy, memory_format=_dense_format(dy))
 
 
 def _db_setup_context(ctx, inputs, output):

@@ -1,0 +1,36 @@
+"""DropBlock oracle (torchvision.ops.drop_block2d's semantics with a Philox mask). Block centres
+live on the (H - b + 1) x (W - b + 1) grid of each (n, c) plane; centre k of the flattened
+(N, C, H - b + 1, W - b + 1) grid is set when its dropout draw (reference/dropout.py) is below
+floor(gamma * 2^32). Element (h, w) is dropped when a centre lies in [h - b + 1, h] x [w - b + 1, w]:
+torchvision's pad-then-max-pool puts the block below and to the right of its centre."""
+from __future__ import annotations
+
+import torch
+
+from .dropout import dropout_draws
+
+
+def centre_threshold(gamma: float) -> int:
+    """A centre is set when its 32-bit draw is below this (2^32 when gamma is 1: every centre)."""
+    return int(gamma * 2 ** 32)
+
+
+def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int):
+    """(keep: bool with x's shape and strides, True where DropBlock keeps the element; kept: int64
+    0-d count)."""
+    n, c, h, w = x.shape
+    b = block_size
+    if x.numel() == 0:  # max_pool2d refuses zero channels
+        return torch.empty_like(x, dtype=torch.bool), torch.zeros((), dtype=torch.int64, device=x.device)
+    index = torch.arange(n * c * (h - b + 1) * (w - b + 1), device=x.device, dtype=torch.int64)
+    centres = dropout_draws(int(seed.item()), index) < centre_threshold(gamma)
+    centres = centres.view(n, c, h - b + 1, w - b + 1).float()
+    dropped = torch.nn.functional.max_pool2d(torch.nn.functional.pad(centres, [b - 1] * 4), b, stride=1)
+    keep = torch.empty_like(x, dtype=torch.bool).copy_(dropped == 0)  # x's strides, as the kernels write it
+    return keep, keep.sum()
+
+
+def drop_block_apply(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * scale where keep, else 0: the product in fp32 (fp64 for fp64 x), rounded once to x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.where(keep.bool(), xf * scale.to(xf.dtype), 0.0).to(x.dtype)

@@ -1,0 +1,88 @@
+"""DropBlock in Triton (the oracle, fusedtech/reference/drop_block.py, states the mask). Three
+launches: the block centres as bytes (one Philox draw each, the dropout draw of the centre's
+index); the keep mask, each element OR-ing the centres of its block_size^2 window (byte loads that
+hit the cache) and each program counting what it keeps; then output = x * scale where kept, with
+scale = numel / (eps + kept) read from device memory (no host synchronisation). The backward
+rebuilds the mask the same way from the seed, so the forward saves nothing input-sized."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout import block_draws
+from .multi_tensor import tl_dtype
+from .rounding import round_to
+
+BLOCK = 1024
+
+
+@triton.jit
+def _centres_kernel(seed_ptr, centres_ptr, n, threshold, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    draws = block_draws(tl.load(seed_ptr), pid * BLOCK, BLOCK)
+    tl.store(centres_ptr + offs, (draws.to(tl.int64) < threshold).to(tl.uint8), mask=offs < n)
+
+
+@triton.jit
+def _keep_kernel(centres_ptr, keep_ptr, counts_ptr, C, H, W, stride_n, stride_c, stride_h, stride_w, block_size,
+                 tiles_per_plane, BLOCK: tl.constexpr):
+    """One tile of one (n, c) plane: element (h, w) is kept unless a centre lies in
+    [h - block_size + 1, h] x [w - block_size + 1, w]; keep is stored with the tensor's strides."""
+    pid = tl.program_id(0).to(tl.int64)
+    plane, tile = pid // tiles_per_plane, pid % tiles_per_plane
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    in_plane = offs < H * W
+    h, w = offs // W, offs % W
+    centre_h, centre_w = H - block_size + 1, W - block_size + 1
+    centres = centres_ptr + plane * centre_h * centre_w
+    dropped = tl.zeros([BLOCK], dtype=tl.int1)
+    for di in range(0, block_size):
+        i = h - di
+        row_ok = in_plane & (i >= 0) & (i < centre_h)
+        for dj in range(0, block_size):
+            j = w - dj
+            ok = row_ok & (j >= 0) & (j < centre_w)
+            dropped = dropped | (tl.load(centres + i * centre_w + j, mask=ok, other=0) != 0)
+    keep = in_plane & ~dropped
+    n, c = plane // C, plane % C
+    tl.store(keep_ptr + n * stride_n + c * stride_c + h * stride_h + w * stride_w, keep.to(tl.uint8), mask=in_plane)
+    tl.store(counts_ptr + pid, tl.sum(keep.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _apply_kernel(x_ptr, keep_ptr, scale_ptr, y_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    keep = tl.load(keep_ptr + offs, mask=mask, other=0) != 0
+    y = tl.where(keep, x * tl.load(scale_ptr), 0.0)
+    tl.store(y_ptr + offs, round_to(y, DTYPE), mask=mask)
+
+
+def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int):
+    """(keep: uint8 with x's shape and strides, kept: int64 0-d count) for a dense 4-D x."""
+    from fusedtech.reference.drop_block import centre_threshold
+    n, c, h, w = x.shape
+    keep = torch.empty_like(x, dtype=torch.uint8)
+    centre_count = n * c * (h - block_size + 1) * (w - block_size + 1)
+    if x.numel() == 0:
+        return keep, torch.zeros((), dtype=torch.int64, device=x.device)
+    centres = torch.empty(centre_count, dtype=torch.uint8, device=x.device)
+    _centres_kernel[(triton.cdiv(centre_count, BLOCK),)](seed, centres, centre_count, centre_threshold(gamma),
+                                                         BLOCK=BLOCK)
+    block = min(BLOCK, triton.next_power_of_2(h * w))
+    tiles = triton.cdiv(h * w, block)
+    counts = torch.empty(n * c * tiles, dtype=torch.int32, device=x.device)
+    _keep_kernel[(n * c * tiles,)](centres, keep, counts, c, h, w, *keep.stride(), block_size, tiles, BLOCK=block)
+    return keep, counts.sum()
+
+
+def drop_block_apply(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * scale where keep, else 0, over the storage of x and keep (dense, the same strides)."""
+    y = torch.empty_like(x)
+    if x.numel():
+        _apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, keep, scale, y, x.numel(), DTYPE=tl_dtype(x.dtype),
+                                                        BLOCK=BLOCK)
+    return y
