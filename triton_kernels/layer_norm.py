@@ -116,6 +116,10 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_
     c1/c2 reduced in registers; a longer row takes them from _bwd_coeffs_kernel."""
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
+    # The row range as the loop bound (no `if row < rows` in the body). Triton pipelines this
+    # loop's loads through shared memory (cp.async in the PTX) only when asked with
+    # tl.range(..., num_stages=2); unmeasured on a GPU, so not asked yet.
+    last = tl.minimum(first + rows_per_program, rows)
     for col0 in range(0, n, BLOCK):
         cols = col0 + tl.arange(0, BLOCK)
         cmask = cols < n
@@ -123,34 +127,32 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_
             w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in range(0, rows_per_program):
-            row = first + r
-            if row < rows:
-                mean = tl.load(mean_ptr + row)
-                rstd = tl.load(rstd_ptr + row)
-                x = tl.load(x_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
-                if RMS:
-                    xhat = x * rstd
-                else:
-                    xhat = (x - mean) * rstd
-                if HAS_WEIGHT:
-                    wdy = dy * w
-                else:
-                    wdy = dy
-                if ONE_BLOCK:
-                    c1 = tl.sum(tl.where(cmask, xhat * wdy, 0.0), axis=0) / n
-                    c2 = tl.sum(wdy, axis=0) / n
-                else:
-                    c1 = tl.load(coeff_ptr + 2 * row)
-                    c2 = tl.load(coeff_ptr + 2 * row + 1)
-                if RMS:
-                    dx = (wdy - xhat * c1) * rstd
-                else:
-                    dx = (wdy - (xhat * c1 + c2)) * rstd
-                tl.store(dx_ptr + row * n + cols, round_to(dx, DTYPE), mask=cmask)
-                dw_acc += tl.where(cmask, dy * xhat, 0.0)
-                db_acc += dy
+        for row in range(first, last):
+            mean = tl.load(mean_ptr + row)
+            rstd = tl.load(rstd_ptr + row)
+            x = tl.load(x_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
+            if RMS:
+                xhat = x * rstd
+            else:
+                xhat = (x - mean) * rstd
+            if HAS_WEIGHT:
+                wdy = dy * w
+            else:
+                wdy = dy
+            if ONE_BLOCK:
+                c1 = tl.sum(tl.where(cmask, xhat * wdy, 0.0), axis=0) / n
+                c2 = tl.sum(wdy, axis=0) / n
+            else:
+                c1 = tl.load(coeff_ptr + 2 * row)
+                c2 = tl.load(coeff_ptr + 2 * row + 1)
+            if RMS:
+                dx = (wdy - xhat * c1) * rstd
+            else:
+                dx = (wdy - (xhat * c1 + c2)) * rstd
+            tl.store(dx_ptr + row * n + cols, round_to(dx, DTYPE), mask=cmask)
+            dw_acc += tl.where(cmask, dy * xhat, 0.0)
+            db_acc += dy
         if HAS_WEIGHT:
             tl.store(dw_part_ptr + pid * n + cols, dw_acc, mask=cmask)
         if HAS_BIAS:
