@@ -320,24 +320,37 @@ def test_batch_norm_act_low_precision_within_twice_torchs_error(backend, activat
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_batch_norm_act_relu_mask_is_the_same_on_every_backend(channels_last):
+@pytest.mark.parametrize("shape", [(3, 5, 7, 3), (3, 5, 4, 4), (2, 33, 8, 2)], ids=str)  # S % 8: 5, 0, 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_norm_act_relu_mask_is_the_same_on_every_backend(channels_last, shape, dtype):
     # Forward and backward may run on different backends (backward runs outside use_backend): the
-    # packed mask is in logical element order everywhere.
+    # packed mask is in logical element order everywhere, and the backward of each reads it so.
     from fusedtech.ops.batch_norm import _impl  # the backend dispatch the ops use
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(3, 5, 7, 3, generator=g)
+    x, dy = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    mean, invstd = torch.randn(5, generator=g) * 0.1, torch.rand(5, generator=g) + 0.5
-    w, b = torch.randn(5, generator=g), torch.randn(5, generator=g)
-    outs = {}
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    mean, invstd = torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5
+    w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    outs, grads = {}, {}
     for backend in BACKENDS:
         with fusedtech.use_backend(backend):
             outs[backend] = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, w, b, None, 1)
+            bwd = _impl("batch_norm_act_bwd", x.device)
+            bits = outs["torch"][1] if "torch" in outs else outs[backend][1]
+            grads[backend] = (bwd(dy, x, w, b, mean, invstd, bits, True, 1, True),  # with a residual: dres = masked dy
+                              bwd(dy, x, w, b, mean, invstd, bits, False, 1, True))
+    tol = TOL32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    expected_dres = torch.where(outs["torch"][0] > 0, dy, 0)
     for backend, (y, bits) in outs.items():
         assert bits.dtype == torch.uint8 and bits.numel() == (x.numel() + 7) // 8
         assert torch.equal(bits, outs["torch"][1]), backend
-        torch.testing.assert_close(y, outs["torch"][0], **TOL32)
+        torch.testing.assert_close(y, outs["torch"][0], **tol)
+        with_res, without = grads[backend]
+        assert torch.equal(with_res[3], expected_dres), backend  # the masked gradient is exact
+        for a, e in zip(with_res[:3] + without[:3], grads["torch"][0][:3] + grads["torch"][1][:3]):
+            torch.testing.assert_close(a, e, **tol)
     assert outs["torch"][1].any()
 
 
