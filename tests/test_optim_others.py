@@ -188,6 +188,36 @@ def test_sgd_momentum_buffer_replaced_by_the_user_is_used():
                                    atol=1e-6, rtol=1e-6)
 
 
+RESET_INFOS = INFOS + [(torch.optim.Adam, optim.Adam, [dict(), dict(lr=1e-2, amsgrad=True)]),
+                       (torch.optim.AdamW, optim.AdamW, [dict(), dict(lr=1e-2, weight_decay=0.1)])]
+
+
+@pytest.mark.parametrize("info", RESET_INFOS, ids=[i[0].__name__ for i in RESET_INFOS])
+@pytest.mark.parametrize("reset", ["clear", "replace"])
+def test_state_reset_by_the_user_starts_over(info, reset):
+    # Steady-state steps reuse buckets that hold the state; clearing optimizer.state or assigning a
+    # new mapping (a common "reset the optimizer") must start from fresh state, as torch does.
+    from collections import defaultdict
+    torch_cls, fused_cls, configs = info
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(6, generator=g))]
+    ref = clone(params)
+    config = configs[1]
+    opt, ref_opt = fused_cls(params, **config), torch_cls(ref, **config)
+    for step in range(5):
+        for p, r in zip(params, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        opt.step(), ref_opt.step()
+        if step == 2:
+            for o in (opt, ref_opt):
+                if reset == "clear":
+                    o.state.clear()
+                else:
+                    o.state = defaultdict(dict)
+    assert_close_params_and_state(ref_opt, ref, opt, params, **FP32_TOL)
+
+
 @pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
 def test_defaults_repr_and_validation_match_torch(info):
     torch_cls, fused_cls, _ = info

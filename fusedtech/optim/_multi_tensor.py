@@ -44,6 +44,9 @@ class Bucket:
     writeback: list = field(default_factory=list)
     strides: list = field(default_factory=list)  # of params, kept when the bucket is reused across steps
     momentum_buffers: Optional[list] = None  # SGD: the buffers of every parameter, once all exist
+    distributed: bool = False  # some parameter is a DTensor: take local shards (else skip the calls)
+    state_dicts: list = field(default_factory=list)  # optimizer.state[p] of each parameter (hashing a
+    # tensor to look it up costs a Python call per parameter and step)
 
 
 def check_param(name: str, p: torch.Tensor) -> None:
@@ -61,14 +64,17 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     every gradient still has its parameter's layout: a step then costs a few microseconds of
     Python per parameter instead of re-validating state (it matters on a GPU, where the kernel for
     a ResNet-18 takes about 0.1 ms)."""
-    key = (tuple(id(p) for p in group["params"] if p.grad is not None), state_keys, master_weights, with_step)
+    # The state mapping itself is part of the key: clearing or replacing optimizer.state (a reset)
+    # rebuilds the buckets, which hold the state tensors and dicts.
+    key = (tuple(id(p) for p in group["params"] if p.grad is not None), state_keys, master_weights, with_step,
+           id(optimizer.state), len(optimizer.state))
     plans = optimizer.__dict__.setdefault("_fusedtech_plans", {})
     plan = plans.get(id(group))
     if plan is not None and plan[0] == key:
         buckets = plan[1]
         ok = True
         for b in buckets.values():
-            grads = [local(p.grad) for p in b.originals]
+            grads = [local(p.grad) for p in b.originals] if b.distributed else [p.grad for p in b.originals]
             for g, p, stride in zip(grads, b.params, b.strides):
                 if g.layout != torch.strided or g.stride() != stride or g.dtype != p.dtype or g.device != p.device:
                     ok = False
@@ -133,6 +139,8 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
             b.writeback.append((shard, work))
         b.params.append(work)
         b.originals.append(p)
+        b.distributed = b.distributed or is_distributed(p)
+        b.state_dicts.append(state)
         b.grads.append(grad)
         for key in state_keys:
             b.states[key].append(matching_state(state, key, work, state_dtype))

@@ -37,8 +37,9 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                 # Parameters whose momentum buffer exists, and those whose buffer this step creates.
                 runs = [(b.params, b.grads, b.masters, [], False, [])]
                 cached = b.momentum_buffers if momentum != 0 else None
-                if cached is not None and all(mt.local(self.state[p].get("momentum_buffer")) is m
-                                              for p, m in zip(b.originals, cached)):
+                unwrap = mt.local if b.distributed else (lambda t: t)
+                if cached is not None and all(unwrap(state.get("momentum_buffer")) is m
+                                              for state, m in zip(b.state_dicts, cached)):
                     # Steady state: every buffer exists and is the one laid out last step.
                     runs = [(b.params, b.grads, b.masters, cached, False, [])]
                 elif momentum != 0:
