@@ -224,9 +224,10 @@ def _split(NS: int, C: int) -> tuple[int, int]:
 
 def batch_norm_stats(x):
     x, N, C, S, (sN, sC, sS) = _view(x)
-    mean = torch.zeros(C, device=x.device, dtype=torch.float32)  # an empty batch: zeros, as the cpu kernel
-    var = torch.zeros(C, device=x.device, dtype=torch.float32)
-    if C and N * S:
+    empty = not (C and N * S)  # an empty batch: zeros, as the cpu kernel (else the kernels write them all)
+    mean = (torch.zeros if empty else torch.empty)(C, device=x.device, dtype=torch.float32)
+    var = (torch.zeros if empty else torch.empty)(C, device=x.device, dtype=torch.float32)
+    if not empty:
         split, chunk = _split(N * S, C)
         part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
         _stats_kernel[(C, split)](x, part, N * S, S, sN, sC, sS, chunk, split, BLOCK=BLOCK)
@@ -270,8 +271,6 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
         extra = _like(extra, x)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if has_residual else None
-    sum_dy = torch.zeros(C, device=x.device, dtype=torch.float32)
-    sum_dy_xhat = torch.zeros(C, device=x.device, dtype=torch.float32)
     mean, invstd = mean.float(), invstd.float()
     w, b = weight if weight is not None else x, bias if bias is not None else x
     res, bits = (extra, x) if load_res else (x, extra if activation == 1 else x)
@@ -286,6 +285,8 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
             dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, x.numel(), C,
             S, sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
             BLOCK=BLOCK, **flags)
+    else:  # an empty batch: zero gradients (two tensors: they become dweight and dbias)
+        sum_dy, sum_dy_xhat = torch.zeros(2, C, device=x.device, dtype=torch.float32)
     return dx, sum_dy_xhat, sum_dy, dres
 
 
