@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "lanes.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -27,7 +28,6 @@
 namespace fusedtech::cpu {
 namespace {
 
-constexpr int kLanes = 8;
 constexpr int64_t kMaxChunks = 256;  // channel rows: partial sums kept per chunk of rows
 
 template <typename T>
@@ -78,36 +78,32 @@ inline double to_double(T v) {
   return static_cast<double>(static_cast<math_t<T>>(v));
 }
 
-inline double fold(const double* lanes) {
-  double s = 0.0;
-  for (int k = 0; k < kLanes; ++k) s += lanes[k];
-  return s;
-}
-
 // For each channel c, K sums over its elements i: sums[j][c] = sum of f(c, p[i], q[i])[j] (q may
 // be null: f sees 0), via eight lanes per channel run (NCHW) or per-chunk partials (rows). One pass
-// however many sums (BatchNorm's backward needs two). p and q share the view's strides.
+// however many sums (BatchNorm's backward needs two). p and q share the view's strides. f is
+// generic: it takes doubles, or eight of them at once (lanes8) for the runs' whole blocks.
 template <int K, typename T, typename F>
 void channel_sums(const T* p, const T* q, const View& v, std::array<double*, K> sums, F f) {
   auto at = [&](int64_t c, int64_t i) { return f(c, to_double(p[i]), q ? to_double(q[i]) : 0.0); };
   if (!v.rows()) {
     at::parallel_for(0, v.c, 1, [&](int64_t lo, int64_t hi) {
+      const int64_t N = v.n, S = v.s, sn = v.sn, sc = v.sc;
       for (int64_t c = lo; c < hi; ++c) {
-        double lanes[K][kLanes] = {};
-        for (int64_t n = 0; n < v.n; ++n) {
-          const int64_t off = n * v.sn + c * v.sc;
+        std::array<lanes8, K> lanes;
+        lanes.fill(zero8());
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = n * sn + c * sc;
           int64_t i = 0;
-          for (; i + kLanes <= v.s; i += kLanes)
-            for (int l = 0; l < kLanes; ++l) {
-              const std::array<double, K> r = at(c, off + i + l);
-              for (int j = 0; j < K; ++j) lanes[j][l] += r[j];
-            }
-          for (int l = 0; i < v.s; ++i, ++l) {
+          for (; i + kLanes <= S; i += kLanes) {
+            const auto r = f(c, load8(p + off + i), q ? load8(q + off + i) : zero8());
+            for (int j = 0; j < K; ++j) lanes[j] += r[j];
+          }
+          for (int l = 0; i < S; ++i, ++l) {
             const std::array<double, K> r = at(c, off + i);
             for (int j = 0; j < K; ++j) lanes[j][l] += r[j];
           }
         }
-        for (int j = 0; j < K; ++j) sums[j][c] = fold(lanes[j]);
+        for (int j = 0; j < K; ++j) sums[j][c] = fold8(lanes[j]);
       }
     });
     return;
@@ -164,12 +160,12 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in) 
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     channel_sums<1>(xp, static_cast<const scalar_t*>(nullptr), v, {mu.data()},
-                    [](int64_t, double xv, double) { return std::array<double, 1>{xv}; });
+                    [](int64_t, auto xv, auto) { return std::array<decltype(xv), 1>{xv}; });
     for (auto& m : mu) m = count > 0 ? m / count : 0.0;
     const double* mup = mu.data();
-    channel_sums<1>(xp, static_cast<const scalar_t*>(nullptr), v, {m2.data()}, [mup](int64_t c, double xv, double) {
-      const double d = xv - mup[c];
-      return std::array<double, 1>{d * d};
+    channel_sums<1>(xp, static_cast<const scalar_t*>(nullptr), v, {m2.data()}, [mup](int64_t c, auto xv, auto) {
+      const auto d = xv - mup[c];
+      return std::array<decltype(xv), 1>{d * d};
     });
     stat_t* mp = mean.data_ptr<stat_t>();
     stat_t* vp = var.data_ptr<stat_t>();
@@ -401,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_impl(const at::Ten
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dy.const_data_ptr<scalar_t>();
     const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>(), *wp = w.const_data_ptr<double>();
     channel_sums<2>(gp, xp, v, {sum_dy.data(), sum_dy_xmu.data()},
-                    [mp](int64_t c, double g, double xv) { return std::array<double, 2>{g, g * (xv - mp[c])}; });
+                    [mp](int64_t c, auto g, auto xv) { return std::array<decltype(g), 2>{g, g * (xv - mp[c])}; });
     stat_t *dwp = dw.data_ptr<stat_t>(), *dbp = db.data_ptr<stat_t>();
     std::vector<mt> k1(v.c), k2(v.c), k3(v.c), mu(v.c);
     for (int64_t c = 0; c < v.c; ++c) {

@@ -10,12 +10,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <tuple>
 #include <type_traits>
 
 #include "fusedtech/norm.h"
 #include "fusedtech/philox.h"
+#include "lanes.h"
 
 namespace fusedtech::cpu {
 namespace {
@@ -25,42 +25,16 @@ namespace {
 // double partials as large as the input (256 x 4096: 64 blocks of 4 rows).
 constexpr int64_t kRowBlocks = 64;
 constexpr int64_t kRowsPerBlock = 32;
-constexpr int kLanes = 8;
-
-// Eight doubles as one value (GCC/Clang vector extension): the lane sums below are written on it
-// directly, because the compiler did not vectorise eight scalar accumulators (the forward's two
-// row sums ran one element at a time, 2x torch's forward).
-typedef double lanes8 __attribute__((vector_size(8 * sizeof(double))));
-typedef float floats8 __attribute__((vector_size(8 * sizeof(float))));
-static_assert(kLanes == 8, "lanes8 holds kLanes doubles");
-
-// p[0..8) as doubles.
-template <typename T>
-inline lanes8 load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    floats8 v;
-    std::memcpy(&v, p, sizeof(v));
-    return __builtin_convertvector(v, lanes8);
-  } else {
-    lanes8 v;
-    for (int k = 0; k < kLanes; ++k) v[k] = static_cast<double>(p[k]);
-    return v;
-  }
-}
 
 // sum over j < n of f(j): element j goes to lane j % 8 (f8(j) gives the eight of j .. j + 7 at
 // once), lanes added in order at the end: the order depends on n only.
 template <typename F8, typename F>
 inline double row_sum(int64_t n, F8 f8, F f) {
-  lanes8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+  lanes8 acc = zero8();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) acc += f8(j);
-  double lanes[kLanes];
-  std::memcpy(lanes, &acc, sizeof(lanes));
-  for (int k = 0; j < n; ++j, ++k) lanes[k] += f(j);
-  double total = 0.0;
-  for (int k = 0; k < kLanes; ++k) total += lanes[k];
-  return total;
+  for (int k = 0; j < n; ++j, ++k) acc[k] += f(j);
+  return fold8(acc);
 }
 
 // weight (or ones) and bias (or zeros) as n doubles: the element loops need no branch.
