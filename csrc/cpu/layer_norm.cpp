@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -26,15 +27,30 @@ namespace {
 constexpr int64_t kRowBlocks = 64;
 constexpr int64_t kRowsPerBlock = 32;
 
-// sum over j < n of f(j): element j goes to lane j % 8 (f8(j) gives the eight of j .. j + 7 at
-// once), lanes added in order at the end: the order depends on n only.
+// K sums over j < n of f(j)[k] in one pass: element j goes to lane j % 8 (f8(j) gives the eight
+// of j .. j + 7 at once), lanes added in order at the end: the order depends on n only.
+template <int K, typename F8, typename F>
+inline std::array<double, K> row_sums(int64_t n, F8 f8, F f) {
+  std::array<lanes8, K> acc;
+  acc.fill(zero8());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const std::array<lanes8, K> r = f8(j);
+    for (int k = 0; k < K; ++k) acc[k] += r[k];
+  }
+  for (int l = 0; j < n; ++j, ++l) {
+    const std::array<double, K> r = f(j);
+    for (int k = 0; k < K; ++k) acc[k][l] += r[k];
+  }
+  std::array<double, K> out;
+  for (int k = 0; k < K; ++k) out[k] = fold8(acc[k]);
+  return out;
+}
+
 template <typename F8, typename F>
 inline double row_sum(int64_t n, F8 f8, F f) {
-  lanes8 acc = zero8();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) acc += f8(j);
-  for (int k = 0; j < n; ++j, ++k) acc[k] += f(j);
-  return fold8(acc);
+  return row_sums<1>(
+      n, [&](int64_t j) { return std::array<lanes8, 1>{f8(j)}; }, [&](int64_t j) { return std::array<double, 1>{f(j)}; })[0];
 }
 
 // weight (or ones) and bias (or zeros) as n doubles: the element loops need no branch.
@@ -145,12 +161,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
           for (int64_t r = blk * per_block; r < std::min(rows, (blk + 1) * per_block); ++r) {
             const double mu = rms ? 0.0 : mp[r], rs = rp[r];
             const scalar_t *xr = xp + r * n, *gr = gp + r * n;
-            const double c1 = row_sum(
-                n, [=](int64_t j) { return (load8(xr + j) - mu) * rs * (load8(gr + j) * load8(wp + j)); },
-                [=](int64_t j) { return (static_cast<double>(xr[j]) - mu) * rs * (static_cast<double>(gr[j]) * wp[j]); }) / n;
-            const double c2 = rms ? 0.0
-                                  : row_sum(n, [=](int64_t j) { return load8(gr + j) * load8(wp + j); },
-                                            [=](int64_t j) { return static_cast<double>(gr[j]) * wp[j]; }) / n;
+            // c1 = mean(xhat * w dy), c2 = mean(w dy), one pass over the row.
+            const auto [sum_c1, sum_c2] = row_sums<2>(
+                n,
+                [=](int64_t j) {
+                  const lanes8 wdy = load8(gr + j) * load8(wp + j);
+                  return std::array<lanes8, 2>{(load8(xr + j) - mu) * rs * wdy, wdy};
+                },
+                [=](int64_t j) {
+                  const double wdy = static_cast<double>(gr[j]) * wp[j];
+                  return std::array<double, 2>{(static_cast<double>(xr[j]) - mu) * rs * wdy, wdy};
+                });
+            const double c1 = sum_c1 / n, c2 = rms ? 0.0 : sum_c2 / n;
             scalar_t* dxr = dxp + r * n;
             const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
             const mt c1f = static_cast<mt>(c1), c2f = static_cast<mt>(c2);
