@@ -19,10 +19,11 @@ namespace fusedtech::cpu {
 namespace {
 
 // One plane's scratch, rows of padded_w = W + b - 1 bytes laid end to end. Each row of centres is
-// stored shifted right by b - 1 between zero borders, and row_or has b - 1 zero rows on top; then
-// both window ORs run over the whole flat plane at once (long loops that vectorise even when rows
-// are short): row_or[k] = OR_d centres[k + d], dropped[k] = OR_d row_or[k + d * padded_w]. Columns
-// w >= W of a row only ever see zero borders, so they come out kept: exactly H * (b - 1) extra.
+// stored shifted right by b - 1 between zero borders, and row_or has b - 1 zero rows above and
+// below; then both window ORs run over the whole flat plane at once (long loops that vectorise
+// even when rows are short): row_or[k] = OR_d centres[k + d], dropped[k] = OR_d row_or[k + d *
+// padded_w]. Columns w >= W of a row only ever see zero borders, so they come out kept: exactly
+// H * (b - 1) extra.
 struct PlaneScratch {
   PlaneScratch(int64_t H, int64_t W, int64_t b)
       : draws((H - b + 1) * (W - b + 1)),
