@@ -13,6 +13,8 @@ act: forward 3 N, forward+backward 7 N (dy in, dx and dresidual out).
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -122,8 +124,10 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
         fn = torch.compile(fn)
     dy = torch.randn_like(x)
 
+    stages = 2 if impl.endswith("-rowstages2") else None
+
     def run():
-        with fusedtech.use_backend(backend):
+        with fusedtech.use_backend(backend), _ln_bwd_row_stages(stages):
             y = fn(x)
             if direction == "fwd+bwd":
                 y.backward(dy)
@@ -151,6 +155,20 @@ def _torchvision_drop_block2d(x, p: float, block: int, eps: float = 1e-6):
     return x * noise * (noise.numel() / (eps + noise.sum()))
 
 
+@contextlib.contextmanager
+def _ln_bwd_row_stages(stages):
+    """The Triton LayerNorm backward's row-prefetch depth for one case (None: the default)."""
+    if stages is None:
+        yield
+        return
+    from fusedtech.triton_kernels import layer_norm as kernels
+    saved, kernels.BWD_ROW_STAGES = kernels.BWD_ROW_STAGES, stages
+    try:
+        yield
+    finally:
+        kernels.BWD_ROW_STAGES = saved
+
+
 def _factor(op: str, direction: str) -> int:
     """Activation-sized tensors moved per call (see the module docstring)."""
     if "_add_" in op:  # BN + residual + act: x, residual in, out; backward dy in, dx, dresidual out
@@ -167,6 +185,9 @@ NORM_CASES = [(op, impl, b, dt, (ROWS(h), h), d) for op in ("layer_norm", "rms_n
 # The memory-saving LayerNorm (recomputes xhat from the output): what its backward costs.
 NORM_CASES += [("layer_norm", f"fusedtech-{b}-memeff", b, dt, (ROWS(h), h), "fwd+bwd")
                for dt in DTYPES for h in HIDDEN for b in _fused_backends()]
+# GPU only: the Triton backward prefetching the next rows (tl.range num_stages=2) against the default.
+NORM_CASES += [(op, "fusedtech-triton-rowstages2", "triton", dt, (ROWS(h), h), "fwd+bwd") for op in ("layer_norm", "rms_norm")
+               for dt in DTYPES for h in HIDDEN if GPU]
 DROPOUT_CASES = [("dropout", impl, b, dt, (ROWS(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
                  for impl, b in _impls("dropout")]
 DROP_BLOCK_SHAPES = [(512, 64, 32, 32), (512, 256, 8, 8)] if GPU else [(32, 64, 16, 16)]

@@ -287,12 +287,15 @@ def test_triton_kernels_compile_for_sm80_sm90():
         compile_for_gpus(k._fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
                                           "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n": "i32", "eps": "fp32"},
                          dict(DTYPE=tl.bfloat16, RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK=block, ONE_BLOCK=one))
-    for one, block in ((True, 1024), (False, 8192)):
-        compile_for_gpus(k._bwd_kernel, {"dy_ptr": "*fp32", "x_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
+    for one, block, stages in ((True, 1024, 1), (False, 8192, 1), (True, 4096, 2)):
+        compiled = compile_for_gpus(k._bwd_kernel, {"dy_ptr": "*fp32", "x_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
                                           "rstd_ptr": "*fp32", "coeff_ptr": "*fp32", "dx_ptr": "*fp32",
                                           "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "rows": "i32", "n": "i32",
                                           "rows_per_program": "i32"},
-                         dict(DTYPE=tl.float32, RMS=not one, HAS_WEIGHT=True, HAS_BIAS=one, BLOCK=block, ONE_BLOCK=one))
+                         dict(DTYPE=tl.float32, RMS=not one, HAS_WEIGHT=True, HAS_BIAS=one, BLOCK=block, ONE_BLOCK=one,
+                              ROW_STAGES=stages))
+        # Two stages: the next row's loads are prefetched asynchronously (what the knob is for).
+        assert all(("cp.async" in c.asm["ptx"]) == (stages > 1) for c in compiled)
     compile_for_gpus(k._bwd_coeffs_kernel, {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "mean_ptr": "*fp32",
                                             "rstd_ptr": "*fp32", "coeff_ptr": "*fp32", "n": "i32"},
                      dict(RMS=False, HAS_WEIGHT=True, BLOCK=8192))

@@ -17,6 +17,7 @@ from .rounding import round_to
 from .multi_tensor import tl_dtype
 
 MAX_BLOCK = 8192  # elements of a row held in registers at once
+BWD_ROW_STAGES = 1  # software-pipelining depth of the backward's row loop (see _bwd_kernel)
 
 
 @triton.jit
@@ -110,15 +111,15 @@ def _bwd_coeffs_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, n, R
 @triton.jit
 def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, n,
                 rows_per_program, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ROW_STAGES: tl.constexpr):
     """Rows [pid * rows_per_program, ...): dx per row; this program's dweight/dbias partial
     (column block by column block when n > BLOCK). A row that fits one block is read once and its
     c1/c2 reduced in registers; a longer row takes them from _bwd_coeffs_kernel."""
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
-    # The row range as the loop bound (no `if row < rows` in the body). Triton pipelines this
-    # loop's loads through shared memory (cp.async in the PTX) only when asked with
-    # tl.range(..., num_stages=2); unmeasured on a GPU, so not asked yet.
+    # The row range as the loop bound (no `if row < rows` in the body). ROW_STAGES > 1 makes Triton
+    # prefetch the next rows through shared memory (cp.async in the PTX); 1 (no prefetch) stays the
+    # default until a GPU measures the difference (bench_nn's "-rowstages2" rows).
     last = tl.minimum(first + rows_per_program, rows)
     for col0 in range(0, n, BLOCK):
         cols = col0 + tl.arange(0, BLOCK)
@@ -127,7 +128,7 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_
             w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(first, last):
+        for row in tl.range(first, last, num_stages=ROW_STAGES):
             mean = tl.load(mean_ptr + row)
             rstd = tl.load(rstd_ptr + row)
             x = tl.load(x_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -201,6 +202,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, rms: bool, has_bias: bool):
                                  dw_part if dw_part is not None else dx, db_part if db_part is not None else dx,
                                  rows, n, rows_per_program, DTYPE=tl_dtype(x.dtype), RMS=rms,
                                  HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK=block, ONE_BLOCK=one,
+                                 ROW_STAGES=BWD_ROW_STAGES,
                                  num_warps=min(max(block // 256, 1), 16))
     else:
         for t in (dw_part, db_part):
