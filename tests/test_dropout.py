@@ -268,10 +268,12 @@ def test_drop_block_kernels_compile_for_sm80_sm90():
     from fusedtech.triton_kernels import drop_block as k
     compile_for_gpus(k._centres_kernel, {"seed_ptr": "*i64", "centres_ptr": "*u8", "n": "i64", "threshold": "i64"},
                      dict(BLOCK=1024))
-    compile_for_gpus(k._keep_kernel, {"centres_ptr": "*u8", "keep_ptr": "*u8", "counts_ptr": "*i32", "C": "i32",
-                                      "H": "i32", "W": "i32", "stride_n": "i64", "stride_c": "i64", "stride_h": "i64",
-                                      "stride_w": "i64", "block_size": "i32", "tiles_per_plane": "i32"},
-                     dict(BLOCK=1024))
+    for planes, block in ((1, 1024), (16, 64), (1024, 1)):  # a large plane's tile; 8x8 planes; 1x1 planes
+        compile_for_gpus(k._keep_kernel, {"centres_ptr": "*u8", "keep_ptr": "*u8", "counts_ptr": "*i32", "planes": "i64",
+                                          "C": "i32", "H": "i32", "W": "i32", "stride_n": "i64", "stride_c": "i64",
+                                          "stride_h": "i64", "stride_w": "i64", "block_size": "i32",
+                                          "tiles_per_plane": "i32"},
+                         dict(PLANES=planes, BLOCK=block))
     compile_for_gpus(k._apply_kernel, {"x_ptr": "*bf16", "keep_ptr": "*u8", "scale_ptr": "*fp32", "y_ptr": "*bf16",
                                        "n": "i64"}, dict(DTYPE=tl.bfloat16, BLOCK=1024))
 

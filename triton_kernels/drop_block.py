@@ -26,29 +26,33 @@ def _centres_kernel(seed_ptr, centres_ptr, n, threshold, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _keep_kernel(centres_ptr, keep_ptr, counts_ptr, C, H, W, stride_n, stride_c, stride_h, stride_w, block_size,
-                 tiles_per_plane, BLOCK: tl.constexpr):
-    """One tile of one (n, c) plane: element (h, w) is kept unless a centre lies in
-    [h - block_size + 1, h] x [w - block_size + 1, w]; keep is stored with the tensor's strides."""
-    pid = tl.program_id(0).to(tl.int64)
-    plane, tile = pid // tiles_per_plane, pid % tiles_per_plane
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    in_plane = offs < H * W
+def _keep_kernel(centres_ptr, keep_ptr, counts_ptr, planes, C, H, W, stride_n, stride_c, stride_h, stride_w,
+                 block_size, tiles_per_plane, PLANES: tl.constexpr, BLOCK: tl.constexpr):
+    """A [PLANES, BLOCK] tile: BLOCK elements of each of PLANES (n, c) planes (several small planes
+    per program, or one tile of a large one). Element (h, w) is kept unless a centre of its plane
+    lies in [h - block_size + 1, h] x [w - block_size + 1, w]; keep is stored with the tensor's
+    strides; the program counts its keeps. Divisions per element are 32-bit (within a plane)."""
+    pid = tl.program_id(0)
+    group, tile = pid // tiles_per_plane, pid % tiles_per_plane
+    plane = group.to(tl.int64) * PLANES + tl.arange(0, PLANES)[:, None]
+    offs = tile * BLOCK + tl.arange(0, BLOCK)[None, :]
+    live = (plane < planes) & (offs < H * W)
     h, w = offs // W, offs % W
     centre_h, centre_w = H - block_size + 1, W - block_size + 1
-    centres = centres_ptr + plane * centre_h * centre_w
-    dropped = tl.zeros([BLOCK], dtype=tl.int1)
+    centres = centres_ptr + plane * (centre_h * centre_w)
+    dropped = tl.zeros([PLANES, BLOCK], dtype=tl.int1)
     for di in range(0, block_size):
         i = h - di
-        row_ok = in_plane & (i >= 0) & (i < centre_h)
+        row_ok = live & (i >= 0) & (i < centre_h)
         for dj in range(0, block_size):
             j = w - dj
             ok = row_ok & (j >= 0) & (j < centre_w)
             dropped = dropped | (tl.load(centres + i * centre_w + j, mask=ok, other=0) != 0)
-    keep = in_plane & ~dropped
+    keep = live & ~dropped
     n, c = plane // C, plane % C
-    tl.store(keep_ptr + n * stride_n + c * stride_c + h * stride_h + w * stride_w, keep.to(tl.uint8), mask=in_plane)
-    tl.store(counts_ptr + pid, tl.sum(keep.to(tl.int32), axis=0))
+    address = n * stride_n + c * stride_c + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
+    tl.store(keep_ptr + address, keep.to(tl.uint8), mask=live)
+    tl.store(counts_ptr + pid, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0))
 
 
 @triton.jit
@@ -73,9 +77,12 @@ def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
     _centres_kernel[(triton.cdiv(centre_count, BLOCK),)](seed, centres, centre_count, centre_threshold(gamma),
                                                          BLOCK=BLOCK)
     block = min(BLOCK, triton.next_power_of_2(h * w))
+    planes_per_program = BLOCK // block  # small planes share a program: about BLOCK elements each
     tiles = triton.cdiv(h * w, block)
-    counts = torch.empty(n * c * tiles, dtype=torch.int32, device=x.device)
-    _keep_kernel[(n * c * tiles,)](centres, keep, counts, c, h, w, *keep.stride(), block_size, tiles, BLOCK=block)
+    programs = triton.cdiv(n * c, planes_per_program) * tiles
+    counts = torch.empty(programs, dtype=torch.int32, device=x.device)
+    _keep_kernel[(programs,)](centres, keep, counts, n * c, c, h, w, *keep.stride(), block_size, tiles,
+                              PLANES=planes_per_program, BLOCK=block)
     return keep, counts.sum()
 
 
