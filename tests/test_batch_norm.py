@@ -173,18 +173,23 @@ def test_triton_kernels_compile_for_sm80_sm90():
     import triton.language as tl
     from aot import compile_for_gpus
     from fusedtech.triton_kernels import batch_norm as k
-    view = {"S": "i64", "sN": "i64", "sC": "i64", "sS": "i64"}
+    # Sizes come as divisor() tuples (size, magic, shift1, shift2), split with multiply-high unless WIDE.
+    size_S = {"S": "i32", "S_m": "u32", "S_1": "i32", "S_2": "i32"}
+    size_C = {"C": "i32", "C_m": "u32", "C_1": "i32", "C_2": "i32"}
+    view = {**size_S, "sN": "i64", "sC": "i64", "sS": "i64"}
     compile_for_gpus(k._stats_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", "NS": "i64", **view, "CHUNK": "i64",
-                                       "SPLIT": "i64"}, dict(BLOCK=1024))
+                                       "SPLIT": "i64"}, dict(WIDE=False, BLOCK=1024))
     compile_for_gpus(k._stats_combine_kernel, {"part_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32",
                                                "SPLIT": "i64"}, {})
     per_channel = {"mean_ptr": "*fp32", "invstd_ptr": "*fp32"}
-    for act, has_res in ((0, False), (1, True), (2, False), (3, True)):  # plain BatchNorm, then BatchNormAct2d
-        compile_for_gpus(k._apply_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **per_channel, "w_ptr": "*bf16",
-                                           "b_ptr": "*bf16", "res_ptr": "*bf16", "bits_ptr": "*u8", "total": "i64",
-                                           "C": "i64", **view},
-                         dict(DTYPE=tl.bfloat16, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RES=has_res, ACT=act, BLOCK=1024))
-        flags = dict(HAS_WEIGHT=True, HAS_BIAS=act != 3, LOAD_RES=has_res and act >= 2, ACT=act)
+    for act, has_res, wide in ((0, False, False), (1, True, False), (2, False, True), (3, True, False)):
+        compiled = compile_for_gpus(
+            k._apply_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **per_channel, "w_ptr": "*bf16", "b_ptr": "*bf16",
+                              "res_ptr": "*bf16", "bits_ptr": "*u8", "total": "i64", **size_C, **view},
+            dict(DTYPE=tl.bfloat16, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RES=has_res, ACT=act, WIDE=wide, BLOCK=1024))
+        # Below 2^32 elements no index is divided by a runtime size (a long emulated routine).
+        assert all(("div.s64" in c.asm["ptx"] or "rem.s64" in c.asm["ptx"]) == wide for c in compiled)
+        flags = dict(HAS_WEIGHT=True, HAS_BIAS=act != 3, LOAD_RES=has_res and act >= 2, ACT=act, WIDE=wide)
         compile_for_gpus(k._bwd_reduce_kernel, {"dy_ptr": "*fp32", "x_ptr": "*fp32", **per_channel, "w_ptr": "*fp32",
                                                 "b_ptr": "*fp32", "res_ptr": "*fp32", "bits_ptr": "*u8",
                                                 "part_ptr": "*fp32", "NS": "i64", **view, "CHUNK": "i64", "SPLIT": "i64"},
@@ -192,7 +197,7 @@ def test_triton_kernels_compile_for_sm80_sm90():
         compile_for_gpus(k._bwd_apply_kernel, {"dy_ptr": "*fp16", "x_ptr": "*fp16", "dx_ptr": "*fp16", "dres_ptr": "*fp16",
                                                **per_channel, "w_ptr": "*fp16", "b_ptr": "*fp16", "res_ptr": "*fp16",
                                                "bits_ptr": "*u8", "sum_dy_ptr": "*fp32", "sum_dy_xhat_ptr": "*fp32",
-                                               "total": "i64", "C": "i64", **view, "count": "fp32"},
+                                               "total": "i64", **size_C, **view, "count": "fp32"},
                          dict(DTYPE=tl.float16, WRITE_DRES=has_res, TRAINING=True, BLOCK=1024, **flags))
 
 

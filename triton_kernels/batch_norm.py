@@ -9,19 +9,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .indexing import divisor, fast_divmod, needs_wide
 from .multi_tensor import tl_dtype
 from .rounding import round_to
 
 BLOCK = 1024
+# Sizes S and C reach the kernels as divisor() tuples (size, magic, shift1, shift2): every element's
+# logical index is split by fast_divmod (triton_kernels/indexing.py), not by a division.
 
 
 @triton.jit
-def _address(j, S, sN, sC, sS, c):
-    return (j // S) * sN + c * sC + (j % S) * sS
-
-
-@triton.jit
-def _stats_kernel(x_ptr, part_ptr, NS, S, sN, sC, sS, CHUNK, SPLIT, BLOCK: tl.constexpr):
+def _stats_kernel(x_ptr, part_ptr, NS, S, S_m, S_1, S_2, sN, sC, sS, CHUNK, SPLIT, WIDE: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """Program (c, p): count, mean and M2 of channel c over its p-th slice of CHUNK elements, blocks
     merged with Chan's formula."""
     c = tl.program_id(0).to(tl.int64)
@@ -34,7 +33,8 @@ def _stats_kernel(x_ptr, part_ptr, NS, S, sN, sC, sS, CHUNK, SPLIT, BLOCK: tl.co
     for start in range(begin, end, BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < end
-        x = tl.load(x_ptr + _address(j, S, sN, sC, sS, c), mask=mask, other=0.0).to(tl.float32)
+        n, s = fast_divmod(j, S, S_m, S_1, S_2, WIDE)  # j-th element of the channel: (n, s)
+        x = tl.load(x_ptr + n * sN + c * sC + s * sS, mask=mask, other=0.0).to(tl.float32)
         nb = tl.sum(mask.to(tl.float32), axis=0)
         mb = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - mb, 0.0)
@@ -108,15 +108,14 @@ def _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT: t
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, total, C, S, sN, sC, sS,
-                  DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                  ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, total, C, C_m, C_1, C_2, S,
+                  S_m, S_1, S_2, sN, sC, sS, DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_RES: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     """y = act(bn(x) + residual); for ReLU also bit k % 8 of bits[k // 8] = y[k] > 0 (logical order k)."""
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # logical (n, c, s) order
     mask = k < total
-    s = k % S
-    c = (k // S) % C
-    n = k // (S * C)
+    ns, s = fast_divmod(k, S, S_m, S_1, S_2, WIDE)
+    n, c = fast_divmod(ns, C, C_m, C_1, C_2, WIDE)
     addr = n * sN + c * sC + s * sS
     x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
     y = (x - tl.load(mean_ptr + c, mask=mask, other=0.0)) * tl.load(invstd_ptr + c, mask=mask, other=0.0)
@@ -136,9 +135,9 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bit
 
 
 @triton.jit
-def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, part_ptr, NS, S, sN,
-                       sC, sS, CHUNK, SPLIT, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       LOAD_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, part_ptr, NS, S, S_m,
+                       S_1, S_2, sN, sC, sS, CHUNK, SPLIT, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       LOAD_RES: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     """Program (c, p): sums of g and g * xhat over channel c's p-th slice, into part[0|1, c, p], where g
     is the gradient at the pre-activation (dy itself without an activation)."""
     c = tl.program_id(0).to(tl.int64)
@@ -155,8 +154,9 @@ def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_pt
     for start in range(begin, end, BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < end
-        addr = _address(j, S, sN, sC, sS, c)
-        k = (j // S) * (C * S) + c * S + j % S
+        n, s = fast_divmod(j, S, S_m, S_1, S_2, WIDE)  # j-th element of the channel: (n, s)
+        addr = n * sN + c * sC + s * sS
+        k = n * (C * S) + c * S + s
         x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
@@ -168,14 +168,14 @@ def _bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_pt
 
 @triton.jit
 def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, dres_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr,
-                      sum_dy_ptr, sum_dy_xhat_ptr, total, C, S, sN, sC, sS, count, DTYPE: tl.constexpr,
-                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_RES: tl.constexpr,
-                      WRITE_DRES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+                      sum_dy_ptr, sum_dy_xhat_ptr, total, C, C_m, C_1, C_2, S, S_m, S_1, S_2, sN, sC, sS, count,
+                      DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_RES: tl.constexpr,
+                      WRITE_DRES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, WIDE: tl.constexpr,
+                      BLOCK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = k < total
-    s = k % S
-    c = (k // S) % C
-    n = k // (S * C)
+    ns, s = fast_divmod(k, S, S_m, S_1, S_2, WIDE)
+    n, c = fast_divmod(ns, C, C_m, C_1, C_2, WIDE)
     addr = n * sN + c * sC + s * sS
     x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
@@ -230,7 +230,8 @@ def batch_norm_stats(x):
     if not empty:
         split, chunk = _split(N * S, C)
         part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
-        _stats_kernel[(C, split)](x, part, N * S, S, sN, sC, sS, chunk, split, BLOCK=BLOCK)
+        _stats_kernel[(C, split)](x, part, N * S, *divisor(S), sN, sC, sS, chunk, split, WIDE=needs_wide(N * S),
+                                  BLOCK=BLOCK)
         _stats_combine_kernel[(C,)](part, mean, var, split)
     return mean, var
 
@@ -251,9 +252,9 @@ def batch_norm_act_apply(x, mean, invstd, weight, bias, residual, activation: in
     if total:
         _apply_kernel[(triton.cdiv(total, BLOCK),)](
             x, y, mean.float(), invstd.float(), weight if weight is not None else x, bias if bias is not None else x,
-            residual if residual is not None else x, bits if activation == 1 else x, total, C, S, sN, sC, sS,
-            DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None, ACT=activation, BLOCK=BLOCK)
+            residual if residual is not None else x, bits if activation == 1 else x, total, *divisor(C), *divisor(S),
+            sN, sC, sS, DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, ACT=activation, WIDE=needs_wide(total), BLOCK=BLOCK)
     return y, bits
 
 
@@ -278,13 +279,13 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
     if x.numel():
         split, chunk = _split(N * S, C)
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
-        _bwd_reduce_kernel[(C, split)](dy, x, mean, invstd, w, b, res, bits, part, N * S, S, sN, sC, sS, chunk, split,
-                                       BLOCK=BLOCK, **flags)
+        _bwd_reduce_kernel[(C, split)](dy, x, mean, invstd, w, b, res, bits, part, N * S, *divisor(S), sN, sC, sS,
+                                       chunk, split, WIDE=needs_wide(x.numel()), BLOCK=BLOCK, **flags)
         sum_dy, sum_dy_xhat = part.sum(-1)  # slices in a fixed order: deterministic
         _bwd_apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, x.numel(), C,
-            S, sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
-            BLOCK=BLOCK, **flags)
+            dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, x.numel(),
+            *divisor(C), *divisor(S), sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual,
+            TRAINING=bool(training), WIDE=needs_wide(x.numel()), BLOCK=BLOCK, **flags)
     else:  # an empty batch: zero gradients (two tensors: they become dweight and dbias)
         sum_dy, sum_dy_xhat = torch.zeros(2, C, device=x.device, dtype=torch.float32)
     return dx, sum_dy_xhat, sum_dy, dres

@@ -1,0 +1,34 @@
+"""Division of element indices by a size known only at launch, without a hardware division per
+element: a runtime integer division is a long emulated routine on NVIDIA GPUs (tens of
+instructions, more for 64-bit), and an elementwise kernel over an (N, C, S) view divides every
+index by S and C, where a memory-bound kernel has a budget of a few tens of instructions per
+element in all. Round-up multiply-high division (Granlund & Montgomery; libdivide's branch-free
+unsigned form): exact for 0 <= k < 2^32; WIDE kernels (larger tensors) divide plainly."""
+import triton
+import triton.language as tl
+
+
+def divisor(d: int) -> tuple[int, int, int, int]:
+    """(d, magic, shift1, shift2) for fast_divmod, for 1 <= d < 2^32."""
+    if not 1 <= d < 2 ** 32:
+        raise ValueError(f"fusedtech: divisor {d} is outside [1, 2^32)")
+    log2_ceil = (d - 1).bit_length()
+    magic = (((1 << log2_ceil) - d) << 32) // d + 1  # 2^32 + magic = floor(2^(32 + l) / d) + 1
+    return d, magic, min(log2_ceil, 1), max(log2_ceil - 1, 0)
+
+
+def needs_wide(count: int) -> bool:
+    """True if indices up to count may reach 2^32, where fast_divmod's 32-bit form stops being exact."""
+    return count >= 2 ** 32
+
+
+@triton.jit
+def fast_divmod(k, d, magic, shift1, shift2, WIDE: tl.constexpr):
+    """(k // d, k % d) as int64 for int64 indices 0 <= k; (d, magic, shift1, shift2) from divisor()."""
+    if WIDE:
+        q = k // d
+    else:
+        n = k.to(tl.uint32)
+        t = tl.umulhi(n, magic.to(tl.uint32))
+        q = ((t + ((n - t) >> shift1.to(tl.uint32))) >> shift2.to(tl.uint32)).to(tl.int64)
+    return q, k - q * d
