@@ -270,7 +270,8 @@ def test_drop_block_kernels_compile_for_sm80_sm90():
                      dict(BLOCK=1024))
     for planes, block in ((1, 1024), (16, 64), (1024, 1)):  # a large plane's tile; 8x8 planes; 1x1 planes
         compile_for_gpus(k._keep_kernel, {"centres_ptr": "*u8", "keep_ptr": "*u8", "counts_ptr": "*i32", "planes": "i64",
-                                          "C": "i32", "H": "i32", "W": "i32", "stride_n": "i64", "stride_c": "i64",
+                                          "C": "i32", "H": "i32", "W": "i32", "W_m": "u32", "W_1": "i32", "W_2": "i32",
+                                          "stride_n": "i64", "stride_c": "i64",
                                           "stride_h": "i64", "stride_w": "i64", "block_size": "i32",
                                           "tiles_per_plane": "i32"},
                          dict(PLANES=planes, BLOCK=block))

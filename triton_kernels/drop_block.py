@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .dropout import block_draws
+from .indexing import divisor, fast_divmod
 from .multi_tensor import tl_dtype
 from .rounding import round_to
 
@@ -26,18 +27,18 @@ def _centres_kernel(seed_ptr, centres_ptr, n, threshold, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _keep_kernel(centres_ptr, keep_ptr, counts_ptr, planes, C, H, W, stride_n, stride_c, stride_h, stride_w,
-                 block_size, tiles_per_plane, PLANES: tl.constexpr, BLOCK: tl.constexpr):
+def _keep_kernel(centres_ptr, keep_ptr, counts_ptr, planes, C, H, W, W_m, W_1, W_2, stride_n, stride_c, stride_h,
+                 stride_w, block_size, tiles_per_plane, PLANES: tl.constexpr, BLOCK: tl.constexpr):
     """A [PLANES, BLOCK] tile: BLOCK elements of each of PLANES (n, c) planes (several small planes
     per program, or one tile of a large one). Element (h, w) is kept unless a centre of its plane
     lies in [h - block_size + 1, h] x [w - block_size + 1, w]; keep is stored with the tensor's
-    strides; the program counts its keeps. Divisions per element are 32-bit (within a plane)."""
+    strides; the program counts its keeps. W comes as a divisor() tuple: no division per element."""
     pid = tl.program_id(0)
     group, tile = pid // tiles_per_plane, pid % tiles_per_plane
     plane = group.to(tl.int64) * PLANES + tl.arange(0, PLANES)[:, None]
     offs = tile * BLOCK + tl.arange(0, BLOCK)[None, :]
     live = (plane < planes) & (offs < H * W)
-    h, w = offs // W, offs % W
+    h, w = fast_divmod(offs, W, W_m, W_1, W_2, False)  # offs < H * W < 2^32
     centre_h, centre_w = H - block_size + 1, W - block_size + 1
     centres = centres_ptr + plane * (centre_h * centre_w)
     dropped = tl.zeros([PLANES, BLOCK], dtype=tl.int1)
@@ -50,7 +51,7 @@ def _keep_kernel(centres_ptr, keep_ptr, counts_ptr, planes, C, H, W, stride_n, s
             dropped = dropped | (tl.load(centres + i * centre_w + j, mask=ok, other=0) != 0)
     keep = live & ~dropped
     n, c = plane // C, plane % C
-    address = n * stride_n + c * stride_c + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
+    address = n * stride_n + c * stride_c + h * stride_h + w * stride_w
     tl.store(keep_ptr + address, keep.to(tl.uint8), mask=live)
     tl.store(counts_ptr + pid, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0))
 
@@ -81,7 +82,7 @@ def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
     tiles = triton.cdiv(h * w, block)
     programs = triton.cdiv(n * c, planes_per_program) * tiles
     counts = torch.empty(programs, dtype=torch.int32, device=x.device)
-    _keep_kernel[(programs,)](centres, keep, counts, n * c, c, h, w, *keep.stride(), block_size, tiles,
+    _keep_kernel[(programs,)](centres, keep, counts, n * c, c, h, *divisor(w), *keep.stride(), block_size, tiles,
                               PLANES=planes_per_program, BLOCK=block)
     return keep, counts.sum()
 
