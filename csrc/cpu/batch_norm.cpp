@@ -229,18 +229,19 @@ void pack_positive_rows(const T* y, uint8_t* bits, int64_t n, int64_t block, int
 template <typename T>
 using bits_of = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
 
-// out[j] = g[j] where bit (first_bit + j) of the mask is set, else +0, for j in [0, count). Branch-free,
-// on the values' bits: the mask is random, and a branch per element mispredicted half the time
-// (the ReLU backward took 5x the whole BatchNorm backward).
+// out[j * stride] = g[j * stride] where bit (first_bit + j) of the mask is set, else +0, for j in
+// [0, count). Branch-free, on the values' bits: the mask is random, and a branch per element
+// mispredicted half the time (the ReLU backward took 5x the whole BatchNorm backward).
 template <typename T>
-void select_by_bits(const T* g, const uint8_t* __restrict__ bits, T* out, int64_t first_bit, int64_t count) {
+void select_by_bits(const T* g, const uint8_t* __restrict__ bits, T* out, int64_t first_bit, int64_t count,
+                    int64_t stride) {
   using U = bits_of<T>;
   const U* __restrict__ gu = reinterpret_cast<const U*>(g);
   U* __restrict__ ou = reinterpret_cast<U*>(out);
   int64_t j = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {  // a byte's eight bits become eight lane masks
-    if (first_bit % 8 == 0) {
+    if (stride == 1 && first_bit % 8 == 0) {
       const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
       for (; j + 8 <= count; j += 8) {
         const __m256i set = _mm256_and_si256(_mm256_set1_epi32(bits[(first_bit + j) >> 3]), lane_bit);
@@ -252,7 +253,7 @@ void select_by_bits(const T* g, const uint8_t* __restrict__ bits, T* out, int64_
 #endif
   for (; j < count; ++j) {
     const int64_t k = first_bit + j;
-    ou[j] = gu[j] & static_cast<U>(U(0) - U((bits[k >> 3] >> (k & 7)) & 1));
+    ou[j * stride] = gu[j * stride] & static_cast<U>(U(0) - U((bits[k >> 3] >> (k & 7)) & 1));
   }
 }
 
@@ -452,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
       if (v.logical()) {  // whole bytes per task: eight elements each
         at::parallel_for(0, (x.numel() + 7) / 8, 2048, [&](int64_t lo, int64_t hi) {
           const int64_t end = std::min(hi * 8, x.numel());
-          select_by_bits(gp + lo * 8, bits, op + lo * 8, lo * 8, end - lo * 8);
+          select_by_bits(gp + lo * 8, bits, op + lo * 8, lo * 8, end - lo * 8, 1);
         });
         return;
       }
@@ -464,14 +465,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
         });
         return;
       }
-      // Other layouts (channel runs with a stride, rows with S % 8 != 0): element by element.
+      // Other layouts (channel runs with a stride, rows with S % 8 != 0): one (n, c) per step, its
+      // S bits consecutive, its elements ss apart.
       at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, v.s)), [&](int64_t lo, int64_t hi) {
         for (int64_t nc = lo; nc < hi; ++nc) {
           const int64_t off = (nc / v.c) * v.sn + (nc % v.c) * v.sc;
-          for (int64_t s = 0; s < v.s; ++s) {
-            const int64_t k = nc * v.s + s;
-            op[off + s * v.ss] = (bits[k >> 3] >> (k & 7)) & 1 ? gp[off + s * v.ss] : scalar_t(0);
-          }
+          select_by_bits(gp + off, bits, op + off, nc * v.s, v.s, v.ss);
         }
       });
     });
