@@ -65,7 +65,8 @@ TORCH_LIBRARY(fusedtech_C, m) {
 
   // BatchNorm over dim 1 of (N, C, *), NCHW or channels_last: per-channel mean and biased
   // variance; the normalisation; the backward (dx, dweight, dbias).
-  m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
+  // (mean, 1 / sqrt(biased variance + eps), unbiased variance: what the running variance takes)
+  m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor");
   m.def(
       "batch_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, bool training) "

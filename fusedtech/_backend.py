@@ -152,11 +152,27 @@ def use_backend(name: str | None):
 _warned: set = set()
 
 
+# Choices made, by (op, device type, implemented, large list, requested backend, availability test):
+# availability is fixed for the life of a process, and the choice sits on every op's host path
+# (each microsecond of Python here costs several on a GPU machine's slower CPU). The availability
+# function is part of the key so that a replaced one (tests) is asked again.
+_choices: dict = {}
+
+
 def select(op: str, device: torch.device, implemented: tuple[str, ...], elements: int | None = None) -> str:
     """The backend that runs `op` on `device`, out of the backends that implement it; `elements`:
     how many elements a multi-tensor op's list holds (large lists have their own order)."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     wanted = requested_backend()
+    large = elements is not None and elements >= LARGE_LIST_ELEMENTS
+    key = (op, device_type, implemented, large, wanted, why_unavailable)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _select(op, device_type, implemented, large, wanted)
+    return choice
+
+
+def _select(op: str, device_type: str, implemented: tuple[str, ...], large: bool, wanted: str | None) -> str:
     if wanted is not None:
         if wanted not in implemented:
             raise BackendUnavailableError(
@@ -166,7 +182,6 @@ def select(op: str, device: torch.device, implemented: tuple[str, ...], elements
         if why is not None:
             raise BackendUnavailableError(f"fusedtech: backend {wanted!r} was requested for {op} but is unavailable: {why}")
         return wanted
-    large = elements is not None and elements >= LARGE_LIST_ELEMENTS
     order = ((_AUTO_ORDER_LARGE_LIST.get(device_type) if large else None) or _AUTO_ORDER_BY_OP.get((op, device_type))
              or _AUTO_ORDER.get(device_type, ("torch",)))
     skipped = []
@@ -182,3 +197,23 @@ def select(op: str, device: torch.device, implemented: tuple[str, ...], elements
             return name
         skipped.append((name, why))
     raise BackendUnavailableError(f"fusedtech: no backend can run {op} on {device_type} tensors")
+
+
+_functions: dict = {}
+
+
+def implementation(op: str, device: torch.device, implemented: tuple[str, ...], module: str, name: str,
+                   elements: int | None = None):
+    """The function that runs `name` for `op` on `device`: the compiled op torch.ops.fusedtech_C.<name>
+    for cuda/cpu, fusedtech.triton_kernels.<module>.<name> for triton, fusedtech.reference.<module>.<name>
+    for torch. Looked up once per backend (it is on every call's host path)."""
+    backend = select(op, device, implemented, elements)
+    fn = _functions.get((backend, module, name))
+    if fn is None:
+        if backend in ("cuda", "cpu"):
+            fn = getattr(torch.ops.fusedtech_C, name)
+        else:
+            package = "triton_kernels" if backend == "triton" else "reference"
+            fn = getattr(importlib.import_module(f"fusedtech.{package}.{module}"), name)
+        _functions[(backend, module, name)] = fn
+    return fn

@@ -179,8 +179,8 @@ def test_triton_kernels_compile_for_sm80_sm90():
     view = {**size_S, "sN": "i64", "sC": "i64", "sS": "i64"}
     compile_for_gpus(k._stats_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", "NS": "i64", **view, "CHUNK": "i64",
                                        "SPLIT": "i64"}, dict(WIDE=False, BLOCK=1024))
-    compile_for_gpus(k._stats_combine_kernel, {"part_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32",
-                                               "SPLIT": "i64"}, {})
+    compile_for_gpus(k._stats_combine_kernel, {"part_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
+                                               "unbiased_ptr": "*fp32", "SPLIT": "i64", "eps": "fp32"}, {})
     per_channel = {"mean_ptr": "*fp32", "invstd_ptr": "*fp32"}
     for act, has_res, wide in ((0, False, False), (1, True, False), (2, False, True), (3, True, False)):
         compiled = compile_for_gpus(

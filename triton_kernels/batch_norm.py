@@ -5,6 +5,8 @@ deterministic), the normalisation, and the backward (per-slice sums of dy and dy
 order, then dx)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -51,8 +53,9 @@ def _stats_kernel(x_ptr, part_ptr, NS, S, S_m, S_1, S_2, sN, sC, sS, CHUNK, SPLI
 
 
 @triton.jit
-def _stats_combine_kernel(part_ptr, mean_ptr, var_ptr, SPLIT):
-    """Channel c: its SPLIT partials merged in order (Chan's formula again): deterministic."""
+def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, unbiased_ptr, SPLIT, eps):
+    """Channel c: its SPLIT partials merged in order (Chan's formula again): deterministic. Writes
+    the mean, 1 / sqrt(biased variance + eps) and the unbiased variance (the running variance's)."""
     c = tl.program_id(0).to(tl.int64)
     count = 0.0
     mean = 0.0
@@ -66,8 +69,10 @@ def _stats_combine_kernel(part_ptr, mean_ptr, var_ptr, SPLIT):
         mean = mean + delta * (nb / tot)
         m2 = m2 + tl.load(part + 2) + delta * delta * (count * nb / tot)
         count = tot
+    var = m2 / count
     tl.store(mean_ptr + c, mean)
-    tl.store(var_ptr + c, m2 / count)
+    tl.store(invstd_ptr + c, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)))
+    tl.store(unbiased_ptr + c, tl.where(count > 1.0, m2 / tl.maximum(count - 1.0, 1.0), var))
 
 
 # Activations after BatchNorm (and an optional residual add), by the codes of
@@ -222,18 +227,19 @@ def _split(NS: int, C: int) -> tuple[int, int]:
     return triton.cdiv(NS, chunk), chunk
 
 
-def batch_norm_stats(x):
+def batch_norm_stats(x, eps: float):
+    """(mean, 1 / sqrt(biased variance + eps), unbiased variance) per channel, in two launches."""
     x, N, C, S, (sN, sC, sS) = _view(x)
-    empty = not (C and N * S)  # an empty batch: zeros, as the cpu kernel (else the kernels write them all)
-    mean = (torch.zeros if empty else torch.empty)(C, device=x.device, dtype=torch.float32)
-    var = (torch.zeros if empty else torch.empty)(C, device=x.device, dtype=torch.float32)
-    if not empty:
+    mean, invstd, unbiased = (torch.empty(C, device=x.device, dtype=torch.float32) for _ in range(3))
+    if C and N * S:
         split, chunk = _split(N * S, C)
         part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
         _stats_kernel[(C, split)](x, part, N * S, *divisor(S), sN, sC, sS, chunk, split, WIDE=needs_wide(N * S),
                                   BLOCK=BLOCK)
-        _stats_combine_kernel[(C,)](part, mean, var, split)
-    return mean, var
+        _stats_combine_kernel[(C,)](part, mean, invstd, unbiased, split, eps)
+    else:  # an empty batch: zero statistics, as the other backends
+        mean.zero_(), invstd.fill_(1.0 / math.sqrt(eps)), unbiased.zero_()
+    return mean, invstd, unbiased
 
 
 def _like(t, x):

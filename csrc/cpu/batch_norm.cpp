@@ -150,10 +150,11 @@ void channel_map(const T* in, const T* aux, T* out, const View& v, G g) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in, double eps) {
   auto [x, v] = channel_view(x_in, "input");
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean = at::empty({v.c}, x.options().dtype(stat)), var = at::empty({v.c}, x.options().dtype(stat));
+  at::Tensor mean = at::empty({v.c}, x.options().dtype(stat)), invstd = at::empty({v.c}, x.options().dtype(stat));
+  at::Tensor unbiased = at::empty({v.c}, x.options().dtype(stat));
   const double count = static_cast<double>(v.n) * v.s;
   std::vector<double> mu(v.c), m2(v.c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
@@ -167,14 +168,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in) 
       const auto d = xv - mup[c];
       return std::array<decltype(xv), 1>{d * d};
     });
-    stat_t* mp = mean.data_ptr<stat_t>();
-    stat_t* vp = var.data_ptr<stat_t>();
+    stat_t *mp = mean.data_ptr<stat_t>(), *ip = invstd.data_ptr<stat_t>(), *up = unbiased.data_ptr<stat_t>();
     for (int64_t c = 0; c < v.c; ++c) {
+      const double var = count > 0 ? m2[c] / count : 0.0;  // biased: what normalisation uses
       mp[c] = static_cast<stat_t>(mu[c]);
-      vp[c] = static_cast<stat_t>(count > 0 ? m2[c] / count : 0.0);  // biased: what normalisation uses
+      ip[c] = static_cast<stat_t>(1.0 / std::sqrt(var + eps));
+      up[c] = static_cast<stat_t>(count > 1 ? m2[c] / (count - 1) : var);
     }
   });
-  return {mean, var};
+  return {mean, invstd, unbiased};
 }
 
 // Activation codes, shared with the Triton kernels: 0 none, 1 relu, 2 gelu, 3 silu. ReLU is applied

@@ -107,8 +107,9 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const T* __restrict__ x
   }
 }
 
-__global__ void stats_combine_kernel(const float* __restrict__ part, float* __restrict__ mean, float* __restrict__ var,
-                                     int64_t channels, int64_t split) {
+__global__ void stats_combine_kernel(const float* __restrict__ part, float* __restrict__ mean,
+                                     float* __restrict__ invstd, float* __restrict__ unbiased, int64_t channels,
+                                     int64_t split, float eps) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
   Welford st{0.f, 0.f, 0.f};
@@ -116,8 +117,10 @@ __global__ void stats_combine_kernel(const float* __restrict__ part, float* __re
     const float* in = part + (c * split + p) * 3;
     st = merge(st, Welford{in[0], in[1], in[2]});
   }
+  const float var = st.n > 0.f ? st.m2 / st.n : 0.f;  // biased: what normalisation uses
   mean[c] = st.mean;
-  var[c] = st.n > 0.f ? st.m2 / st.n : 0.f;
+  invstd[c] = 1.f / sqrtf(var + eps);
+  unbiased[c] = st.n > 1.f ? st.m2 / (st.n - 1.f) : var;
 }
 
 template <typename T, int ACT, bool HAS_RES>
@@ -269,12 +272,14 @@ void with_bool(bool value, F f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x_in, double eps) {
   auto [x, v] = channel_view(x_in, "input");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor mean = at::zeros({v.c}, x.options().dtype(at::kFloat)), var = at::zeros({v.c}, x.options().dtype(at::kFloat));
+  const auto opts = x.options().dtype(at::kFloat);
   const int64_t ns = v.n * v.s;
-  if (v.c == 0 || ns == 0) return {mean, var};
+  if (v.c == 0 || ns == 0)  // an empty batch: zero statistics, as the other backends
+    return {at::zeros({v.c}, opts), at::full({v.c}, 1.0 / std::sqrt(eps), opts), at::zeros({v.c}, opts)};
+  at::Tensor mean = at::empty({v.c}, opts), invstd = at::empty({v.c}, opts), unbiased = at::empty({v.c}, opts);
   const auto [split, chunk] = split_of(ns, v.c);
   at::Tensor part = at::empty({v.c, split, 3}, x.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -284,9 +289,10 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x_in)
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   stats_combine_kernel<<<grid_for(v.c), kThreads, 0, stream>>>(part.const_data_ptr<float>(), mean.data_ptr<float>(),
-                                                               var.data_ptr<float>(), v.c, split);
+                                                               invstd.data_ptr<float>(), unbiased.data_ptr<float>(),
+                                                               v.c, split, static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {mean, var};
+  return {mean, invstd, unbiased};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cuda(const at::Tensor& x_in, const at::Tensor& mean,

@@ -21,26 +21,29 @@ from ..ops.layer_norm import layer_norm_recompute
 
 def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=False):
     shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
-    if tuple(input.shape[input.dim() - len(shape):]) != shape:
+    if input.shape[input.dim() - len(shape):] != shape:
         raise RuntimeError(f"fusedtech: input of shape {tuple(input.shape)} does not end in normalized_shape {shape}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != shape:
+        if t is None:
+            continue
+        if t.shape != shape:
             raise RuntimeError(f"fusedtech: {name} has shape {tuple(t.shape)}, expected normalized_shape {shape}")
-        if t is not None and t.device != input.device:
+        if t.device != input.device:
             raise RuntimeError(f"fusedtech: {name} is on {t.device} but input is on {input.device}")
     n = math.prod(shape)
     if n == 0:  # rows of no elements: nothing to normalise, torch's op gives the empty result and grads
         if rms:
             return torch.nn.functional.rms_norm(input, shape, weight, eps)
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
-    # A copy only when the input is not contiguous: the kernels walk rows of n contiguous elements.
-    x2 = input.reshape(-1, n)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    y, _, _ = (layer_norm_recompute if memory_efficient else layer_norm_fwd)(x2, w, b, float(eps), rms)
-    return y.view(input.shape)
+    # The op normalises over the last dimension of a contiguous input: a copy only when the input
+    # is not contiguous, reshapes (autograd view nodes) only for a normalized_shape of several dims.
+    x = input if input.is_contiguous() else input.contiguous()
+    if len(shape) != 1:
+        x = x.reshape(-1, n)
+        weight = weight.reshape(n) if weight is not None else None
+        bias = bias.reshape(n) if bias is not None else None
+    y, _, _ = (layer_norm_recompute if memory_efficient else layer_norm_fwd)(x, weight, bias, float(eps), rms)
+    return y if y.shape == input.shape else y.view(input.shape)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *, memory_efficient: bool = False):
@@ -114,7 +117,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         y, mean, _, var, _ = batch_norm_act_fwd(input, weight, bias, rm, rv, residual, training, float(eps), activation)
     # An empty batch has no statistics: torch leaves the running ones as they are.
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
-        update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], float(momentum))
+        update_running_stats(running_mean, running_var, mean, var, float(momentum))
     return y
 
 

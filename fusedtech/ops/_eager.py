@@ -8,9 +8,12 @@ from __future__ import annotations
 import torch
 
 
-def eager_fast_path(name: str, op, impl, setup_context, backward):
+def eager_fast_path(name: str, op, impl, setup_context, backward, differentiable: int = 1):
     """A callable with op's signature: `op` while compiling, else impl under autograd.Function.
-    The Function's ctx carries `eager = True` so that backward can call implementations directly."""
+    The Function's ctx carries `eager = True` so that backward can call implementations directly.
+    Of a tuple of outputs only the first `differentiable` carry gradients; the rest (statistics,
+    masks) are marked non-differentiable, and no zero gradients are made for them: backward gets
+    None there (the engine would otherwise allocate and fill a zero tensor per output per call)."""
 
     class _Eager(torch.autograd.Function):
         @staticmethod
@@ -18,10 +21,16 @@ def eager_fast_path(name: str, op, impl, setup_context, backward):
             out = impl(*args)
             ctx.eager = True
             setup_context(ctx, args, out)
+            if isinstance(out, tuple) and len(out) > differentiable:
+                ctx.mark_non_differentiable(*out[differentiable:])
+            ctx.set_materialize_grads(False)
+            ctx.inputs = len(args)
             return out
 
         @staticmethod
         def backward(ctx, *grads):
+            if all(g is None for g in grads[:differentiable]):  # no gradient reached the outputs
+                return (None,) * ctx.inputs
             return backward(ctx, *grads)
 
     _Eager.__name__ = _Eager.__qualname__ = f"{name}_eager"

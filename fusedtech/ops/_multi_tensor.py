@@ -1,8 +1,6 @@
 """Backend dispatch shared by the multi-tensor optimizer ops."""
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .. import _backend
@@ -15,11 +13,7 @@ def implementation(op_name: str, module: str, device: torch.device, tensors=None
     fusedtech.triton_kernels.<module>.<op_name> for triton, fusedtech.reference.<module> for torch.
     `tensors`: the list the op steps; on a GPU its size picks the automatic backend."""
     elements = sum(map(torch.Tensor.numel, tensors)) if tensors and device.type == "cuda" else None
-    backend = _backend.select(op_name.rstrip("_"), device, IMPLEMENTED, elements)
-    if backend in ("cuda", "cpu"):
-        return getattr(torch.ops.fusedtech_C, op_name)
-    package = "triton_kernels" if backend == "triton" else "reference"
-    return getattr(importlib.import_module(f"fusedtech.{package}.{module}"), op_name)
+    return _backend.implementation(op_name.rstrip("_"), device, IMPLEMENTED, module, op_name, elements)
 
 
 def call(op, op_name: str, module: str, params, *args) -> None:

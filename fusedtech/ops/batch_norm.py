@@ -6,7 +6,6 @@ automatic choice is torch's native (cuDNN) batch_norm until the Triton kernels a
 on a GPU (fusedtech.nn.functional); `use_backend("triton")` selects them."""
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -18,28 +17,24 @@ IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
 def _impl(name: str, device):
-    backend = _backend.select("batch_norm", device, IMPLEMENTED)
-    if backend in ("cuda", "cpu"):
-        return getattr(torch.ops.fusedtech_C, name)
-    package = "triton_kernels" if backend == "triton" else "reference"
-    return getattr(importlib.import_module(f"fusedtech.{package}.batch_norm"), name)
+    return _backend.implementation("batch_norm", device, IMPLEMENTED, "batch_norm", name)
 
 
 def _statistics(x, running_mean, running_var, training: bool, eps: float):
-    """(mean, 1/sqrt(var + eps), biased variance): the batch's in training, the running ones in eval;
-    fp32 (float64 for float64)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    """(mean, 1/sqrt(var + eps), variance for the running statistics): in training the batch's (the
+    normalising variance is biased, the returned one unbiased; one op computes all three), in eval
+    the running ones. fp32 (float64 for float64)."""
     if training:
-        mean, var = _impl("batch_norm_stats", x.device)(x)
-    else:
-        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-    return mean, torch.rsqrt(var + eps), var
+        return _impl("batch_norm_stats", x.device)(x, eps)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    var = running_var.to(acc, copy=True)
+    return running_mean.to(acc, copy=True), torch.rsqrt(var + eps), var
 
 
 def _batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, saved mean, saved 1/sqrt(var + eps), biased batch variance): batch statistics in training,
+    """(y, saved mean, saved 1/sqrt(var + eps), unbiased batch variance): batch statistics in training,
     the given running statistics (read only) in eval. Statistics are fp32 (float64 for float64)."""
     mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
     y = _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
@@ -56,17 +51,16 @@ def _(x, weight, bias, running_mean, running_var, training, eps):
     return torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 
 
-def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+def update_running_stats(running_mean, running_var, mean, unbiased, momentum: float) -> None:
     """torch's update, running += momentum * (batch statistic - running), with the unbiased batch
-    variance: two kernel launches for fp32 buffers (it was nine separate elementwise ops, most of a
-    small BatchNorm's host time on a GPU)."""
+    variance (which the statistics op returns): one launch for fp32 buffers (it was nine separate
+    elementwise ops, most of a small BatchNorm's host time on a GPU)."""
     with torch.no_grad():
-        unbiased = var * (count / (count - 1)) if count > 1 else var
-        if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
+        if running_mean.dtype == mean.dtype and running_var.dtype == unbiased.dtype:
             torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
         else:  # low-precision buffers: blend in the statistics' precision, round once
             running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean, momentum))
-            running_var.copy_(torch.lerp(running_var.to(var.dtype), unbiased, momentum))
+            running_var.copy_(torch.lerp(running_var.to(unbiased.dtype), unbiased, momentum))
 
 
 def _batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
@@ -128,7 +122,7 @@ def _batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
                         running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                         residual: Optional[torch.Tensor], training: bool, eps: float,
                         activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, saved mean, saved invstd, biased batch variance, ReLU's packed mask or an empty tensor)."""
+    """(out, saved mean, saved invstd, unbiased batch variance, ReLU's packed mask or an empty tensor)."""
     mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
     out, bits = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, weight, bias, residual,
                                                         ACTIVATION_CODES[activation])

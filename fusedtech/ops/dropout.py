@@ -15,11 +15,7 @@ FUSED_NORM_IMPLEMENTED = ("triton", "cpu", "torch")  # dropout + add + norm: no 
 
 
 def _apply(x, p, seed):
-    backend = _backend.select("dropout", x.device, IMPLEMENTED)
-    if backend in ("cuda", "cpu"):
-        return torch.ops.fusedtech_C.dropout_apply(x, p, seed)
-    package = "triton_kernels" if backend == "triton" else "reference"
-    return importlib.import_module(f"fusedtech.{package}.dropout").dropout_apply(x, p, seed)
+    return _backend.implementation("dropout", x.device, IMPLEMENTED, "dropout", "dropout_apply")(x, p, seed)
 
 
 def _dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
@@ -56,14 +52,9 @@ dropout = eager_fast_path("dropout", dropout_apply, _dropout_apply, _setup_conte
 # and the row statistics: no mask, no copy of x.
 
 def _dan_impl(x, residual, weight, bias, p, eps, rms, seed):
-    backend = _backend.select("dropout_add_layer_norm", x.device, FUSED_NORM_IMPLEMENTED)
-    if backend == "triton":
-        from ..triton_kernels.dropout import dropout_add_norm_fwd
-        return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
-    if backend == "cpu":
-        return torch.ops.fusedtech_C.dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
-    from ..reference.dropout import dropout_add_norm_fwd
-    return dropout_add_norm_fwd(x, residual, weight, bias, p, eps, rms, seed)
+    fwd = _backend.implementation("dropout_add_layer_norm", x.device, FUSED_NORM_IMPLEMENTED, "dropout",
+                                  "dropout_add_norm_fwd")
+    return fwd(x, residual, weight, bias, p, eps, rms, seed)
 
 
 def _dropout_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
@@ -96,6 +87,8 @@ def _dan_backward(ctx, dout, dsum, dmean, drstd):
     from .layer_norm import _layer_norm_bwd, layer_norm_bwd
     s, weight, mean, rstd, seed = ctx.saved_tensors
     eager = is_eager(ctx)
+    if dout is None:  # only the sum was used (eager gradients are not materialised)
+        dout = torch.zeros_like(s)
     ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, mean, rstd, ctx.rms, ctx.has_bias)
     if dsum is not None:  # the sum is also an output (the next residual)
         ds = ds + dsum
@@ -106,7 +99,7 @@ def _dan_backward(ctx, dout, dsum, dmean, drstd):
 
 dropout_add_norm.register_autograd(_dan_backward, setup_context=_dan_setup_context)
 dropout_add_layer_norm = eager_fast_path("dropout_add_layer_norm", dropout_add_norm, _dropout_add_norm,
-                                         _dan_setup_context, _dan_backward)
+                                         _dan_setup_context, _dan_backward, differentiable=2)
 
 
 def new_seed(device: torch.device) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """LayerNorm / RMSNorm as torch.library ops: `fusedtech::layer_norm_fwd` (y, mean, rstd: fp32, or
 float64 for float64 input)
-with autograd through `fusedtech::layer_norm_bwd` (dx, dweight, dbias). Both take a 2-D
-contiguous (rows, n) input; fusedtech.nn.functional reshapes any leading shape to it.
-`layer_norm` is what eager code calls (ops/_eager.py: the same kernels without the custom-op cost)."""
+with autograd through `fusedtech::layer_norm_bwd` (dx, dweight, dbias). Both take a contiguous
+(..., n) input, normalised over its last dimension, and hand the kernels its (rows, n) view: the
+reshapes happen inside the op, so autograd records no view nodes around it (each costs host time
+in backward). `layer_norm` is what eager code calls (ops/_eager.py: the same kernels without the
+custom-op cost)."""
 from __future__ import annotations
 
-import importlib
+import math
 from typing import Optional
 
 import torch
@@ -18,17 +20,23 @@ IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
 def _impl(name: str, device):
-    backend = _backend.select("layer_norm", device, IMPLEMENTED)
-    if backend in ("cuda", "cpu"):
-        return getattr(torch.ops.fusedtech_C, name)
-    package = "triton_kernels" if backend == "triton" else "reference"
-    return getattr(importlib.import_module(f"fusedtech.{package}.layer_norm"), name)
+    return _backend.implementation("layer_norm", device, IMPLEMENTED, "layer_norm", name)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if t.dim() == 2 else t.view(-1, n)
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y (rows, n) in x's shape; detached, so that autograd does not take the op's output for a view
+    (in-place ops on it, as an inplace ReLU after the norm, would be refused)."""
+    return y if y.dim() == x.dim() else y.view(x.shape).detach()
 
 
 def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                     rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _impl("layer_norm_fwd", x.device)(x, weight, bias, eps, rms)
-    return y, mean, rstd
+    y, mean, rstd = _impl("layer_norm_fwd", x.device)(_rows(x, x.shape[-1]), weight, bias, eps, rms)
+    return _like(y, x), mean, rstd
 
 
 layer_norm_fwd = torch.library.custom_op("fusedtech::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
@@ -36,16 +44,19 @@ layer_norm_fwd = torch.library.custom_op("fusedtech::layer_norm_fwd", _layer_nor
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, rms):
-    rows, acc = x.shape[0], stat_dtype(x.dtype)
+    rows, acc = math.prod(x.shape[:-1]), stat_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                     rstd: torch.Tensor, rms: bool, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _impl("layer_norm_bwd", x.device)(dy.contiguous(), x, weight, mean, rstd, rms, has_bias)
+    n = x.shape[-1]
+    dx, dw, db = _impl("layer_norm_bwd", x.device)(_rows(dy.contiguous(), n), _rows(x, n), weight, mean, rstd, rms,
+                                                   has_bias)
     # Absent gradients come back as (distinct) empty tensors: an op's outputs may not alias.
     acc = stat_dtype(x.dtype)
-    return (dx, dw if dw is not None else x.new_empty(0, dtype=acc), db if db is not None else x.new_empty(0, dtype=acc))
+    return (_like(dx, x), dw if dw is not None else x.new_empty(0, dtype=acc),
+            db if db is not None else x.new_empty(0, dtype=acc))
 
 
 layer_norm_bwd = torch.library.custom_op("fusedtech::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
@@ -53,7 +64,7 @@ layer_norm_bwd = torch.library.custom_op("fusedtech::layer_norm_bwd", _layer_nor
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, rms, has_bias):
-    n, acc = x.shape[1], stat_dtype(x.dtype)
+    n, acc = x.shape[-1], stat_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty(n if weight is not None else 0, dtype=acc),
             x.new_empty(n if has_bias else 0, dtype=acc))
 
@@ -97,7 +108,7 @@ layer_norm_fwd_recompute = torch.library.custom_op("fusedtech::layer_norm_fwd_re
 
 @layer_norm_fwd_recompute.register_fake
 def _(x, weight, bias, eps, rms):
-    rows, acc = x.shape[0], stat_dtype(x.dtype)
+    rows, acc = math.prod(x.shape[:-1]), stat_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
@@ -122,7 +133,7 @@ def _recompute_backward(ctx, dy, dmean, drstd):
     dx, dw, db = bwd(dy.to(acc), xhat, weight.to(acc) if weight is not None else None, torch.zeros_like(rstd),
                      torch.ones_like(rstd), ctx.rms, bias is not None)
     wdt, bdt = ctx.dtypes
-    return ((dx * rstd[:, None]).to(y.dtype), dw.to(wdt) if weight is not None else None,
+    return ((dx * rstd.view(*y.shape[:-1], 1)).to(y.dtype), dw.to(wdt) if weight is not None else None,
             db.to(bdt) if bias is not None else None, None, None)
 
 

@@ -17,12 +17,17 @@ def _per_channel(t, x):
     return t.view([1, -1] + [1] * (x.dim() - 2))
 
 
-def batch_norm_stats(x):
-    """(mean, biased variance) per channel; zeros for an empty batch."""
+def batch_norm_stats(x, eps: float):
+    """(mean, 1 / sqrt(biased variance + eps), unbiased variance) per channel: what normalising and
+    the running variance take; zero statistics for an empty batch."""
     xf = x.to(_acc(x))
     if x.numel() == 0:
-        return xf.new_zeros(x.shape[1]), xf.new_zeros(x.shape[1])
-    return xf.mean(_dims(x)), xf.var(_dims(x), unbiased=False)
+        mean, var, unbiased = (xf.new_zeros(x.shape[1]) for _ in range(3))
+    else:
+        mean, var = xf.mean(_dims(x)), xf.var(_dims(x), unbiased=False)
+        count = x.numel() // x.shape[1]
+        unbiased = xf.var(_dims(x), unbiased=True) if count > 1 else var
+    return mean, torch.rsqrt(var + eps), unbiased
 
 
 def batch_norm_apply(x, mean, invstd, weight, bias):
