@@ -162,6 +162,27 @@ def test_modules_are_drop_ins():
     assert fusedtech.nn.FusedLayerNorm is fusedtech.nn.LayerNorm and fusedtech.nn.FusedRMSNorm is fusedtech.nn.RMSNorm
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,normalized", [((2, 5, 8), (8,)), ((6, 8), (8,)), ((2, 3, 4), (3, 4))], ids=str)
+def test_output_takes_in_place_ops_and_statistics_need_no_grad(backend, shape, normalized):
+    # The op reshapes inside itself: its output is no autograd view, so an in-place activation
+    # after the norm works as after torch's; the saved statistics are not differentiable outputs.
+    from fusedtech.ops.layer_norm import layer_norm as layer_norm_op
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    w, b = torch.randn(normalized, generator=g), torch.randn(normalized, generator=g)
+    ours, ref = [[t.clone().requires_grad_() for t in (x, w, b)] for _ in range(2)]
+    with fusedtech.use_backend(backend):
+        y = F.layer_norm(ours[0], normalized, ours[1], ours[2]).relu_()
+        y.backward(dy)
+        _, mean, rstd = layer_norm_op(ours[0].view(-1, 8) if len(normalized) == 1 else ours[0].reshape(-1, 12),
+                                      ours[1].reshape(-1), ours[2].reshape(-1), 1e-5, False)
+    assert not mean.requires_grad and not rstd.requires_grad
+    torch.nn.functional.layer_norm(ref[0], normalized, ref[1], ref[2]).relu_().backward(dy)
+    for a, c in zip(ours, ref):
+        torch.testing.assert_close(a.grad, c.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_rms_norm_eps_none_is_finfo_eps():
     x = torch.randn(5, 8, dtype=torch.float32)
     torch.testing.assert_close(fusedtech.nn.RMSNorm(8)(x), torch.nn.RMSNorm(8)(x), atol=1e-5, rtol=1e-5)
