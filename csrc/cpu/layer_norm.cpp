@@ -136,10 +136,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   at::Tensor dx = at::empty_like(x);
   const int64_t blocks = std::max<int64_t>(1, std::min(kRowBlocks, rows / kRowsPerBlock));
   const int64_t per_block = (rows + blocks - 1) / std::max<int64_t>(blocks, 1);
-  at::Tensor dw_part = at::zeros({blocks, n}, x.options().dtype(at::kDouble));
-  at::Tensor db_part = at::zeros({blocks, n}, x.options().dtype(at::kDouble));
+  // Each block zeroes its own partials (in its thread, just before it fills them): zeroing them all
+  // up front was a tenth of the backward's time at 2048 x 512.
+  at::Tensor dw_part = at::empty({blocks, n}, x.options().dtype(at::kDouble));
+  at::Tensor db_part = at::empty({blocks, n}, x.options().dtype(at::kDouble));
   const at::Tensor w = as_double(weight, n, 1.0, x);
-  if (rows > 0 && n > 0) {
+  if (rows == 0 || n == 0) {  // no rows: zero dweight and dbias
+    dw_part.zero_();
+    db_part.zero_();
+  } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* gp = dy.const_data_ptr<scalar_t>();
@@ -158,6 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
         for (int64_t blk = lo; blk < hi; ++blk) {
           double* dwb = dwp + blk * n;
           double* dbb = dbp + blk * n;
+          std::fill_n(dwb, n, 0.0);
+          std::fill_n(dbb, n, 0.0);
           for (int64_t r = blk * per_block; r < std::min(rows, (blk + 1) * per_block); ++r) {
             const double mu = rms ? 0.0 : mp[r], rs = rp[r];
             const scalar_t *xr = xp + r * n, *gr = gp + r * n;
