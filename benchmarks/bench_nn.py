@@ -73,8 +73,13 @@ def _saved_bytes(fn, x):
     return sum(total)
 
 
-def _case(op, impl, backend, dtype, shape, direction, benchmark):
-    x = torch.randn(shape, device=DEV, dtype=dtype, requires_grad=direction == "fwd+bwd")
+def _case(label, impl, backend, dtype, shape, direction, benchmark):
+    """label: the op, with "_nhwc" appended for a channels_last input."""
+    op = label.removesuffix("_nhwc")
+    x = torch.randn(shape, device=DEV, dtype=dtype)
+    if op != label:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(direction == "fwd+bwd")
     n = x.numel() * x.element_size()
     if op in ("layer_norm", "rms_norm"):
         h = shape[-1]
@@ -141,7 +146,7 @@ def _case(op, impl, backend, dtype, shape, direction, benchmark):
         torch.cuda.reset_peak_memory_stats()
         run()
         peak = torch.cuda.max_memory_allocated() - base
-    _common.measure(benchmark, run, dev=DEV, op=f"{op} {direction}", impl=impl, case="x".join(map(str, shape)),
+    _common.measure(benchmark, run, dev=DEV, op=f"{label} {direction}", impl=impl, case="x".join(map(str, shape)),
                     dtype=dtype, bytes_moved=_factor(op, direction) * n, saved_bytes=saved, peak_bytes=peak)
 
 
@@ -194,12 +199,18 @@ DROP_BLOCK_SHAPES = [(512, 64, 32, 32), (512, 256, 8, 8)] if GPU else [(32, 64, 
 DROP_BLOCK_CASES = [(f"drop_block2d_b{block}", impl, b, dt, s, "fwd+bwd") for block in ((3, 7) if GPU else (3,))
                     for dt in DTYPES for s in DROP_BLOCK_SHAPES for impl, b in _impls("drop_block2d")]
 BN_CASES = [("batch_norm", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES for impl, b in _impls("batch_norm")]
+# channels_last (NHWC) input, as a CIFAR loop with --channels-last feeds it: the Triton kernels walk
+# elements in logical NCHW order, so their NHWC accesses are strided (the GPU number to watch).
+BN_CASES += [("batch_norm_nhwc", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES
+             for impl, b in _impls("batch_norm")]
 # BatchNormAct2d against torch's BN then the activation: ReLU (CIFAR ResNets), GELU (airbench), and
 # the ResNet block's end, BN + residual + ReLU.
 BN_ACT_OPS = {"batch_norm_relu": "relu", "batch_norm_gelu": "gelu", "batch_norm_add_relu": "relu"}
 ACT_MODULES = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
 BN_ACT_CASES = [(op, impl, b, dt, s, "fwd+bwd") for op in BN_ACT_OPS for dt in DTYPES for s in BN_SHAPES[:2]
                 for impl, b in _impls("batch_norm")]
+BN_ACT_CASES += [("batch_norm_gelu_nhwc", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES[:2]
+                 for impl, b in _impls("batch_norm")]
 DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (ROWS(h), h), "fwd+bwd") for dt in DTYPES for h in HIDDEN[1:3]
              for impl, b in _impls("dropout_add_layer_norm")]
 # torch.compile of the torch modules (Inductor's generated kernels), on a GPU only: compiling on
