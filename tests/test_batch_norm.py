@@ -182,6 +182,28 @@ def test_triton_kernels_compile_for_sm80_sm90():
     compile_for_gpus(k._stats_combine_kernel, {"part_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
                                                "unbiased_ptr": "*fp32", "SPLIT": "i64", "eps": "fp32"}, {})
     per_channel = {"mean_ptr": "*fp32", "invstd_ptr": "*fp32"}
+    # channels_last: [rows, channels] tiles (64 channels: 32 rows a tile; 128+: 16)
+    rows = {"R": "i64", "C": "i32"}
+    compile_for_gpus(k._stats_rows_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", **rows, "CHUNK": "i64",
+                                            "SPLIT": "i64"}, dict(BLOCK_R=32, BLOCK_C=64))
+    for act, has_res, tile in ((0, False, (32, 64)), (1, True, (16, 128)), (2, True, (32, 64)), (3, False, (256, 8))):
+        block = dict(BLOCK_R=tile[0], BLOCK_C=tile[1])
+        compiled = compile_for_gpus(
+            k._apply_rows_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **per_channel, "w_ptr": "*bf16",
+                                   "b_ptr": "*bf16", "res_ptr": "*bf16", "bits_ptr": "*u8", **rows, **size_S},
+            dict(DTYPE=tl.bfloat16, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RES=has_res, ACT=act, WIDE=False, **block))
+        flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, LOAD_RES=has_res and act >= 2, ACT=act, WIDE=False)
+        compiled += compile_for_gpus(
+            k._bwd_reduce_rows_kernel, {"dy_ptr": "*bf16", "x_ptr": "*bf16", **per_channel, "w_ptr": "*bf16",
+                                        "b_ptr": "*bf16", "res_ptr": "*bf16", "bits_ptr": "*u8", "part_ptr": "*fp32",
+                                        **rows, **size_S, "CHUNK": "i64", "SPLIT": "i64"}, dict(**block, **flags))
+        compiled += compile_for_gpus(
+            k._bwd_apply_rows_kernel, {"dy_ptr": "*fp16", "x_ptr": "*fp16", "dx_ptr": "*fp16", "dres_ptr": "*fp16",
+                                       **per_channel, "w_ptr": "*fp16", "b_ptr": "*fp16", "res_ptr": "*fp16",
+                                       "bits_ptr": "*u8", "sum_dy_ptr": "*fp32", "sum_dy_xhat_ptr": "*fp32", **rows,
+                                       **size_S, "count": "fp32"},
+            dict(DTYPE=tl.float16, WRITE_DRES=has_res, TRAINING=True, **block, **flags))
+        assert not any("div.s64" in c.asm["ptx"] or "rem.s64" in c.asm["ptx"] for c in compiled)
     for act, has_res, wide in ((0, False, False), (1, True, False), (2, False, True), (3, True, False)):
         compiled = compile_for_gpus(
             k._apply_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **per_channel, "w_ptr": "*bf16", "b_ptr": "*bf16",
@@ -357,6 +379,54 @@ def test_batch_norm_act_relu_mask_is_the_same_on_every_backend(channels_last, sh
         for a, e in zip(with_res[:3] + without[:3], grads["torch"][0][:3] + grads["torch"][1][:3]):
             torch.testing.assert_close(a, e, **tol)
     assert outs["torch"][1].any()
+
+
+class _Launches:
+    """Stands in for a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend does not run here")
+@pytest.mark.parametrize("shape", [(3, 130, 4, 4), (5, 3, 7, 7), (2, 64, 3, 5), (33, 8, 2, 4)], ids=str)
+@pytest.mark.parametrize("activation,with_residual", [("none", False), ("relu", True), ("gelu", True), ("silu", False)])
+def test_triton_channels_last_walks_row_tiles(monkeypatch, shape, activation, with_residual):
+    # A dense channels_last input runs the [rows, channels] tile kernels (coalesced on a GPU), ReLU's
+    # logical-order mask included when S % 8 == 0; results match the oracle's.
+    from fusedtech.ops.batch_norm import ACTIVATION_CODES, _impl
+    from fusedtech.triton_kernels import batch_norm as k
+    names = ("_stats_rows_kernel", "_apply_rows_kernel", "_bwd_reduce_rows_kernel", "_bwd_apply_rows_kernel")
+    counters = {name: _Launches(getattr(k, name)) for name in names}
+    for name, counter in counters.items():
+        monkeypatch.setattr(k, name, counter)
+    g = torch.Generator().manual_seed(9)
+    x, r, dy = (torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(3))
+    c, act = shape[1], ACTIVATION_CODES[activation]
+    w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    res = r if with_residual else None
+    results = {}
+    for backend in ("torch", "triton"):
+        with fusedtech.use_backend(backend):
+            mean, invstd, unbiased = _impl("batch_norm_stats", x.device)(x, 1e-5)
+            y, bits = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, w, b, res, act)
+            extra = bits if act == 1 else res
+            grads = _impl("batch_norm_act_bwd", x.device)(dy, x, w, b, mean, invstd, extra, with_residual, act, True)
+        results[backend] = (mean, invstd, unbiased, y, bits) + tuple(t for t in grads if t is not None)
+    for ours, oracle in zip(results["triton"], results["torch"]):
+        if ours.dtype == torch.uint8:
+            assert torch.equal(ours, oracle)
+        else:
+            torch.testing.assert_close(ours, oracle, **TOL32)
+    assert results["triton"][3].is_contiguous(memory_format=torch.channels_last)
+    relu_falls_back = act == 1 and (shape[2] * shape[3]) % 8 != 0
+    assert counters["_stats_rows_kernel"].count == 1 and counters["_bwd_reduce_rows_kernel"].count == 1
+    assert counters["_bwd_apply_rows_kernel"].count == 1
+    assert counters["_apply_rows_kernel"].count == (0 if relu_falls_back else 1)
 
 
 def test_batch_norm_act_opcheck():

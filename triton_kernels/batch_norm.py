@@ -202,6 +202,163 @@ def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, dres_ptr, mean_ptr, invstd_ptr, w_p
     tl.store(dx_ptr + addr, round_to(dx, DTYPE), mask=mask)
 
 
+# ---- channels_last (NHWC) ---------------------------------------------------------------------
+# A dense channels_last input is an (R = N*S, C) row-major matrix. The kernels above walk elements
+# in logical (n, c, s) order, which reads it with a stride of C elements: a sector per element on a
+# GPU. These walk [rows, channels] tiles with the channels contiguous. Their partial sums have the
+# layout of the kernels above (the combine and apply steps are shared); ReLU's mask keeps its
+# logical-order bits (bit k of the mask is logical element k on every backend): a tile writes a
+# byte per (channel, 8 rows), which is 8 logical neighbours when S % 8 == 0 (else the logical-order
+# apply kernel runs).
+
+
+@triton.jit
+def _stats_rows_kernel(x_ptr, part_ptr, R, C, CHUNK, SPLIT, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (channel block, p): count, mean and M2 of each channel over rows [p CHUNK, (p+1) CHUNK)."""
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1).to(tl.int64)
+    cmask = c < C
+    begin = p * CHUNK
+    end = tl.minimum(begin + CHUNK, R)
+    count = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(begin, end, BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R).to(tl.int64)
+        rmask = r < end
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        nb = tl.sum(rmask.to(tl.float32), axis=0)
+        mb = tl.sum(x, axis=0) / nb
+        d = tl.where(mask, x - mb[None, :], 0.0)
+        m2b = tl.sum(d * d, axis=0)
+        tot = count + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (count * nb / tot)
+        count = tot
+    out = part_ptr + (c * SPLIT + p) * 3
+    tl.store(out, tl.zeros([BLOCK_C], dtype=tl.float32) + count, mask=cmask)
+    tl.store(out + 1, mean, mask=cmask)
+    tl.store(out + 2, m2, mask=cmask)
+
+
+@triton.jit
+def _apply_rows_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, R, C, S, S_m, S_1, S_2,
+                       DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                       ACT: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = act(bn(x) + residual) over a [rows, channels] tile; for ReLU (S % 8 == 0) the mask bytes."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    addr = r[:, None] * C + c[None, :]
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)
+    y = (x - mean[None, :]) * invstd[None, :]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        y = y + tl.load(res_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    out = round_to(_activate(y, ACT), DTYPE)
+    tl.store(y_ptr + addr, out, mask=mask)
+    if ACT == 1:  # rows 8g .. 8g+7 are s .. s+7 of one image: bit t of the byte at logical element k
+        on = ((out > 0) & mask).to(tl.int32)
+        byte = tl.sum(tl.reshape(on, (BLOCK_R // 8, 8, BLOCK_C)) << tl.arange(0, 8)[None, :, None], axis=1)
+        first = tl.program_id(0).to(tl.int64) * BLOCK_R + 8 * tl.arange(0, BLOCK_R // 8)
+        n, s = fast_divmod(first, S, S_m, S_1, S_2, WIDE)
+        k = (n * C * S + s)[:, None] + (c * S)[None, :]
+        tl.store(bits_ptr + k // 8, byte.to(tl.uint8), mask=(first < R)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _bwd_reduce_rows_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, part_ptr, R, C, S,
+                            S_m, S_1, S_2, CHUNK, SPLIT, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            LOAD_RES: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+    """Program (channel block, p): per channel, sums of g and g * xhat over rows [p CHUNK, (p+1) CHUNK)."""
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1).to(tl.int64)
+    cmask = c < C
+    begin = p * CHUNK
+    end = tl.minimum(begin + CHUNK, R)
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[None, :]
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[None, :]
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_WEIGHT else 1.0
+    b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+    acc_dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(begin, end, BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask = (r < end)[:, None] & cmask[None, :]
+        addr = r[:, None] * C + c[None, :]
+        n, s = fast_divmod(r, S, S_m, S_1, S_2, WIDE)
+        k = (n * C * S + s)[:, None] + (c * S)[None, :]
+        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
+        acc_dy += g
+        acc_dyx += tl.where(mask, g * (x - mean) * invstd, 0.0)
+    tl.store(part_ptr + c * SPLIT + p, tl.sum(acc_dy, axis=0), mask=cmask)
+    tl.store(part_ptr + (C + c) * SPLIT + p, tl.sum(acc_dyx, axis=0), mask=cmask)
+
+
+@triton.jit
+def _bwd_apply_rows_kernel(dy_ptr, x_ptr, dx_ptr, dres_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr,
+                           sum_dy_ptr, sum_dy_xhat_ptr, R, C, S, S_m, S_1, S_2, count, DTYPE: tl.constexpr,
+                           HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_RES: tl.constexpr,
+                           WRITE_DRES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, WIDE: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    addr = r[:, None] * C + c[None, :]
+    n, s = fast_divmod(r, S, S_m, S_1, S_2, WIDE)
+    k = (n * C * S + s)[:, None] + (c * S)[None, :]
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[None, :]
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[None, :]
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_WEIGHT else 1.0
+    b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+    g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
+    if WRITE_DRES:
+        tl.store(dres_ptr + addr, round_to(g, DTYPE), mask=mask)
+    scale = invstd * w
+    if TRAINING:
+        xhat = (x - mean) * invstd
+        mean_dy = tl.load(sum_dy_ptr + c, mask=cmask, other=0.0)[None, :] / count
+        mean_dyx = tl.load(sum_dy_xhat_ptr + c, mask=cmask, other=0.0)[None, :] / count
+        dx = scale * (g - mean_dy - xhat * mean_dyx)
+    else:
+        dx = scale * g
+    tl.store(dx_ptr + addr, round_to(dx, DTYPE), mask=mask)
+
+
+def _rows_layout(C: int, S: int, strides) -> bool:
+    """True for a dense channels_last input (an (N*S, C) row-major matrix) with C > 1 and S > 1."""
+    sN, sC, sS = strides
+    return C > 1 and S > 1 and sC == 1 and sS == C and sN == S * C
+
+
+def _tile(C: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): up to 128 channels, 2048 elements a tile, rows a multiple of 8."""
+    block_c = min(triton.next_power_of_2(C), 128)
+    return max(8, 2048 // block_c), block_c
+
+
+def _split_rows(R: int, C: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, row slices, rows per slice: a multiple of BLOCK_R), about TARGET_PROGRAMS programs."""
+    block_r, block_c = _tile(C)
+    split = max(1, min(triton.cdiv(R, block_r), triton.cdiv(TARGET_PROGRAMS, triton.cdiv(C, block_c))))
+    chunk = triton.cdiv(triton.cdiv(R, split), block_r) * block_r
+    return block_r, block_c, triton.cdiv(R, chunk), chunk
+
+
 def _view(x: torch.Tensor):
     """(x, N, C, S, strides) with the trailing dims one uniformly strided run (else a contiguous copy)."""
     ok = x.dim() <= 2 or all(x.size(d) == 1 or x.stride(d) == x.stride(d + 1) * x.size(d + 1)
@@ -232,10 +389,16 @@ def batch_norm_stats(x, eps: float):
     x, N, C, S, (sN, sC, sS) = _view(x)
     mean, invstd, unbiased = (torch.empty(C, device=x.device, dtype=torch.float32) for _ in range(3))
     if C and N * S:
-        split, chunk = _split(N * S, C)
-        part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
-        _stats_kernel[(C, split)](x, part, N * S, *divisor(S), sN, sC, sS, chunk, split, WIDE=needs_wide(N * S),
-                                  BLOCK=BLOCK)
+        if _rows_layout(C, S, (sN, sC, sS)):
+            block_r, block_c, split, chunk = _split_rows(N * S, C)
+            part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
+            _stats_rows_kernel[(triton.cdiv(C, block_c), split)](x, part, N * S, C, chunk, split, BLOCK_R=block_r,
+                                                                 BLOCK_C=block_c)
+        else:
+            split, chunk = _split(N * S, C)
+            part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
+            _stats_kernel[(C, split)](x, part, N * S, *divisor(S), sN, sC, sS, chunk, split, WIDE=needs_wide(N * S),
+                                      BLOCK=BLOCK)
         _stats_combine_kernel[(C,)](part, mean, invstd, unbiased, split, eps)
     else:  # an empty batch: zero statistics, as the other backends
         mean.zero_(), invstd.fill_(1.0 / math.sqrt(eps)), unbiased.zero_()
@@ -255,12 +418,19 @@ def batch_norm_act_apply(x, mean, invstd, weight, bias, residual, activation: in
     bits = torch.empty((total + 7) // 8 if activation == 1 else 0, device=x.device, dtype=torch.uint8)
     if residual is not None:
         residual = _like(residual, x)
-    if total:
-        _apply_kernel[(triton.cdiv(total, BLOCK),)](
-            x, y, mean.float(), invstd.float(), weight if weight is not None else x, bias if bias is not None else x,
-            residual if residual is not None else x, bits if activation == 1 else x, total, *divisor(C), *divisor(S),
-            sN, sC, sS, DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None, ACT=activation, WIDE=needs_wide(total), BLOCK=BLOCK)
+    if not total:
+        return y, bits
+    args = (x, y, mean.float(), invstd.float(), weight if weight is not None else x, bias if bias is not None else x,
+            residual if residual is not None else x, bits if activation == 1 else x)
+    flags = dict(DTYPE=tl_dtype(x.dtype), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 HAS_RES=residual is not None, ACT=activation, WIDE=needs_wide(total))
+    if _rows_layout(C, S, (sN, sC, sS)) and (activation != 1 or S % 8 == 0):
+        block_r, block_c = _tile(C)
+        _apply_rows_kernel[(triton.cdiv(N * S, block_r), triton.cdiv(C, block_c))](
+            *args, N * S, C, *divisor(S), BLOCK_R=block_r, BLOCK_C=block_c, **flags)
+    else:
+        _apply_kernel[(triton.cdiv(total, BLOCK),)](*args, total, *divisor(C), *divisor(S), sN, sC, sS, BLOCK=BLOCK,
+                                                    **flags)
     return y, bits
 
 
@@ -282,7 +452,19 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
     w, b = weight if weight is not None else x, bias if bias is not None else x
     res, bits = (extra, x) if load_res else (x, extra if activation == 1 else x)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, LOAD_RES=load_res, ACT=activation)
-    if x.numel():
+    if x.numel() and _rows_layout(C, S, (sN, sC, sS)):
+        wide = needs_wide(x.numel())
+        block_r, block_c, split, chunk = _split_rows(N * S, C)
+        part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
+        _bwd_reduce_rows_kernel[(triton.cdiv(C, block_c), split)](
+            dy, x, mean, invstd, w, b, res, bits, part, N * S, C, *divisor(S), chunk, split, WIDE=wide,
+            BLOCK_R=block_r, BLOCK_C=block_c, **flags)
+        sum_dy, sum_dy_xhat = part.sum(-1)  # slices in a fixed order: deterministic
+        _bwd_apply_rows_kernel[(triton.cdiv(N * S, block_r), triton.cdiv(C, block_c))](
+            dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, N * S, C,
+            *divisor(S), float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
+            WIDE=wide, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
+    elif x.numel():
         split, chunk = _split(N * S, C)
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
         _bwd_reduce_kernel[(C, split)](dy, x, mean, invstd, w, b, res, bits, part, N * S, *divisor(S), sN, sC, sS,
