@@ -5,6 +5,7 @@ deterministic), the normalisation, and the backward (per-slice sums of dy and dy
 order, then dx)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -345,12 +346,14 @@ def _rows_layout(C: int, S: int, strides) -> bool:
     return C > 1 and S > 1 and sC == 1 and sS == C and sN == S * C
 
 
+@functools.lru_cache(maxsize=1024)
 def _tile(C: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): up to 128 channels, 2048 elements a tile, rows a multiple of 8."""
     block_c = min(triton.next_power_of_2(C), 128)
     return max(8, 2048 // block_c), block_c
 
 
+@functools.lru_cache(maxsize=1024)
 def _split_rows(R: int, C: int) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_C, row slices, rows per slice: a multiple of BLOCK_R), about TARGET_PROGRAMS programs."""
     block_r, block_c = _tile(C)
@@ -377,6 +380,7 @@ def _view(x: torch.Tensor):
 TARGET_PROGRAMS = 4 * 132
 
 
+@functools.lru_cache(maxsize=1024)
 def _split(NS: int, C: int) -> tuple[int, int]:
     """(slices per channel, elements per slice: a multiple of BLOCK)."""
     split = max(1, min(triton.cdiv(NS, BLOCK), triton.cdiv(TARGET_PROGRAMS, max(C, 1))))

@@ -4,10 +4,13 @@ instructions, more for 64-bit), and an elementwise kernel over an (N, C, S) view
 index by S and C, where a memory-bound kernel has a budget of a few tens of instructions per
 element in all. Round-up multiply-high division (Granlund & Montgomery; libdivide's branch-free
 unsigned form): exact for 0 <= k < 2^32; WIDE kernels (larger tensors) divide plainly."""
+import functools
+
 import triton
 import triton.language as tl
 
 
+@functools.lru_cache(maxsize=4096)  # on every launch's host path; the sizes of a model repeat every step
 def divisor(d: int) -> tuple[int, int, int, int]:
     """(d, magic, shift1, shift2) for fast_divmod, for 1 <= d < 2^32."""
     if not 1 <= d < 2 ** 32:
