@@ -7,6 +7,8 @@ The per-parameter Python loop here only gathers references (torch's own optimize
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -66,20 +68,20 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     a ResNet-18 takes about 0.1 ms)."""
     # The state mapping itself is part of the key: clearing or replacing optimizer.state (a reset)
     # rebuilds the buckets, which hold the state tensors and dicts.
-    key = (tuple(id(p) for p in group["params"] if p.grad is not None), state_keys, master_weights, with_step,
-           id(optimizer.state), len(optimizer.state))
+    params = group["params"]
+    with_grad = itertools.compress(params, map(operator.is_not, map(_grad, params), itertools.repeat(None)))
+    key = (tuple(map(id, with_grad)), state_keys, master_weights, with_step, id(optimizer.state), len(optimizer.state))
     plans = optimizer.__dict__.setdefault("_fusedtech_plans", {})
     plan = plans.get(id(group))
     if plan is not None and plan[0] == key:
         buckets = plan[1]
         ok = True
-        for b in buckets.values():
-            grads = [local(p.grad) for p in b.originals] if b.distributed else [p.grad for p in b.originals]
-            for g, p, stride in zip(grads, b.params, b.strides):
-                if g.layout != torch.strided or g.stride() != stride or g.dtype != p.dtype or g.device != p.device:
-                    ok = False
-                    break
-            if not ok:
+        for (device, dtype, _), b in buckets.items():
+            grads = [local(p.grad) for p in b.originals] if b.distributed else list(map(_grad, b.originals))
+            # Each gradient still laid out as its parameter: map() keeps the per-parameter loop in C.
+            if (list(map(_stride, grads)) != b.strides or set(map(_dtype, grads)) != {dtype}
+                    or set(map(_device, grads)) != {device} or set(map(_layout, grads)) != {torch.strided}):
+                ok = False
                 break
             b.grads = grads
         if ok:
@@ -93,6 +95,16 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     else:
         plans.pop(id(group), None)
     return buckets
+
+
+_grad, _dtype, _device, _layout = (operator.attrgetter(name) for name in ("grad", "dtype", "device", "layout"))
+_stride = torch.Tensor.stride
+
+
+def state_tensors(b: Bucket, key: str) -> list:
+    """optimizer.state[p][key] (None where absent) of each parameter of b, local shards for DTensors."""
+    found = list(map(operator.methodcaller("get", key), b.state_dicts))
+    return [local(t) for t in found] if b.distributed else found
 
 
 def forget_plans(optimizer) -> None:

@@ -3,6 +3,8 @@ multi-tensor kernel call per (device, dtype) bucket (two on the step that create
 buffers, which start as an exact copy of the gradient, as in torch)."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..ops.optimizers import sgd_step_
@@ -37,9 +39,7 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                 # Parameters whose momentum buffer exists, and those whose buffer this step creates.
                 runs = [(b.params, b.grads, b.masters, [], False, [])]
                 cached = b.momentum_buffers if momentum != 0 else None
-                unwrap = mt.local if b.distributed else (lambda t: t)
-                if cached is not None and all(unwrap(state.get("momentum_buffer")) is m
-                                              for state, m in zip(b.state_dicts, cached)):
+                if cached is not None and all(map(operator.is_, mt.state_tensors(b, "momentum_buffer"), cached)):
                     # Steady state: every buffer exists and is the one laid out last step.
                     runs = [(b.params, b.grads, b.masters, cached, False, [])]
                 elif momentum != 0:
