@@ -301,6 +301,39 @@ def test_drop_block_kernels_compile_for_sm80_sm90():
                          dict(PLANES=planes, BLOCK=block))
     compile_for_gpus(k._apply_kernel, {"x_ptr": "*bf16", "keep_ptr": "*u8", "scale_ptr": "*fp32", "y_ptr": "*bf16",
                                        "n": "i64"}, dict(DTYPE=tl.bfloat16, BLOCK=1024))
+    compile_for_gpus(k._scale_kernel, {"counts_ptr": "*i32", "programs": "i32", "numel": "i64", "eps_bits": "i64",
+                                       "scale_ptr": "*fp32"}, dict(BLOCK=1024))
+
+
+def test_drop_block_forward_and_backward_launches(monkeypatch):
+    # Triton: centres, keep (with per-program counts), one scale launch, apply; the backward
+    # rebuilds the mask without counting. The scale is the oracle's to the bit (test above).
+    if "triton" not in BACKENDS:
+        pytest.skip("the Triton backend does not run here")
+    from fusedtech.triton_kernels import drop_block as k
+    counts = {}
+    for name in ("_centres_kernel", "_keep_kernel", "_scale_kernel", "_apply_kernel"):
+        kernel = getattr(k, name)
+        monkeypatch.setattr(k, name, _Counted(kernel, name, counts))
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    with fusedtech.use_backend("triton"):
+        y = F.drop_block2d(x, 0.2, 3)
+        assert counts == {"_centres_kernel": 1, "_keep_kernel": 1, "_scale_kernel": 1, "_apply_kernel": 1}
+        y.backward(torch.ones_like(y))
+    assert counts == {"_centres_kernel": 2, "_keep_kernel": 2, "_scale_kernel": 1, "_apply_kernel": 2}
+    # dy = 1: dx is the scale where the forward kept, 0 elsewhere
+    torch.testing.assert_close(x.grad, torch.where(y != 0, y.detach() / x.detach(), 0.0), rtol=1e-6, atol=0)
+
+
+class _Counted:
+    """Stands in for a Triton kernel and counts its launches by name."""
+
+    def __init__(self, kernel, name, counts):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return self.kernel[grid]
 
 
 def test_dropout_add_norm_kernel_compiles():

@@ -1,10 +1,13 @@
-"""DropBlock in Triton (the oracle, fusedtech/reference/drop_block.py, states the mask). Three
+"""DropBlock in Triton (the oracle, fusedtech/reference/drop_block.py, states the mask). Four
 launches: the block centres as bytes (one Philox draw each, the dropout draw of the centre's
 index); the keep mask, each element OR-ing the centres of its block_size^2 window (byte loads that
-hit the cache) and each program counting what it keeps; then output = x * scale where kept, with
-scale = numel / (eps + kept) read from device memory (no host synchronisation). The backward
-rebuilds the mask the same way from the seed, so the forward saves nothing input-sized."""
+hit the cache) and each program counting what it keeps; one program summing the counts into
+scale = numel / (eps + kept); then output = x * scale where kept, the scale read from device memory
+(no host synchronisation). The backward rebuilds the mask the same way from the seed (no count,
+no scale), so the forward saves nothing input-sized."""
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -66,14 +69,27 @@ def _apply_kernel(x_ptr, keep_ptr, scale_ptr, y_ptr, n, DTYPE: tl.constexpr, BLO
     tl.store(y_ptr + offs, round_to(y, DTYPE), mask=mask)
 
 
-def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int):
-    """(keep: uint8 with x's shape and strides, kept: int64 0-d count) for a dense 4-D x."""
+@triton.jit
+def _scale_kernel(counts_ptr, programs, numel, eps_bits, scale_ptr, BLOCK: tl.constexpr):
+    """scale = numel / (eps + kept) in float64 rounded once to float32, as the oracle's
+    (numel / (eps + kept.double())).float(); kept is the sum of the keep programs' counts (exact in
+    int64), eps arrives as its float64 bits (a float argument would be rounded to float32)."""
+    kept = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, programs, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        kept += tl.load(counts_ptr + offs, mask=offs < programs, other=0).to(tl.int64)
+    eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    tl.store(scale_ptr, (numel.to(tl.float64) / (eps + tl.sum(kept, axis=0).to(tl.float64))).to(tl.float32))
+
+
+def _keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int):
+    """(keep: uint8 with x's shape and strides, per-program kept counts or None for an empty x)."""
     from fusedtech.reference.drop_block import centre_threshold
     n, c, h, w = x.shape
     keep = torch.empty_like(x, dtype=torch.uint8)
     centre_count = n * c * (h - block_size + 1) * (w - block_size + 1)
     if x.numel() == 0:
-        return keep, torch.zeros((), dtype=torch.int64, device=x.device)
+        return keep, None
     centres = torch.empty(centre_count, dtype=torch.uint8, device=x.device)
     _centres_kernel[(triton.cdiv(centre_count, BLOCK),)](seed, centres, centre_count, centre_threshold(gamma),
                                                          BLOCK=BLOCK)
@@ -84,7 +100,28 @@ def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
     counts = torch.empty(programs, dtype=torch.int32, device=x.device)
     _keep_kernel[(programs,)](centres, keep, counts, n * c, c, h, *divisor(w), *keep.stride(), block_size, tiles,
                               PLANES=planes_per_program, BLOCK=block)
-    return keep, counts.sum()
+    return keep, counts
+
+
+def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int):
+    """(keep: uint8 with x's shape and strides, kept: int64 0-d count) for a dense 4-D x."""
+    keep, counts = _keep(x, seed, gamma, block_size)
+    return keep, (counts.sum() if counts is not None else torch.zeros((), dtype=torch.int64, device=x.device))
+
+
+def drop_block_mask(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int) -> torch.Tensor:
+    """The keep mask alone (what backward needs)."""
+    return _keep(x, seed, gamma, block_size)[0]
+
+
+def drop_block_keep_scale(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int, eps: float):
+    """(keep, scale = numel / (eps + kept) as a 0-d float32 tensor): the count and the scale in one launch."""
+    keep, counts = _keep(x, seed, gamma, block_size)
+    scale = torch.zeros((), dtype=torch.float32, device=x.device)  # an empty x: 0 / eps
+    if counts is not None:
+        eps_bits = struct.unpack("<q", struct.pack("<d", eps))[0]
+        _scale_kernel[(1,)](counts, counts.numel(), x.numel(), eps_bits, scale, BLOCK=BLOCK)
+    return keep, scale
 
 
 def drop_block_apply(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -115,11 +115,29 @@ def new_seed(device: torch.device) -> torch.Tensor:
 DROP_BLOCK_IMPLEMENTED = ("triton", "cpu", "torch")
 
 
+class _CppDropBlock:
+    """The C++ ops in the backends' interface: the op counts what it keeps, the scale is formed here
+    in float64 on the tensors' device (CPU tensors: a few scalar ops, no launch)."""
+
+    @staticmethod
+    def drop_block_keep_scale(x, seed, gamma, block_size, eps):
+        keep, kept = torch.ops.fusedtech_C.drop_block_keep(x, seed, gamma, block_size)
+        return keep, (x.numel() / (eps + kept.double())).float()
+
+    @staticmethod
+    def drop_block_mask(x, seed, gamma, block_size):
+        return torch.ops.fusedtech_C.drop_block_keep(x, seed, gamma, block_size)[0]
+
+    @staticmethod
+    def drop_block_apply(x, keep, scale):
+        return torch.ops.fusedtech_C.drop_block_apply(x, keep, scale)
+
+
 def _drop_block_backend(device):
-    """The module-like object with drop_block_keep and drop_block_apply for `device`."""
+    """The object with drop_block_keep_scale, drop_block_mask and drop_block_apply for `device`."""
     backend = _backend.select("drop_block2d", device, DROP_BLOCK_IMPLEMENTED)
     if backend == "cpu":
-        return torch.ops.fusedtech_C
+        return _CppDropBlock
     package = "triton_kernels" if backend == "triton" else "reference"
     return importlib.import_module(f"fusedtech.{package}.drop_block")
 
@@ -135,8 +153,7 @@ def _drop_block_fwd(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
     """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d fp32 tensor)."""
     x = x.contiguous(memory_format=_dense_format(x))
     impl = _drop_block_backend(x.device)
-    keep, kept = impl.drop_block_keep(x, seed, gamma, block_size)
-    scale = (x.numel() / (eps + kept.double())).float()  # on the device: no host synchronisation
+    keep, scale = impl.drop_block_keep_scale(x, seed, gamma, block_size, eps)  # on the device: no host sync
     return impl.drop_block_apply(x, keep, scale), scale
 
 
@@ -152,8 +169,7 @@ def _drop_block_bwd(dy: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor, g
                     block_size: int) -> torch.Tensor:
     dy = dy.contiguous(memory_format=_dense_format(dy))
     impl = _drop_block_backend(dy.device)
-    keep, _ = impl.drop_block_keep(dy, seed, gamma, block_size)
-    return impl.drop_block_apply(dy, keep, scale)
+    return impl.drop_block_apply(dy, impl.drop_block_mask(dy, seed, gamma, block_size), scale)
 
 
 drop_block_bwd = torch.library.custom_op("fusedtech::drop_block2d_bwd", _drop_block_bwd, mutates_args=())

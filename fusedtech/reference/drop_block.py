@@ -34,3 +34,13 @@ def drop_block_apply(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -
     """x * scale where keep, else 0: the product in fp32 (fp64 for fp64 x), rounded once to x's dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return torch.where(keep.bool(), xf * scale.to(xf.dtype), 0.0).to(x.dtype)
+
+
+def drop_block_mask(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int) -> torch.Tensor:
+    return drop_block_keep(x, seed, gamma, block_size)[0]
+
+
+def drop_block_keep_scale(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int, eps: float):
+    """(keep, numel / (eps + kept) computed in float64 and rounded once to a 0-d float32 tensor)."""
+    keep, kept = drop_block_keep(x, seed, gamma, block_size)
+    return keep, (x.numel() / (eps + kept.double())).float()
