@@ -463,7 +463,9 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
         _bwd_reduce_rows_kernel[(triton.cdiv(C, block_c), split)](
             dy, x, mean, invstd, w, b, res, bits, part, N * S, C, *divisor(S), chunk, split, WIDE=wide,
             BLOCK_R=block_r, BLOCK_C=block_c, **flags)
-        sum_dy, sum_dy_xhat = part.sum(-1)  # slices in a fixed order: deterministic
+        # Slices summed in a fixed order (deterministic), into two tensors: they become dbias and
+        # dweight, outputs of one op that may not alias each other.
+        sum_dy, sum_dy_xhat = part[0].sum(-1), part[1].sum(-1)
         _bwd_apply_rows_kernel[(triton.cdiv(N * S, block_r), triton.cdiv(C, block_c))](
             dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, N * S, C,
             *divisor(S), float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
@@ -473,13 +475,15 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
         _bwd_reduce_kernel[(C, split)](dy, x, mean, invstd, w, b, res, bits, part, N * S, *divisor(S), sN, sC, sS,
                                        chunk, split, WIDE=needs_wide(x.numel()), BLOCK=BLOCK, **flags)
-        sum_dy, sum_dy_xhat = part.sum(-1)  # slices in a fixed order: deterministic
+        # Slices summed in a fixed order (deterministic), into two tensors: they become dbias and
+        # dweight, outputs of one op that may not alias each other.
+        sum_dy, sum_dy_xhat = part[0].sum(-1), part[1].sum(-1)
         _bwd_apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](
             dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, x.numel(),
             *divisor(C), *divisor(S), sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual,
             TRAINING=bool(training), WIDE=needs_wide(x.numel()), BLOCK=BLOCK, **flags)
     else:  # an empty batch: zero gradients (two tensors: they become dweight and dbias)
-        sum_dy, sum_dy_xhat = torch.zeros(2, C, device=x.device, dtype=torch.float32)
+        sum_dy, sum_dy_xhat = (torch.zeros(C, device=x.device, dtype=torch.float32) for _ in range(2))
     return dx, sum_dy_xhat, sum_dy, dres
 
 

@@ -60,8 +60,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The bool mask, laid out like `like` (so that what it selects keeps like's memory format)."""
     bits = (packed[:, None] & _BITS.to(packed.device)) != 0
-    return bits.reshape(-1)[:like.numel()].view(like.shape)
+    return torch.empty_like(like, dtype=torch.bool).copy_(bits.reshape(-1)[:like.numel()].view(like.shape))
 
 
 def _pre_activation(x, mean, invstd, weight, bias, residual):
