@@ -22,6 +22,15 @@ BLOCK = 1024
 
 
 @triton.jit
+def _chan_merge(count, mean, m2, nb, mb, m2b):
+    """(count, mean, M2) of two sets merged (Chan et al.'s parallel variance): the running set and a
+    block of nb values with mean mb and M2 m2b. Every statistics kernel merges with this."""
+    tot = count + nb
+    delta = mb - mean
+    return tot, mean + delta * (nb / tot), m2 + m2b + delta * delta * (count * nb / tot)
+
+
+@triton.jit
 def _stats_kernel(x_ptr, part_ptr, NS, S, S_m, S_1, S_2, sN, sC, sS, CHUNK, SPLIT, WIDE: tl.constexpr,
                   BLOCK: tl.constexpr):
     """Program (c, p): count, mean and M2 of channel c over its p-th slice of CHUNK elements, blocks
@@ -41,12 +50,7 @@ def _stats_kernel(x_ptr, part_ptr, NS, S, S_m, S_1, S_2, sN, sC, sS, CHUNK, SPLI
         nb = tl.sum(mask.to(tl.float32), axis=0)
         mb = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - mb, 0.0)
-        m2b = tl.sum(d * d, axis=0)
-        tot = count + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (count * nb / tot)
-        count = tot
+        count, mean, m2 = _chan_merge(count, mean, m2, nb, mb, tl.sum(d * d, axis=0))
     out = part_ptr + (c * SPLIT + p) * 3
     tl.store(out, count)
     tl.store(out + 1, mean)
@@ -63,13 +67,7 @@ def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, unbiased_ptr, SPLIT, e
     m2 = 0.0
     for p in range(0, SPLIT):
         part = part_ptr + (c * SPLIT + p) * 3
-        nb = tl.load(part)
-        mb = tl.load(part + 1)
-        tot = count + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + tl.load(part + 2) + delta * delta * (count * nb / tot)
-        count = tot
+        count, mean, m2 = _chan_merge(count, mean, m2, tl.load(part), tl.load(part + 1), tl.load(part + 2))
     var = m2 / count
     tl.store(mean_ptr + c, mean)
     tl.store(invstd_ptr + c, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)))
@@ -232,12 +230,7 @@ def _stats_rows_kernel(x_ptr, part_ptr, R, C, CHUNK, SPLIT, BLOCK_R: tl.constexp
         nb = tl.sum(rmask.to(tl.float32), axis=0)
         mb = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - mb[None, :], 0.0)
-        m2b = tl.sum(d * d, axis=0)
-        tot = count + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (count * nb / tot)
-        count = tot
+        count, mean, m2 = _chan_merge(count, mean, m2, nb, mb, tl.sum(d * d, axis=0))
     out = part_ptr + (c * SPLIT + p) * 3
     tl.store(out, tl.zeros([BLOCK_C], dtype=tl.float32) + count, mask=cmask)
     tl.store(out + 1, mean, mask=cmask)
