@@ -121,8 +121,9 @@ class _CppDropBlock:
 
     @staticmethod
     def drop_block_keep_scale(x, seed, gamma, block_size, eps):
+        from ..reference.drop_block import scale_of
         keep, kept = torch.ops.fusedtech_C.drop_block_keep(x, seed, gamma, block_size)
-        return keep, (x.numel() / (eps + kept.double())).float()
+        return keep, scale_of(x.numel(), kept, eps)
 
     @staticmethod
     def drop_block_mask(x, seed, gamma, block_size):

@@ -26,7 +26,7 @@ def batch_norm_stats(x, eps: float):
     else:
         mean, var = xf.mean(_dims(x)), xf.var(_dims(x), unbiased=False)
         count = x.numel() // x.shape[1]
-        unbiased = xf.var(_dims(x), unbiased=True) if count > 1 else var
+        unbiased = var * (count / (count - 1)) if count > 1 else var
     return mean, torch.rsqrt(var + eps), unbiased
 
 

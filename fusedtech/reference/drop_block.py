@@ -40,7 +40,11 @@ def drop_block_mask(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
     return drop_block_keep(x, seed, gamma, block_size)[0]
 
 
+def scale_of(numel: int, kept: torch.Tensor, eps: float) -> torch.Tensor:
+    """numel / (eps + kept) computed in float64 and rounded once to a 0-d float32 tensor."""
+    return (numel / (eps + kept.double())).float()
+
+
 def drop_block_keep_scale(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int, eps: float):
-    """(keep, numel / (eps + kept) computed in float64 and rounded once to a 0-d float32 tensor)."""
     keep, kept = drop_block_keep(x, seed, gamma, block_size)
-    return keep, (x.numel() / (eps + kept.double())).float()
+    return keep, scale_of(x.numel(), kept, eps)
