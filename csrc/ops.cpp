@@ -45,9 +45,11 @@ TORCH_LIBRARY(fusedtech_C, m) {
 
   // LayerNorm / RMSNorm over rows of a contiguous (rows, n) input; fp32 mean/rstd saved.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor, Tensor)");
+  // (dx, dweight, dbias: empty without a weight / bias). from_output: x is the forward's output and
+  // xhat = (x - bias) / weight (the memory-saving backward, which keeps the output); mean unread.
   m.def(
-      "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool rms, bool has_bias) "
-      "-> (Tensor, Tensor, Tensor)");
+      "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool rms, "
+      "bool from_output) -> (Tensor, Tensor, Tensor)");
 
   // Inverted dropout with a Philox mask regenerated from (seed, element index); forward and
   // backward are the same op.

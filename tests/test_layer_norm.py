@@ -204,8 +204,11 @@ def test_opcheck(rms):
     from fusedtech.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
     x, w, b = torch.randn(4, 9, requires_grad=True), torch.randn(9, requires_grad=True), torch.randn(9, requires_grad=True)
     torch.library.opcheck(layer_norm_fwd, (x, w, None if rms else b, 1e-5, rms))
-    _, mean, rstd = layer_norm_fwd(x.detach(), w.detach(), None, 1e-5, rms)
-    torch.library.opcheck(layer_norm_bwd, (torch.randn(4, 9), x.detach(), w.detach(), mean, rstd, rms, not rms))
+    bias = None if rms else b.detach()
+    y, mean, rstd = layer_norm_fwd(x.detach(), w.detach(), bias, 1e-5, rms)
+    torch.library.opcheck(layer_norm_bwd, (torch.randn(4, 9), x.detach(), w.detach(), bias, mean, rstd, rms, False))
+    # From the output (memory_efficient's backward): y in x's place.
+    torch.library.opcheck(layer_norm_bwd, (torch.randn(4, 9), y, w.detach(), bias, mean, rstd, rms, True))
 
 
 def test_compile_fullgraph_no_graph_break():
@@ -246,6 +249,55 @@ def test_memory_efficient_matches_torch(backend, shape, rms):
     assert torch.equal(ours[0], plain[0])  # the same forward kernel: only what is saved differs
     exact = _run(torch_fn, x.double(), w.double(), b.double() if b is not None else None, dy.double())
     _check(ours, _run(torch_fn, x, w, b, dy), exact, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4, 1), (5, 3), (7, 127), (3, 9000)], ids=str)
+@pytest.mark.parametrize("rms,affine,bias", [(False, True, True), (False, True, False), (False, False, False),
+                                             (True, True, False), (True, False, False)])
+def test_memory_efficient_every_dtype_and_affine(backend, dtype, shape, rms, affine, bias):
+    # The backward recovers xhat from y as stored: in fp16/bf16 it carries y's rounding, and must
+    # still be within the dtype's tolerance of the exact gradients (as the plain backward is).
+    x, w, b, dy = (t.to(dtype) for t in _away_from_zero_case(shape))
+    w, b = (w if affine else None), (b if bias else None)
+    n = (shape[-1],)
+    if rms:
+        torch_fn = lambda x, w, b: torch.nn.functional.rms_norm(x, n, w, 1e-6)  # noqa: E731
+        ours_fn = lambda x, w, b: F.rms_norm(x, n, w, 1e-6, memory_efficient=True)  # noqa: E731
+    else:
+        torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, n, w, b, 1e-5)  # noqa: E731
+        ours_fn = lambda x, w, b: F.layer_norm(x, n, w, b, 1e-5, memory_efficient=True)  # noqa: E731
+    with fusedtech.use_backend(backend):
+        ours = _run(ours_fn, x, w, b, dy)
+    double = lambda t: t.double() if t is not None else None  # noqa: E731
+    exact = _run(torch_fn, x.double(), double(w), double(b), dy.double())
+    _check(ours, _run(torch_fn, x, w, b, dy), exact, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 3), (33, 127), (3, 9000)], ids=str)
+@pytest.mark.parametrize("rms", [False, True])
+def test_backward_from_output_matches_the_oracle(backend, dtype, shape, rms):
+    # The kernels' from-output backward against the oracle's, given the same y and statistics: the
+    # same math in fp32, so they differ by the order of the row and column sums only (dx to a unit
+    # in the last place of its dtype; dweight/dbias, fp32 sums over the rows, to 1e-5 relative).
+    from fusedtech.ops.layer_norm import _layer_norm_bwd, _layer_norm_fwd
+    from fusedtech.reference.layer_norm import layer_norm_bwd as oracle_bwd
+    x, w, b, dy = (t.to(dtype) for t in _away_from_zero_case(shape))
+    b = None if rms else b
+    y, mean, rstd = _layer_norm_fwd(x, w, b, 1e-5, rms)
+    with fusedtech.use_backend(backend):
+        dx, dw, db = _layer_norm_bwd(dy, y, w, b, rstd, rstd, rms, True)
+    rdx, rdw, rdb = oracle_bwd(dy, y, w, b, mean, rstd, rms, True)
+    ulp = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(dx, rdx, rtol=ulp, atol=ulp * rdx.abs().max().item())
+    torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5 * rdw.abs().max().item())
+    if b is not None:
+        torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-5 * rdb.abs().max().item())
+    else:
+        assert db.numel() == 0
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
@@ -308,18 +360,21 @@ def test_triton_kernels_compile_for_sm80_sm90():
         compile_for_gpus(k._fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
                                           "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n": "i32", "eps": "fp32"},
                          dict(DTYPE=tl.bfloat16, RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK=block, ONE_BLOCK=one))
-    for one, block, stages in ((True, 1024, 1), (False, 8192, 1), (True, 4096, 2)):
-        compiled = compile_for_gpus(k._bwd_kernel, {"dy_ptr": "*fp32", "x_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
-                                          "rstd_ptr": "*fp32", "coeff_ptr": "*fp32", "dx_ptr": "*fp32",
+    # (one block, block, row stages, from the output: memory_efficient's backward)
+    for one, block, stages, from_output in ((True, 1024, 1, False), (False, 8192, 1, False), (True, 4096, 2, False),
+                                            (True, 1024, 1, True), (False, 8192, 1, True)):
+        compiled = compile_for_gpus(k._bwd_kernel, {"dy_ptr": "*fp32", "x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                                          "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "coeff_ptr": "*fp32", "dx_ptr": "*fp32",
                                           "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "rows": "i32", "n": "i32",
                                           "rows_per_program": "i32"},
-                         dict(DTYPE=tl.float32, RMS=not one, HAS_WEIGHT=True, HAS_BIAS=one, BLOCK=block, ONE_BLOCK=one,
-                              ROW_STAGES=stages))
+                         dict(DTYPE=tl.float32, RMS=not one, HAS_WEIGHT=True, HAS_BIAS=one, FROM_OUTPUT=from_output,
+                              BLOCK=block, ONE_BLOCK=one, ROW_STAGES=stages))
         # Two stages: the next row's loads are prefetched asynchronously (what the knob is for).
         assert all(("cp.async" in c.asm["ptx"]) == (stages > 1) for c in compiled)
-    compile_for_gpus(k._bwd_coeffs_kernel, {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "mean_ptr": "*fp32",
-                                            "rstd_ptr": "*fp32", "coeff_ptr": "*fp32", "n": "i32"},
-                     dict(RMS=False, HAS_WEIGHT=True, BLOCK=8192))
+    for from_output in (False, True):
+        compile_for_gpus(k._bwd_coeffs_kernel, {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                                                "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "coeff_ptr": "*fp32", "n": "i32"},
+                         dict(RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, FROM_OUTPUT=from_output, BLOCK=8192))
 
 
 @pytest.mark.gpu

@@ -82,12 +82,33 @@ def _fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, eps, DTYPE: t
 
 
 @triton.jit
-def _bwd_coeffs_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, n, RMS: tl.constexpr,
-                       HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+def _xhat(x, mean, rstd, winv, b, RMS: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+          HAS_BIAS: tl.constexpr):
+    """The normalised input: from x and the statistics, or (FROM_OUTPUT, x is then the forward's
+    output y) as (y - bias) * (1 / weight), the reciprocal taken once per column by the caller."""
+    if FROM_OUTPUT:
+        xhat = x
+        if HAS_BIAS:
+            xhat = xhat - b
+        if HAS_WEIGHT:
+            xhat = xhat * winv
+    elif RMS:
+        xhat = x * rstd
+    else:
+        xhat = (x - mean) * rstd
+    return xhat
+
+
+@triton.jit
+def _bwd_coeffs_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coeff_ptr, n, RMS: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """Rows longer than one block: the row reductions c1 = mean(xhat * w*dy) and c2 = mean(w*dy),
     one read of the row, so that _bwd_kernel reads it once more instead of once per column block."""
     row = tl.program_id(0).to(tl.int64)
-    mean = tl.load(mean_ptr + row)
+    mean = 0.0
+    if not FROM_OUTPUT:
+        mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     c1acc = tl.zeros([BLOCK], dtype=tl.float32)
     c2acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -96,12 +117,16 @@ def _bwd_coeffs_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, n, R
         mm = cc < n
         xx = tl.load(x_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
         gg = tl.load(dy_ptr + row * n + cc, mask=mm, other=0.0).to(tl.float32)
+        winv = 1.0
+        bb = 0.0
         if HAS_WEIGHT:
-            gg = gg * tl.load(w_ptr + cc, mask=mm, other=0.0).to(tl.float32)
-        if RMS:
-            xh = xx * rstd
-        else:
-            xh = (xx - mean) * rstd
+            ww = tl.load(w_ptr + cc, mask=mm, other=1.0).to(tl.float32)
+            gg = gg * ww
+            if FROM_OUTPUT:
+                winv = 1.0 / ww
+        if FROM_OUTPUT and HAS_BIAS:
+            bb = tl.load(b_ptr + cc, mask=mm, other=0.0).to(tl.float32)
+        xh = _xhat(xx, mean, rstd, winv, bb, RMS, FROM_OUTPUT, HAS_WEIGHT, HAS_BIAS)
         c1acc += tl.where(mm, xh * gg, 0.0)
         c2acc += gg
     tl.store(coeff_ptr + 2 * row, tl.sum(c1acc, axis=0) / n)
@@ -109,9 +134,10 @@ def _bwd_coeffs_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, n, R
 
 
 @triton.jit
-def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, n,
-                rows_per_program, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ROW_STAGES: tl.constexpr):
+def _bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows,
+                n, rows_per_program, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, FROM_OUTPUT: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                ROW_STAGES: tl.constexpr):
     """Rows [pid * rows_per_program, ...): dx per row; this program's dweight/dbias partial
     (column block by column block when n > BLOCK). A row that fits one block is read once and its
     c1/c2 reduced in registers; a longer row takes them from _bwd_coeffs_kernel."""
@@ -124,19 +150,24 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_ptr, dw_
     for col0 in range(0, n, BLOCK):
         cols = col0 + tl.arange(0, BLOCK)
         cmask = cols < n
+        winv = 1.0
+        b = 0.0
         if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+            if FROM_OUTPUT:
+                winv = 1.0 / w
+        if FROM_OUTPUT and HAS_BIAS:
+            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK], dtype=tl.float32)
         for row in tl.range(first, last, num_stages=ROW_STAGES):
-            mean = tl.load(mean_ptr + row)
+            mean = 0.0
+            if not FROM_OUTPUT:
+                mean = tl.load(mean_ptr + row)
             rstd = tl.load(rstd_ptr + row)
             x = tl.load(x_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * n + cols, mask=cmask, other=0.0).to(tl.float32)
-            if RMS:
-                xhat = x * rstd
-            else:
-                xhat = (x - mean) * rstd
+            xhat = _xhat(x, mean, rstd, winv, b, RMS, FROM_OUTPUT, HAS_WEIGHT, HAS_BIAS)
             if HAS_WEIGHT:
                 wdy = dy * w
             else:
@@ -179,7 +210,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, rms: bool):
     return y, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, rms: bool, has_bias: bool):
+def layer_norm_bwd(dy, x, weight, bias, mean, rstd, rms: bool, from_output: bool):
     rows, n = x.shape
     dx = torch.empty_like(x)
     # Enough programs to fill a GPU, few enough that the partials stay small; a fixed function of
@@ -187,23 +218,23 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, rms: bool, has_bias: bool):
     programs = max(1, min(rows, 4 * 132 if x.is_cuda else 4))
     rows_per_program = triton.cdiv(max(rows, 1), programs)
     programs = triton.cdiv(max(rows, 1), rows_per_program)
+    has_bias = bias is not None
     dw_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if weight is not None else None
     db_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if has_bias else None
     if rows and n:
         block, one = _block(n)
         w = weight if weight is not None else x
+        b = bias if has_bias else x
+        flags = dict(RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, FROM_OUTPUT=from_output)
         coeffs = mean  # unused when the row fits one block
         if not one:
             coeffs = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
-            _bwd_coeffs_kernel[(rows,)](dy, x, w, mean, rstd, coeffs, n, RMS=rms, HAS_WEIGHT=weight is not None,
-                                        BLOCK=block)
+            _bwd_coeffs_kernel[(rows,)](dy, x, w, b, mean, rstd, coeffs, n, BLOCK=block, **flags)
         # Warps grow with the block so that x, dy, w and the two partials stay in registers.
-        _bwd_kernel[(programs,)](dy, x, w, mean, rstd, coeffs, dx,
+        _bwd_kernel[(programs,)](dy, x, w, b, mean, rstd, coeffs, dx,
                                  dw_part if dw_part is not None else dx, db_part if db_part is not None else dx,
-                                 rows, n, rows_per_program, DTYPE=tl_dtype(x.dtype), RMS=rms,
-                                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK=block, ONE_BLOCK=one,
-                                 ROW_STAGES=BWD_ROW_STAGES,
-                                 num_warps=min(max(block // 256, 1), 16))
+                                 rows, n, rows_per_program, DTYPE=tl_dtype(x.dtype), BLOCK=block, ONE_BLOCK=one,
+                                 ROW_STAGES=BWD_ROW_STAGES, num_warps=min(max(block // 256, 1), 16), **flags)
     else:
         for t in (dw_part, db_part):
             if t is not None:

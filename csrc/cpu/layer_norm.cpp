@@ -125,11 +125,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   return {y, mean, rstd};
 }
 
+// One block of rows of the backward: dx, and the block's dweight/dbias partials. FromOutput: x is
+// the forward's output y, and xhat = (y - b) * (1 / w) per column (winv, b), the mean unused.
+template <bool FromOutput, typename scalar_t, typename mt>
+void bwd_rows(int64_t r0, int64_t r1, int64_t n, bool rms, const scalar_t* xp, const scalar_t* gp, scalar_t* dxp,
+              const double* wp, const mt* wf, const double* winvp, const mt* winvf, const double* bp, const mt* bf,
+              const mt* mp, const mt* rp, double* dwb, double* dbb) {
+  std::fill_n(dwb, n, 0.0);
+  std::fill_n(dbb, n, 0.0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const double mu = (rms || FromOutput) ? 0.0 : mp[r], rs = rp[r];
+    const scalar_t *xr = xp + r * n, *gr = gp + r * n;
+    // c1 = mean(xhat * w dy), c2 = mean(w dy), one pass over the row.
+    const auto [sum_c1, sum_c2] = row_sums<2>(
+        n,
+        [=](int64_t j) {
+          const lanes8 wdy = load8(gr + j) * load8(wp + j);
+          const lanes8 xhat = FromOutput ? xhat_from_output(load8(xr + j), load8(bp + j), load8(winvp + j))
+                                         : (load8(xr + j) - mu) * rs;
+          return std::array<lanes8, 2>{xhat * wdy, wdy};
+        },
+        [=](int64_t j) {
+          const double wdy = static_cast<double>(gr[j]) * wp[j];
+          const double xhat = FromOutput ? xhat_from_output(static_cast<double>(xr[j]), bp[j], winvp[j])
+                                         : (static_cast<double>(xr[j]) - mu) * rs;
+          return std::array<double, 2>{xhat * wdy, wdy};
+        });
+    const double c1 = sum_c1 / n, c2 = rms ? 0.0 : sum_c2 / n;
+    scalar_t* dxr = dxp + r * n;
+    const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
+    const mt c1f = static_cast<mt>(c1), c2f = static_cast<mt>(c2);
+    for (int64_t j = 0; j < n; ++j) {
+      const mt g = static_cast<mt>(gr[j]);
+      const mt xhat = FromOutput ? xhat_from_output<mt>(static_cast<mt>(xr[j]), bf[j], winvf[j])
+                                 : (static_cast<mt>(xr[j]) - muf) * rsf;
+      dxr[j] = static_cast<scalar_t>(norm_backward<mt>(g * wf[j], xhat, c1f, c2f, rsf));
+      dwb[j] += static_cast<double>(g * xhat);
+      dbb[j] += static_cast<double>(g);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x,
                                                                  const std::optional<at::Tensor>& weight,
+                                                                 const std::optional<at::Tensor>& bias,
                                                                  const at::Tensor& mean, const at::Tensor& rstd,
-                                                                 bool rms, bool has_bias) {
-  check_inputs(x, weight, std::nullopt);
+                                                                 bool rms, bool from_output) {
+  check_inputs(x, weight, bias);
   TORCH_CHECK(dy_in.sizes() == x.sizes(), "fusedtech: grad has shape ", dy_in.sizes(), " but input has ", x.sizes());
   const at::Tensor dy = dy_in.contiguous();
   const int64_t rows = x.size(0), n = x.size(1);
@@ -145,52 +187,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
     dw_part.zero_();
     db_part.zero_();
   } else {
+    // From the output: the weight's reciprocal and the bias, per column (in double for the row
+    // sums, in the element math's type for dx; the reciprocal of the rounded weight, as the oracle).
+    const at::Tensor b = from_output ? as_double(bias, n, 0.0, x) : w;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
+      // Row sums and dweight/dbias partials in double; the elementwise math in float (double for double).
+      using mt = math_t<scalar_t>;
+      constexpr auto mt_type = c10::CppTypeToScalarType<mt>::value;
+      const at::Tensor wm = w.to(mt_type), bm = b.to(mt_type);
+      const at::Tensor winvm = from_output ? wm.reciprocal() : wm;
+      const at::Tensor winv = from_output ? winvm.to(at::kDouble) : w;
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* gp = dy.const_data_ptr<scalar_t>();
       scalar_t* dxp = dx.data_ptr<scalar_t>();
-      const double* wp = w.const_data_ptr<double>();
-      // Row sums and dweight/dbias partials in double; the elementwise math in float (double for double).
-      using mt = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      const at::Tensor wm = w.to(c10::CppTypeToScalarType<mt>::value);
-      const mt* wf = wm.const_data_ptr<mt>();
-      using stat_t = mt;
-      const stat_t* mp = mean.const_data_ptr<stat_t>();
-      const stat_t* rp = rstd.const_data_ptr<stat_t>();
+      const double *wp = w.const_data_ptr<double>(), *winvp = winv.const_data_ptr<double>(), *bp = b.const_data_ptr<double>();
+      const mt *wf = wm.const_data_ptr<mt>(), *winvf = winvm.const_data_ptr<mt>(), *bf = bm.const_data_ptr<mt>();
+      const mt* mp = mean.const_data_ptr<mt>();
+      const mt* rp = rstd.const_data_ptr<mt>();
       double* dwp = dw_part.data_ptr<double>();
       double* dbp = db_part.data_ptr<double>();
       at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t blk = lo; blk < hi; ++blk) {
-          double* dwb = dwp + blk * n;
-          double* dbb = dbp + blk * n;
-          std::fill_n(dwb, n, 0.0);
-          std::fill_n(dbb, n, 0.0);
-          for (int64_t r = blk * per_block; r < std::min(rows, (blk + 1) * per_block); ++r) {
-            const double mu = rms ? 0.0 : mp[r], rs = rp[r];
-            const scalar_t *xr = xp + r * n, *gr = gp + r * n;
-            // c1 = mean(xhat * w dy), c2 = mean(w dy), one pass over the row.
-            const auto [sum_c1, sum_c2] = row_sums<2>(
-                n,
-                [=](int64_t j) {
-                  const lanes8 wdy = load8(gr + j) * load8(wp + j);
-                  return std::array<lanes8, 2>{(load8(xr + j) - mu) * rs * wdy, wdy};
-                },
-                [=](int64_t j) {
-                  const double wdy = static_cast<double>(gr[j]) * wp[j];
-                  return std::array<double, 2>{(static_cast<double>(xr[j]) - mu) * rs * wdy, wdy};
-                });
-            const double c1 = sum_c1 / n, c2 = rms ? 0.0 : sum_c2 / n;
-            scalar_t* dxr = dxp + r * n;
-            const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
-            const mt c1f = static_cast<mt>(c1), c2f = static_cast<mt>(c2);
-            for (int64_t j = 0; j < n; ++j) {
-              const mt g = static_cast<mt>(gr[j]);
-              const mt xhat = (static_cast<mt>(xr[j]) - muf) * rsf;
-              dxr[j] = static_cast<scalar_t>(norm_backward<mt>(g * wf[j], xhat, c1f, c2f, rsf));
-              dwb[j] += static_cast<double>(g * xhat);
-              dbb[j] += static_cast<double>(g);
-            }
-          }
+          const int64_t r0 = blk * per_block, r1 = std::min(rows, (blk + 1) * per_block);
+          (from_output ? bwd_rows<true, scalar_t, mt> : bwd_rows<false, scalar_t, mt>)(
+              r0, r1, n, rms, xp, gp, dxp, wp, wf, winvp, winvf, bp, bf, mp, rp, dwp + blk * n, dbp + blk * n);
         }
       });
     });
@@ -199,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = x.options().dtype(stat);
   return {dx, weight ? dw_part.sum(0).to(stat) : at::empty({0}, opts),
-          has_bias ? db_part.sum(0).to(stat) : at::empty({0}, opts)};
+          bias ? db_part.sum(0).to(stat) : at::empty({0}, opts)};
 }
 
 // LayerNorm fed by dropout(x) + residual, one row at a time: the row of the sum is written (the

@@ -61,30 +61,38 @@ __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(const T* __restrict__ 
   }
 }
 
+// from_output: x is the forward's output y, and xhat = (y - b) * (1 / w) (the memory-saving backward).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                                         const T* __restrict__ w, const float* __restrict__ mean,
+                                                         const T* __restrict__ w, const T* __restrict__ b,
+                                                         const float* __restrict__ mean,
                                                          const float* __restrict__ rstd, T* __restrict__ dx,
                                                          float* __restrict__ dw_part, float* __restrict__ db_part,
-                                                         int64_t rows, int64_t n, int64_t rows_per_block, bool rms) {
+                                                         int64_t rows, int64_t n, int64_t rows_per_block, bool rms,
+                                                         bool from_output) {
   __shared__ float shared[kThreads];
   float* dwp = dw_part + static_cast<int64_t>(blockIdx.x) * n;
   float* dbp = db_part + static_cast<int64_t>(blockIdx.x) * n;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dwp[j] = dbp[j] = 0.0f;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  auto xhat_at = [&](int64_t row, int64_t j, float mu, float rs) {
+    const float v = static_cast<float>(x[row * n + j]);
+    if (!from_output) return (v - mu) * rs;
+    return xhat_from_output<float>(v, b ? static_cast<float>(b[j]) : 0.0f, w ? 1.0f / static_cast<float>(w[j]) : 1.0f);
+  };
   for (int64_t row = first; row < min(rows, first + rows_per_block); ++row) {
-    const float mu = rms ? 0.0f : mean[row], rs = rstd[row];
+    const float mu = (rms || from_output) ? 0.0f : mean[row], rs = rstd[row];
     float c1 = 0.0f, c2 = 0.0f;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       const float wdy = static_cast<float>(dy[row * n + j]) * (w ? static_cast<float>(w[j]) : 1.0f);
-      c1 += (static_cast<float>(x[row * n + j]) - mu) * rs * wdy;
+      c1 += xhat_at(row, j, mu, rs) * wdy;
       c2 += wdy;
     }
     c1 = block_sum(c1, shared) / n;
     c2 = rms ? 0.0f : block_sum(c2, shared) / n;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       const float g = static_cast<float>(dy[row * n + j]);
-      const float xhat = (static_cast<float>(x[row * n + j]) - mu) * rs;
+      const float xhat = xhat_at(row, j, mu, rs);
       dx[row * n + j] = static_cast<T>(norm_backward<float>(g * (w ? static_cast<float>(w[j]) : 1.0f), xhat, c1, c2, rs));
       dwp[j] += g * xhat;
       dbp[j] += g;
@@ -118,8 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& dy_in, const at::Tensor& x,
                                                                   const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias,
                                                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                                                  bool rms, bool has_bias) {
+                                                                  bool rms, bool from_output) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "fusedtech: layer_norm (cuda) expects a contiguous 2-D input");
   TORCH_CHECK(dy_in.sizes() == x.sizes(), "fusedtech: grad has shape ", dy_in.sizes(), " but input has ", x.sizes());
   c10::cuda::CUDAGuard guard(x.device());
@@ -131,17 +140,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   at::Tensor dw_part = at::zeros({blocks, n}, x.options().dtype(at::kFloat));
   at::Tensor db_part = at::zeros({blocks, n}, x.options().dtype(at::kFloat));
   const at::Tensor w = weight ? weight->to(x.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor b = bias && from_output ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
   if (rows > 0 && n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda", [&] {
       ln_bwd_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight ? w.const_data_ptr<scalar_t>() : nullptr,
-          mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), dx.data_ptr<scalar_t>(),
-          dw_part.data_ptr<float>(), db_part.data_ptr<float>(), rows, n, per_block, rms);
+          b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, mean.const_data_ptr<float>(),
+          rstd.const_data_ptr<float>(), dx.data_ptr<scalar_t>(), dw_part.data_ptr<float>(), db_part.data_ptr<float>(),
+          rows, n, per_block, rms, from_output);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   const auto f32 = x.options().dtype(at::kFloat);
-  return {dx, weight ? dw_part.sum(0) : at::empty({0}, f32), has_bias ? db_part.sum(0) : at::empty({0}, f32)};
+  return {dx, weight ? dw_part.sum(0) : at::empty({0}, f32), bias ? db_part.sum(0) : at::empty({0}, f32)};
 }
 
 }  // namespace

@@ -78,18 +78,18 @@ def _(x, residual, weight, bias, p, eps, rms, seed):
 def _dan_setup_context(ctx, inputs, output):
     _, _, weight, bias, p, _, rms, seed = inputs
     _, s, mean, rstd = output
-    ctx.save_for_backward(s, weight, mean, rstd, seed)
-    ctx.p, ctx.rms, ctx.has_bias = p, rms, bias is not None
+    ctx.save_for_backward(s, weight, bias, mean, rstd, seed)
+    ctx.p, ctx.rms = p, rms
     ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
 
 
 def _dan_backward(ctx, dout, dsum, dmean, drstd):
     from .layer_norm import _layer_norm_bwd, layer_norm_bwd
-    s, weight, mean, rstd, seed = ctx.saved_tensors
+    s, weight, bias, mean, rstd, seed = ctx.saved_tensors
     eager = is_eager(ctx)
     if dout is None:  # only the sum was used (eager gradients are not materialised)
         dout = torch.zeros_like(s)
-    ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, mean, rstd, ctx.rms, ctx.has_bias)
+    ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, bias, mean, rstd, ctx.rms, False)
     if dsum is not None:  # the sum is also an output (the next residual)
         ds = ds + dsum
     wdt, bdt = ctx.dtypes

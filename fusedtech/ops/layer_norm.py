@@ -48,11 +48,14 @@ def _(x, weight, bias, eps, rms):
     return torch.empty_like(x), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
-def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                    rstd: torch.Tensor, rms: bool, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    mean: torch.Tensor, rstd: torch.Tensor, rms: bool,
+                    from_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dbias when a bias is given. from_output: x is the forward's output and
+    the kernels recover xhat from it with the weight and bias (mean is not read)."""
     n = x.shape[-1]
-    dx, dw, db = _impl("layer_norm_bwd", x.device)(_rows(dy.contiguous(), n), _rows(x, n), weight, mean, rstd, rms,
-                                                   has_bias)
+    dx, dw, db = _impl("layer_norm_bwd", x.device)(_rows(dy.contiguous(), n), _rows(x, n), weight, bias, mean, rstd,
+                                                   rms, from_output)
     # Absent gradients come back as (distinct) empty tensors: an op's outputs may not alias.
     acc = stat_dtype(x.dtype)
     return (_like(dx, x), dw if dw is not None else x.new_empty(0, dtype=acc),
@@ -63,27 +66,29 @@ layer_norm_bwd = torch.library.custom_op("fusedtech::layer_norm_bwd", _layer_nor
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, rms, has_bias):
+def _(dy, x, weight, bias, mean, rstd, rms, from_output):
     n, acc = x.shape[-1], stat_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty(n if weight is not None else 0, dtype=acc),
-            x.new_empty(n if has_bias else 0, dtype=acc))
+            x.new_empty(n if bias is not None else 0, dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, rms = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.rms = rms
-    ctx.has_bias = bias is not None
-    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _grads(ctx, weight, bias, dx, dw, db):
+    """The op's gradients for (x, weight, bias, eps, rms): dweight/dbias in the parameters' dtypes."""
+    return (dx, dw.to(weight.dtype) if weight is not None else None, db.to(bias.dtype) if bias is not None else None,
+            None, None)
 
 
 def _backward(ctx, dy, dmean, drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd = ctx.saved_tensors
     bwd = _layer_norm_bwd if is_eager(ctx) else layer_norm_bwd
-    dx, dw, db = bwd(dy, x, weight, mean, rstd, ctx.rms, ctx.has_bias)
-    wdt, bdt = ctx.dtypes
-    return (dx, dw.to(wdt) if weight is not None else None, db.to(bdt) if ctx.has_bias else None, None, None)
+    return _grads(ctx, weight, bias, *bwd(dy, x, weight, bias, mean, rstd, ctx.rms, False))
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -91,9 +96,10 @@ layer_norm = eager_fast_path("layer_norm", layer_norm_fwd, _layer_norm_fwd, _set
 
 
 # ---- memory-saving variant --------------------------------------------------------------------
-# Saves the output y instead of the input x (with the weight, bias and rstd) and recovers
-# xhat = (y - bias) / weight in backward, as apex's memory_efficient LayerNorm does. It pays when
-# the next layer keeps y anyway (a Linear saves its input): then x need not be kept at all.
+# Saves the output y instead of the input x (with the weight, bias and rstd); the backward kernels
+# recover xhat = (y - bias) / weight as they read y (from_output), as apex's memory_efficient
+# LayerNorm does: the same passes over memory as the plain backward. It pays when the next layer
+# keeps y anyway (a Linear saves its input): then x need not be kept at all.
 # The weight must have no zero (its columns of xhat are lost); xhat is recovered from y as
 # stored, so in fp16/bf16 it carries y's rounding (forward outputs are identical).
 
@@ -117,24 +123,13 @@ def _recompute_setup_context(ctx, inputs, output):
     y, _, rstd = output
     ctx.save_for_backward(y, weight, bias, rstd)
     ctx.rms = rms
-    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
 
 
 def _recompute_backward(ctx, dy, dmean, drstd):
     y, weight, bias, rstd = ctx.saved_tensors
-    acc = rstd.dtype
-    xhat = y.to(acc)
-    if bias is not None:
-        xhat = xhat - bias.to(acc)
-    if weight is not None:
-        xhat = xhat / weight.to(acc)
-    # The backward kernels with x = xhat, mean 0 and rstd 1 give dx / rstd, and dweight, dbias as is.
     bwd = _layer_norm_bwd if is_eager(ctx) else layer_norm_bwd
-    dx, dw, db = bwd(dy.to(acc), xhat, weight.to(acc) if weight is not None else None, torch.zeros_like(rstd),
-                     torch.ones_like(rstd), ctx.rms, bias is not None)
-    wdt, bdt = ctx.dtypes
-    return ((dx * rstd.view(*y.shape[:-1], 1)).to(y.dtype), dw.to(wdt) if weight is not None else None,
-            db.to(bdt) if bias is not None else None, None, None)
+    # mean is not read from the output: rstd stands in for it.
+    return _grads(ctx, weight, bias, *bwd(dy, y, weight, bias, rstd, rstd, ctx.rms, True))
 
 
 layer_norm_fwd_recompute.register_autograd(_recompute_backward, setup_context=_recompute_setup_context)

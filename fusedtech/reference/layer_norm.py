@@ -30,11 +30,27 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, rms: bool, has_bias: bool):
-    """(dx in x's dtype, dweight or None, dbias or None, in the statistics dtype)."""
+def xhat_from_output(y, weight, bias, acc):
+    """The normalised input recovered from the output, xhat = (y - bias) * (1 / weight), in acc: the
+    memory-saving backward's input (it keeps y, not x). The kernels take each column's reciprocal
+    once and multiply, as here. A zero in the weight loses that column (inf or nan): documented."""
+    xhat = y.to(acc)
+    if bias is not None:
+        xhat = xhat - bias.to(acc)
+    if weight is not None:
+        xhat = xhat * weight.to(acc).reciprocal()
+    return xhat
+
+
+def layer_norm_bwd(dy, x, weight, bias, mean, rstd, rms: bool, from_output: bool):
+    """(dx in x's dtype, dweight or None, dbias (when a bias is given) or None, in the statistics
+    dtype). from_output: x is the forward's output y and xhat comes from it (mean is not read)."""
     acc = stat_dtype(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
-    xhat = (xf if rms else xf - mean[:, None]) * rstd[:, None]
+    if from_output:
+        xhat = xhat_from_output(x, weight, bias, acc)
+    else:
+        xhat = (xf if rms else xf - mean[:, None]) * rstd[:, None]
     wdy = dyf * weight.to(acc) if weight is not None else dyf
     n = x.shape[1]
     c1 = (xhat * wdy).sum(dim=1, keepdim=True) / n
@@ -44,5 +60,5 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, rms: bool, has_bias: bool):
         c2 = wdy.sum(dim=1, keepdim=True) / n
         dx = (wdy - (xhat * c1 + c2)) * rstd[:, None]
     dweight = (dyf * xhat).sum(dim=0) if weight is not None else None
-    dbias = dyf.sum(dim=0) if has_bias else None
+    dbias = dyf.sum(dim=0) if bias is not None else None
     return dx.to(x.dtype), dweight, dbias

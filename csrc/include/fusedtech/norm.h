@@ -19,4 +19,11 @@ FT_HD A norm_backward(A wdy, A xhat, A c1, A c2, A rstd) {
   return (wdy - (xhat * c1 + c2)) * rstd;
 }
 
+// The memory-saving backward's xhat from the forward's output: (y - b) / w, as (y - b) * (1 / w)
+// with the reciprocal taken once per column (b = 0 without a bias, 1 / w = 1 without a weight).
+template <typename A>
+FT_HD A xhat_from_output(A y, A b, A winv) {
+  return (y - b) * winv;
+}
+
 }  // namespace fusedtech
