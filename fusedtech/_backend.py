@@ -129,9 +129,24 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [b for b in BACKENDS if any(why_unavailable(b, t) is None for t in types)]
 
 
+# os.environ.get encodes its key on every call (0.7 us here), and the backend request is read on
+# every op's host path: CPython's os.environ keeps an underlying dict of encoded keys and values,
+# read here with the key encoded once (still live: setenv and monkeypatch write through to it).
+_ENV = "FUSEDTECH_BACKEND"
+_env_data = getattr(os.environ, "_data", None)
+_env_key = os.environ.encodekey(_ENV) if isinstance(_env_data, dict) and hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend() -> str | None:
+    if _env_key is None:
+        return os.environ.get(_ENV)
+    value = _env_data.get(_env_key)
+    return None if value is None else os.environ.decodevalue(value)
+
+
 def requested_backend() -> str | None:
     """The backend asked for by use_backend() or, failing that, FUSEDTECH_BACKEND."""
-    name = _requested.get() or os.environ.get("FUSEDTECH_BACKEND") or None
+    name = _requested.get() or _env_backend() or None
     if name is not None and name not in BACKENDS + ("auto",):
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
     return None if name == "auto" else name
@@ -200,6 +215,10 @@ def _select(op: str, device_type: str, implemented: tuple[str, ...], large: bool
 
 
 _functions: dict = {}
+# (op, module, name, device type, requested backend, large list, availability test) -> function:
+# one lookup on the host path of every op call (the availability test is part of the key, as for
+# select(), so that a replaced one is asked again).
+_implementations: dict = {}
 
 
 def implementation(op: str, device: torch.device, implemented: tuple[str, ...], module: str, name: str,
@@ -207,6 +226,13 @@ def implementation(op: str, device: torch.device, implemented: tuple[str, ...], 
     """The function that runs `name` for `op` on `device`: the compiled op torch.ops.fusedtech_C.<name>
     for cuda/cpu, fusedtech.triton_kernels.<module>.<name> for triton, fusedtech.reference.<module>.<name>
     for torch. Looked up once per backend (it is on every call's host path)."""
+    wanted = _requested.get() or _env_backend() or None
+    large = elements is not None and elements >= LARGE_LIST_ELEMENTS
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op, module, name, device_type, wanted, large, why_unavailable)
+    fn = _implementations.get(key)
+    if fn is not None:
+        return fn
     backend = select(op, device, implemented, elements)
     fn = _functions.get((backend, module, name))
     if fn is None:
@@ -216,4 +242,5 @@ def implementation(op: str, device: torch.device, implemented: tuple[str, ...], 
             package = "triton_kernels" if backend == "triton" else "reference"
             fn = getattr(importlib.import_module(f"fusedtech.{package}.{module}"), name)
         _functions[(backend, module, name)] = fn
+    _implementations[key] = fn
     return fn

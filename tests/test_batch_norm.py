@@ -580,6 +580,22 @@ def test_cpu_kernel_same_bits_whatever_the_thread_count(channels_last):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("wrong", ["running_mean", "running_var", "weight", "bias"])
+def test_per_channel_arguments_of_the_wrong_size_raise_like_torch(backend, training, wrong):
+    # Every backend's kernels index these by channel: a wrong size must be torch's error, not a read
+    # past the end.
+    x = torch.randn(2, 3, 4, 4)
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": torch.ones(3), "bias": torch.zeros(3)}
+    args[wrong] = torch.ones(4)
+    with pytest.raises(RuntimeError) as expected:
+        torch.nn.functional.batch_norm(x, training=training, **args)
+    with fusedtech.use_backend(backend), pytest.raises(RuntimeError, match=f"^{wrong} should contain 3 elements not 4"):
+        fusedtech.nn.functional.batch_norm(x, training=training, **args)
+    assert str(expected.value).startswith(f"{wrong} should contain 3 elements not 4")
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ cpu extension is not built")
 def test_batch_norm_act_kernel_errors_name_the_argument():
     ops = torch.ops.fusedtech_C
@@ -590,3 +606,7 @@ def test_batch_norm_act_kernel_errors_name_the_argument():
         ops.batch_norm_act_apply(x, mean, invstd, None, None, None, 7)
     with pytest.raises(RuntimeError, match="ReLU backward needs the forward's packed mask"):
         ops.batch_norm_act_bwd(x, x, None, None, mean, invstd, None, False, 1, True)
+    with pytest.raises(RuntimeError, match="batch_norm weight has 4 elements, expected 3"):
+        ops.batch_norm_apply(x, mean, invstd, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="batch_norm invstd has 2 elements, expected 3"):
+        ops.batch_norm_bwd(x, x, None, mean, torch.ones(2), True)

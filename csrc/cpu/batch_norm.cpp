@@ -73,6 +73,29 @@ std::pair<at::Tensor, View> channel_view(const at::Tensor& x_in, const char* nam
   return {x, v};
 }
 
+// A per-channel vector (mean, invstd, weight, bias) as C doubles, `fill` where there is none, read
+// in place whatever its floating dtype or stride: converting each with .to() allocated a tensor
+// and went through the dispatcher, four times a call (most of a small BatchNorm's time).
+std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t c, double fill, const char* name) {
+  std::vector<double> out(c, fill);
+  if (!t) return out;
+  TORCH_CHECK(t->numel() == c, "fusedtech: batch_norm ", name, " has ", t->numel(), " elements, expected ", c);
+  TORCH_CHECK(t->device().is_cpu(), "fusedtech: batch_norm (cpu) got ", name, " on ", t->device());
+  const at::Tensor v = t->dim() == 1 ? *t : t->reshape({c});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "batch_norm_channel_values", [&] {
+    const scalar_t* p = v.const_data_ptr<scalar_t>();
+    const int64_t stride = v.stride(0);
+    for (int64_t i = 0; i < c; ++i) out[i] = static_cast<double>(p[i * stride]);
+  });
+  return out;
+}
+
+// Tasks of at least ~16K elements, so that a small tensor runs inline on the calling thread
+// (entering an OpenMP region costs microseconds).
+inline int64_t grain_for(int64_t elements_per_task) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elements_per_task));
+}
+
 template <typename T>
 inline double to_double(T v) {
   return static_cast<double>(static_cast<math_t<T>>(v));
@@ -86,7 +109,7 @@ template <int K, typename T, typename F>
 void channel_sums(const T* p, const T* q, const View& v, std::array<double*, K> sums, F f) {
   auto at = [&](int64_t c, int64_t i) { return f(c, to_double(p[i]), q ? to_double(q[i]) : 0.0); };
   if (!v.rows()) {
-    at::parallel_for(0, v.c, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, v.c, grain_for(v.n * v.s), [&](int64_t lo, int64_t hi) {
       const int64_t N = v.n, S = v.s, sn = v.sn, sc = v.sc;
       for (int64_t c = lo; c < hi; ++c) {
         std::array<lanes8, K> lanes;
@@ -111,7 +134,7 @@ void channel_sums(const T* p, const T* q, const View& v, std::array<double*, K> 
   const int64_t rows = v.n * v.s, per_chunk = std::max<int64_t>(1, v.chunk_rows());
   const int64_t chunks = rows == 0 ? 0 : (rows + per_chunk - 1) / per_chunk;
   std::vector<double> partial(chunks * K * v.c, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, chunks, grain_for(per_chunk * v.c), [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       double* acc = partial.data() + k * K * v.c;  // [K][C] for this chunk
       for (int64_t r = k * per_chunk; r < std::min(rows, (k + 1) * per_chunk); ++r) {
@@ -134,7 +157,7 @@ void channel_sums(const T* p, const T* q, const View& v, std::array<double*, K> 
 template <typename T, typename G>
 void channel_map(const T* in, const T* aux, T* out, const View& v, G g) {
   if (!v.rows()) {
-    at::parallel_for(0, v.n * v.c, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, v.n * v.c, grain_for(v.s), [&](int64_t lo, int64_t hi) {
       for (int64_t nc = lo; nc < hi; ++nc) {
         const int64_t c = nc % v.c, off = (nc / v.c) * v.sn + c * v.sc;
         for (int64_t s = 0; s < v.s; ++s) out[off + s] = g(c, in[off + s], aux ? aux[off + s] : T(0));
@@ -303,14 +326,13 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cpu(const at::Tensor& x_
   }
   at::Tensor y = at::empty_like(x);
   const int64_t total = x.numel();
-  at::Tensor bits = at::zeros({act == 1 ? (total + 7) / 8 : 0}, x.options().dtype(at::kByte));
-  const at::Tensor m = mean.to(at::kDouble), r = invstd.to(at::kDouble);
-  const at::Tensor w = weight ? weight->to(at::kDouble) : at::ones({v.c}, x.options().dtype(at::kDouble));
-  const at::Tensor b = bias ? bias->to(at::kDouble) : at::zeros({v.c}, x.options().dtype(at::kDouble));
+  // Every byte of the mask is written by the packing below.
+  at::Tensor bits = at::empty({act == 1 ? (total + 7) / 8 : 0}, x.options().dtype(at::kByte));
+  const std::vector<double> m = channel_values(mean, v.c, 0.0, "mean"), r = channel_values(invstd, v.c, 1.0, "invstd");
+  const std::vector<double> w = channel_values(weight, v.c, 1.0, "weight"), b = channel_values(bias, v.c, 0.0, "bias");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_apply_cpu", [&] {
     using mt = math_t<scalar_t>;
-    const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>(),
-                 *wp = w.const_data_ptr<double>(), *bp = b.const_data_ptr<double>();
+    const double *mp = m.data(), *rp = r.data(), *wp = w.data(), *bp = b.data();
     std::vector<mt> scale(v.c), shift(v.c);
     for (int64_t c = 0; c < v.c; ++c) {
       const double k = rp[c] * wp[c];
@@ -390,15 +412,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_impl(const at::Ten
   at::Tensor dx = dx_over_dy && dy.is_same(dy_in) ? dy : at::empty_like(x);
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dw = at::empty({v.c}, x.options().dtype(stat)), db = at::empty({v.c}, x.options().dtype(stat));
-  const at::Tensor m = mean.to(at::kDouble), r = invstd.to(at::kDouble);
-  const at::Tensor w = weight ? weight->to(at::kDouble) : at::ones({v.c}, x.options().dtype(at::kDouble));
+  const std::vector<double> m = channel_values(mean, v.c, 0.0, "mean"), r = channel_values(invstd, v.c, 1.0, "invstd");
+  const std::vector<double> w = channel_values(weight, v.c, 1.0, "weight");
   const double count = static_cast<double>(v.n) * v.s;
   std::vector<double> sum_dy(v.c), sum_dy_xmu(v.c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_bwd_cpu", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     using mt = math_t<scalar_t>;
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dy.const_data_ptr<scalar_t>();
-    const double *mp = m.const_data_ptr<double>(), *rp = r.const_data_ptr<double>(), *wp = w.const_data_ptr<double>();
+    const double *mp = m.data(), *rp = r.data(), *wp = w.data();
     channel_sums<2>(gp, xp, v, {sum_dy.data(), sum_dy_xmu.data()},
                     [mp](int64_t c, auto g, auto xv) { return std::array<decltype(g), 2>{g, g * (xv - mp[c])}; });
     stat_t *dwp = dw.data_ptr<stat_t>(), *dbp = db.data_ptr<stat_t>();

@@ -53,9 +53,31 @@ inline double row_sum(int64_t n, F8 f8, F f) {
       n, [&](int64_t j) { return std::array<lanes8, 1>{f8(j)}; }, [&](int64_t j) { return std::array<double, 1>{f(j)}; })[0];
 }
 
-// weight (or ones) and bias (or zeros) as n doubles: the element loops need no branch.
-at::Tensor as_double(const std::optional<at::Tensor>& t, int64_t n, double fill, const at::Tensor& like) {
-  return t ? t->to(at::kDouble).contiguous() : at::full({n}, fill, like.options().dtype(at::kDouble));
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// weight (or `fill` where there is none) as n contiguous values of the math type: the tensor
+// itself when it already is (no copy: every allocation and conversion is a dispatcher call, and
+// at a small size those were most of the op's time), else a converted copy.
+template <typename mt>
+at::Tensor as_math(const std::optional<at::Tensor>& t, int64_t n, double fill, const at::Tensor& like) {
+  constexpr auto type = c10::CppTypeToScalarType<mt>::value;
+  if (!t) return at::full({n}, fill, like.options().dtype(type));
+  if (t->scalar_type() == type && t->is_contiguous()) return *t;
+  return t->to(type).contiguous();
+}
+
+// Rows per parallel task: at least ~16K elements each, so that a small input runs inline on the
+// calling thread (entering an OpenMP region costs microseconds).
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)); }
+
+// out[j] = the sum over blocks of part[block][j], blocks added in order into block 0 (the order is
+// the shape's), then rounded to out's dtype: no dispatcher calls for a sum and a conversion.
+template <typename stat_t>
+void sum_blocks(double* part, int64_t blocks, int64_t n, stat_t* out) {
+  for (int64_t blk = 1; blk < blocks; ++blk)
+    for (int64_t j = 0; j < n; ++j) part[j] += part[blk * n + j];
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<stat_t>(part[j]);
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
@@ -68,9 +90,6 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
     TORCH_CHECK(t->device() == x.device(), "fusedtech: ", name, " is on ", t->device(), " but input is on ", x.device());
   }
 }
-
-template <typename T>
-using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // One row: mean and rstd from sums in double, then y = norm(x) with the elementwise math in float
 // (double for double) as torch's.
@@ -107,30 +126,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   at::Tensor y = at::empty_like(x);
   // Statistics are saved in fp32 (float64 for float64 input).
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean = at::zeros({rows}, x.options().dtype(stat));
-  at::Tensor rstd = at::zeros({rows}, x.options().dtype(stat));
-  if (rows == 0 || n == 0) return {y, mean, rstd};
-  const at::Tensor w = as_double(weight, n, 1.0, x), b = as_double(bias, n, 0.0, x);
+  at::Tensor mean = at::empty({rows}, x.options().dtype(stat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(stat));
+  if (rows == 0 || n == 0) return {y, mean.zero_(), rstd.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
     using mt = math_t<scalar_t>;
-    const at::Tensor wm = w.to(c10::CppTypeToScalarType<mt>::value), bm = b.to(c10::CppTypeToScalarType<mt>::value);
+    const at::Tensor wm = as_math<mt>(weight, n, 1.0, x), bm = as_math<mt>(bias, n, 0.0, x);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    const mt *wf = wm.const_data_ptr<mt>(), *bf = bm.const_data_ptr<mt>();
     mt *mp = mean.data_ptr<mt>(), *rp = rstd.data_ptr<mt>();
-    at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r)
-        norm_row(xp + r * n, yp + r * n, n, wm.const_data_ptr<mt>(), bm.const_data_ptr<mt>(), rms, eps, mp[r], rp[r]);
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) norm_row(xp + r * n, yp + r * n, n, wf, bf, rms, eps, mp[r], rp[r]);
     });
   });
   return {y, mean, rstd};
 }
 
-// One block of rows of the backward: dx, and the block's dweight/dbias partials. FromOutput: x is
-// the forward's output y, and xhat = (y - b) * (1 / w) per column (winv, b), the mean unused.
+// One block of rows of the backward: dx, and the block's dweight/dbias partials (double). The
+// row sums go over double lanes, the elementwise math in mt (float; double for double), with the
+// weight (and, from the output, the bias and the weight's reciprocal) per column in mt.
+// FromOutput: x is the forward's output y, xhat = (y - b) * (1 / w), the mean unused.
 template <bool FromOutput, typename scalar_t, typename mt>
 void bwd_rows(int64_t r0, int64_t r1, int64_t n, bool rms, const scalar_t* xp, const scalar_t* gp, scalar_t* dxp,
-              const double* wp, const mt* wf, const double* winvp, const mt* winvf, const double* bp, const mt* bf,
-              const mt* mp, const mt* rp, double* dwb, double* dbb) {
+              const mt* wf, const mt* winvf, const mt* bf, const mt* mp, const mt* rp, double* dwb, double* dbb) {
   std::fill_n(dwb, n, 0.0);
   std::fill_n(dbb, n, 0.0);
   for (int64_t r = r0; r < r1; ++r) {
@@ -140,14 +159,14 @@ void bwd_rows(int64_t r0, int64_t r1, int64_t n, bool rms, const scalar_t* xp, c
     const auto [sum_c1, sum_c2] = row_sums<2>(
         n,
         [=](int64_t j) {
-          const lanes8 wdy = load8(gr + j) * load8(wp + j);
-          const lanes8 xhat = FromOutput ? xhat_from_output(load8(xr + j), load8(bp + j), load8(winvp + j))
+          const lanes8 wdy = load8(gr + j) * load8(wf + j);
+          const lanes8 xhat = FromOutput ? xhat_from_output(load8(xr + j), load8(bf + j), load8(winvf + j))
                                          : (load8(xr + j) - mu) * rs;
           return std::array<lanes8, 2>{xhat * wdy, wdy};
         },
         [=](int64_t j) {
-          const double wdy = static_cast<double>(gr[j]) * wp[j];
-          const double xhat = FromOutput ? xhat_from_output(static_cast<double>(xr[j]), bp[j], winvp[j])
+          const double wdy = static_cast<double>(gr[j]) * wf[j];
+          const double xhat = FromOutput ? xhat_from_output<double>(xr[j], bf[j], winvf[j])
                                          : (static_cast<double>(xr[j]) - mu) * rs;
           return std::array<double, 2>{xhat * wdy, wdy};
         });
@@ -178,48 +197,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   at::Tensor dx = at::empty_like(x);
   const int64_t blocks = std::max<int64_t>(1, std::min(kRowBlocks, rows / kRowsPerBlock));
   const int64_t per_block = (rows + blocks - 1) / std::max<int64_t>(blocks, 1);
-  // Each block zeroes its own partials (in its thread, just before it fills them): zeroing them all
-  // up front was a tenth of the backward's time at 2048 x 512.
-  at::Tensor dw_part = at::empty({blocks, n}, x.options().dtype(at::kDouble));
-  at::Tensor db_part = at::empty({blocks, n}, x.options().dtype(at::kDouble));
-  const at::Tensor w = as_double(weight, n, 1.0, x);
-  if (rows == 0 || n == 0) {  // no rows: zero dweight and dbias
-    dw_part.zero_();
-    db_part.zero_();
-  } else {
-    // From the output: the weight's reciprocal and the bias, per column (in double for the row
-    // sums, in the element math's type for dx; the reciprocal of the rounded weight, as the oracle).
-    const at::Tensor b = from_output ? as_double(bias, n, 0.0, x) : w;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
-      // Row sums and dweight/dbias partials in double; the elementwise math in float (double for double).
-      using mt = math_t<scalar_t>;
-      constexpr auto mt_type = c10::CppTypeToScalarType<mt>::value;
-      const at::Tensor wm = w.to(mt_type), bm = b.to(mt_type);
-      const at::Tensor winvm = from_output ? wm.reciprocal() : wm;
-      const at::Tensor winv = from_output ? winvm.to(at::kDouble) : w;
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-      scalar_t* dxp = dx.data_ptr<scalar_t>();
-      const double *wp = w.const_data_ptr<double>(), *winvp = winv.const_data_ptr<double>(), *bp = b.const_data_ptr<double>();
-      const mt *wf = wm.const_data_ptr<mt>(), *winvf = winvm.const_data_ptr<mt>(), *bf = bm.const_data_ptr<mt>();
-      const mt* mp = mean.const_data_ptr<mt>();
-      const mt* rp = rstd.const_data_ptr<mt>();
-      double* dwp = dw_part.data_ptr<double>();
-      double* dbp = db_part.data_ptr<double>();
-      at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t blk = lo; blk < hi; ++blk) {
-          const int64_t r0 = blk * per_block, r1 = std::min(rows, (blk + 1) * per_block);
-          (from_output ? bwd_rows<true, scalar_t, mt> : bwd_rows<false, scalar_t, mt>)(
-              r0, r1, n, rms, xp, gp, dxp, wp, wf, winvp, winvf, bp, bf, mp, rp, dwp + blk * n, dbp + blk * n);
-        }
-      });
-    });
-  }
-  // Absent gradients are (distinct) empty tensors: an op's outputs may not alias one another.
+  // dweight and dbias partials, one row each per block; each block zeroes its own (in its thread,
+  // just before it fills them: zeroing them all up front was a tenth of the time at 2048 x 512).
+  at::Tensor part = at::empty({2, blocks, n}, x.options().dtype(at::kDouble));
+  double* dwp = part.data_ptr<double>();
+  double* dbp = dwp + blocks * n;
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = x.options().dtype(stat);
-  return {dx, weight ? dw_part.sum(0).to(stat) : at::empty({0}, opts),
-          bias ? db_part.sum(0).to(stat) : at::empty({0}, opts)};
+  at::Tensor dw = at::empty({weight ? n : 0}, x.options().dtype(stat));
+  at::Tensor db = at::empty({bias ? n : 0}, x.options().dtype(stat));
+  if (rows == 0 || n == 0) {  // no rows: zero dweight and dbias
+    dw.zero_();
+    db.zero_();
+    return {dx, dw, db};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
+    using mt = math_t<scalar_t>;
+    const at::Tensor wm = as_math<mt>(weight, n, 1.0, x);
+    // From the output: the bias and the weight's reciprocal per column (of the rounded weight, as the oracle).
+    const at::Tensor bm = from_output ? as_math<mt>(bias, n, 0.0, x) : wm;
+    const at::Tensor winvm = from_output && weight ? wm.reciprocal() : wm;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const mt *wf = wm.const_data_ptr<mt>(), *winvf = winvm.const_data_ptr<mt>(), *bf = bm.const_data_ptr<mt>();
+    const mt *mp = mean.const_data_ptr<mt>(), *rp = rstd.const_data_ptr<mt>();
+    at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        const int64_t r0 = blk * per_block, r1 = std::min(rows, (blk + 1) * per_block);
+        (from_output ? bwd_rows<true, scalar_t, mt> : bwd_rows<false, scalar_t, mt>)(
+            r0, r1, n, rms, xp, gp, dxp, wf, winvf, bf, mp, rp, dwp + blk * n, dbp + blk * n);
+      }
+    });
+    if (weight) sum_blocks(dwp, blocks, n, dw.data_ptr<mt>());
+    if (bias) sum_blocks(dbp, blocks, n, db.data_ptr<mt>());
+  });
+  // Absent gradients are (distinct) empty tensors: an op's outputs may not alias one another.
+  return {dx, dw, db};
 }
 
 // LayerNorm fed by dropout(x) + residual, one row at a time: the row of the sum is written (the
@@ -238,20 +251,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_
   const int64_t rows = x.size(0), n = x.size(1);
   at::Tensor y = at::empty_like(x), sum = at::empty_like(x);
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean = at::zeros({rows}, x.options().dtype(stat)), rstd = at::zeros({rows}, x.options().dtype(stat));
-  if (rows == 0 || n == 0) return {y, sum, mean, rstd};
+  at::Tensor mean = at::empty({rows}, x.options().dtype(stat)), rstd = at::empty({rows}, x.options().dtype(stat));
+  if (rows == 0 || n == 0) return {y, sum, mean.zero_(), rstd.zero_()};
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
   const uint32_t threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
   const float scale = static_cast<float>(1.0 / (1.0 - p));
-  const at::Tensor w = as_double(weight, n, 1.0, x), b = as_double(bias, n, 0.0, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_norm_fwd_cpu", [&] {
     using mt = math_t<scalar_t>;
-    const at::Tensor wm = w.to(c10::CppTypeToScalarType<mt>::value), bm = b.to(c10::CppTypeToScalarType<mt>::value);
+    const at::Tensor wm = as_math<mt>(weight, n, 1.0, x), bm = as_math<mt>(bias, n, 0.0, x);
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *rp = residual.const_data_ptr<scalar_t>();
     scalar_t *yp = y.data_ptr<scalar_t>(), *sp = sum.data_ptr<scalar_t>();
     mt *meanp = mean.data_ptr<mt>(), *rstdp = rstd.data_ptr<mt>();
     constexpr int64_t kDrawChunk = 1024;
-    at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t lo, int64_t hi) {
       uint32_t draws[kDrawChunk];
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t first = r * n;

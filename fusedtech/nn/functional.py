@@ -108,6 +108,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 residual=None):
     if not training and (running_mean is None or running_var is None):
         raise ValueError("fusedtech: batch_norm in eval mode needs running_mean and running_var")
+    c = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != c:  # torch's check and words; the kernels index by channel
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
     rm, rv = (None, None) if training else (running_mean, running_var)
     if activation is None:
         y, mean, _, var = batch_norm_fwd(input, weight, bias, rm, rv, training, float(eps))
