@@ -33,6 +33,10 @@ _AUTO_ORDER_BY_OP = {("layer_norm", "cuda"): ("triton", "cuda", "torch"),
 # LARGE_LIST_ELEMENTS elements go to Triton first.
 LARGE_LIST_ELEMENTS = 1 << 25
 _AUTO_ORDER_LARGE_LIST = {"cuda": ("triton", "cuda", "torch")}
+# The backends with float64 kernels (the Triton and CUDA C++ kernels take fp32/fp16/bf16): the
+# automatic choice for a float64 input is among these (on a GPU, the reference), as torch runs
+# float64 anywhere; a backend asked for by name gets the input and says it cannot.
+FLOAT64_BACKENDS = ("cpu", "torch")
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtech_backend", default=None)
 
@@ -174,20 +178,23 @@ _warned: set = set()
 _choices: dict = {}
 
 
-def select(op: str, device: torch.device, implemented: tuple[str, ...], elements: int | None = None) -> str:
+def select(op: str, device: torch.device, implemented: tuple[str, ...], elements: int | None = None,
+           float64: bool = False) -> str:
     """The backend that runs `op` on `device`, out of the backends that implement it; `elements`:
-    how many elements a multi-tensor op's list holds (large lists have their own order)."""
+    how many elements a multi-tensor op's list holds (large lists have their own order); float64:
+    the input is float64 (the automatic choice is then among FLOAT64_BACKENDS)."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     wanted = requested_backend()
     large = elements is not None and elements >= LARGE_LIST_ELEMENTS
-    key = (op, device_type, implemented, large, wanted, why_unavailable)
+    key = (op, device_type, implemented, large, wanted, float64, why_unavailable)
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _select(op, device_type, implemented, large, wanted)
+        choice = _choices[key] = _select(op, device_type, implemented, large, wanted, float64)
     return choice
 
 
-def _select(op: str, device_type: str, implemented: tuple[str, ...], large: bool, wanted: str | None) -> str:
+def _select(op: str, device_type: str, implemented: tuple[str, ...], large: bool, wanted: str | None,
+            float64: bool = False) -> str:
     if wanted is not None:
         if wanted not in implemented:
             raise BackendUnavailableError(
@@ -201,7 +208,7 @@ def _select(op: str, device_type: str, implemented: tuple[str, ...], large: bool
              or _AUTO_ORDER.get(device_type, ("torch",)))
     skipped = []
     for name in order:
-        if name not in implemented:
+        if name not in implemented or (float64 and name not in FLOAT64_BACKENDS):
             continue
         why = why_unavailable(name, device_type)
         if why is None:
@@ -222,18 +229,18 @@ _implementations: dict = {}
 
 
 def implementation(op: str, device: torch.device, implemented: tuple[str, ...], module: str, name: str,
-                   elements: int | None = None):
+                   elements: int | None = None, float64: bool = False):
     """The function that runs `name` for `op` on `device`: the compiled op torch.ops.fusedtech_C.<name>
     for cuda/cpu, fusedtech.triton_kernels.<module>.<name> for triton, fusedtech.reference.<module>.<name>
     for torch. Looked up once per backend (it is on every call's host path)."""
     wanted = _requested.get() or _env_backend() or None
     large = elements is not None and elements >= LARGE_LIST_ELEMENTS
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (op, module, name, device_type, wanted, large, why_unavailable)
+    key = (op, module, name, device_type, wanted, large, float64, why_unavailable)
     fn = _implementations.get(key)
     if fn is not None:
         return fn
-    backend = select(op, device, implemented, elements)
+    backend = select(op, device, implemented, elements, float64)
     fn = _functions.get((backend, module, name))
     if fn is None:
         if backend in ("cuda", "cpu"):

@@ -115,3 +115,21 @@ def test_large_lists_go_to_triton_first_on_cuda(monkeypatch):
     assert _backend.select("adam_step", torch.device("cpu"), impl, elements=big) == "cpu"
     with _backend.use_backend("cuda"):  # asking wins over the size rule
         assert _backend.select("adam_step", cuda, impl, elements=big) == "cuda"
+
+
+def test_float64_inputs_go_to_a_backend_with_float64_kernels(monkeypatch):
+    # Triton's and the CUDA C++ kernels take fp32/fp16/bf16; torch runs float64 anywhere, so the
+    # automatic choice for a float64 input on a GPU is the reference. Asked for by name, a backend
+    # still gets it (and its kernels say they cannot).
+    monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device_type: None)
+    monkeypatch.delenv("FUSEDTECH_BACKEND", raising=False)
+    cuda, cpu, impl = torch.device("cuda"), torch.device("cpu"), ("cuda", "triton", "cpu", "torch")
+    for op in ("layer_norm", "batch_norm", "dropout"):
+        assert _backend.select(op, cuda, impl) in ("cuda", "triton")
+        assert _backend.select(op, cuda, impl, float64=True) == "torch"
+        assert _backend.select(op, cpu, impl, float64=True) == "cpu"
+        with _backend.use_backend("triton"):
+            assert _backend.select(op, cuda, impl, float64=True) == "triton"
+    fn = _backend.implementation("layer_norm", cuda, impl, "layer_norm", "layer_norm_fwd", float64=True)
+    from fusedtech.reference import layer_norm as reference
+    assert fn is reference.layer_norm_fwd

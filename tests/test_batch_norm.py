@@ -384,8 +384,8 @@ def test_batch_norm_act_relu_mask_is_the_same_on_every_backend(channels_last, sh
     outs, grads = {}, {}
     for backend in BACKENDS:
         with fusedtech.use_backend(backend):
-            outs[backend] = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, w, b, None, 1)
-            bwd = _impl("batch_norm_act_bwd", x.device)
+            outs[backend] = _impl("batch_norm_act_apply", x)(x, mean, invstd, w, b, None, 1)
+            bwd = _impl("batch_norm_act_bwd", x)
             bits = outs["torch"][1] if "torch" in outs else outs[backend][1]
             grads[backend] = (bwd(dy, x, w, b, mean, invstd, bits, True, 1, True),  # with a residual: dres = masked dy
                               bwd(dy, x, w, b, mean, invstd, bits, False, 1, True))
@@ -433,10 +433,10 @@ def test_triton_channels_last_walks_row_tiles(monkeypatch, shape, activation, wi
     results = {}
     for backend in ("torch", "triton"):
         with fusedtech.use_backend(backend):
-            mean, invstd, unbiased = _impl("batch_norm_stats", x.device)(x, 1e-5)
-            y, bits = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, w, b, res, act)
+            mean, invstd, unbiased = _impl("batch_norm_stats", x)(x, 1e-5)
+            y, bits = _impl("batch_norm_act_apply", x)(x, mean, invstd, w, b, res, act)
             extra = bits if act == 1 else res
-            grads = _impl("batch_norm_act_bwd", x.device)(dy, x, w, b, mean, invstd, extra, with_residual, act, True)
+            grads = _impl("batch_norm_act_bwd", x)(dy, x, w, b, mean, invstd, extra, with_residual, act, True)
         results[backend] = (mean, invstd, unbiased, y, bits) + tuple(t for t in grads if t is not None)
     for ours, oracle in zip(results["triton"], results["torch"]):
         if ours.dtype == torch.uint8:

@@ -512,3 +512,20 @@ def test_dropout_add_layer_norm_module():
     torch.testing.assert_close(m(x, r), torch.nn.functional.layer_norm(x + r, (32,), m.weight, m.bias), atol=1e-5, rtol=1e-5)
     out, s = m(x, r, return_residual=True)
     torch.testing.assert_close(s, x + r)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in cpu_backends()])
+def test_dropout_gradgradcheck_with_a_fixed_seed(backend):
+    # The backward is the same masked scaling, itself differentiable when create_graph records it;
+    # without create_graph it runs the kernel with no autograd node (the same mask either way).
+    from fusedtech.ops.dropout import dropout
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    with fusedtech.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda t: dropout(t, 0.3, seed), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: dropout(t, 0.3, seed), (x,))
+        dy = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)  # dx depends on dy only
+        (plain,) = torch.autograd.grad(dropout(x, 0.3, seed), x, dy)
+        (recorded,) = torch.autograd.grad(dropout(x, 0.3, seed), x, dy, create_graph=True)
+    assert not plain.requires_grad and recorded.requires_grad
+    assert torch.equal(plain, recorded.detach())

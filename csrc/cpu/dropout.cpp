@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "fusedtech/philox.h"
 
@@ -25,7 +26,8 @@ at::Tensor dropout_apply_cpu(const at::Tensor& x_in, double p, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_apply_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const float scale = static_cast<float>(1.0 / (1.0 - p));
+    using mt = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;  // torch's math type
+    const mt scale = dropout_scale<mt>(p);
     const int64_t n = x.numel();
     // Chunks of draws computed eight Philox blocks at a time, then applied.
     constexpr int64_t kChunk = 1024;
@@ -35,7 +37,7 @@ at::Tensor dropout_apply_cpu(const at::Tensor& x_in, double p, const at::Tensor&
         const int64_t first = chunk * kChunk, count = std::min(kChunk, n - first);
         philox_draws(s, first, count, draw);
         for (int64_t k = 0; k < count; ++k) {
-          yp[first + k] = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[first + k]), draw[k], threshold, scale));
+          yp[first + k] = static_cast<scalar_t>(dropout_keep<mt>(static_cast<mt>(xp[first + k]), draw[k], threshold, scale));
         }
       }
     });

@@ -255,9 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_
   if (rows == 0 || n == 0) return {y, sum, mean.zero_(), rstd.zero_()};
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
   const uint32_t threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_norm_fwd_cpu", [&] {
     using mt = math_t<scalar_t>;
+    const mt scale = dropout_scale<mt>(p);
     const at::Tensor wm = as_math<mt>(weight, n, 1.0, x), bm = as_math<mt>(bias, n, 0.0, x);
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *rp = residual.const_data_ptr<scalar_t>();
     scalar_t *yp = y.data_ptr<scalar_t>(), *sp = sum.data_ptr<scalar_t>();
@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_
           philox_draws(key, first + j0, count, draws);
           for (int64_t k = 0; k < count; ++k) {
             const int64_t i = first + j0 + k;
-            const scalar_t dropped = static_cast<scalar_t>(dropout_keep(static_cast<float>(xp[i]), draws[k], threshold, scale));
+            const scalar_t dropped = static_cast<scalar_t>(dropout_keep<mt>(static_cast<mt>(xp[i]), draws[k], threshold, scale));
             sp[i] = static_cast<scalar_t>(static_cast<mt>(dropped) + static_cast<mt>(rp[i]));
           }
         }

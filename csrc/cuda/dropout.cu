@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "fusedtech/philox.h"
 
@@ -21,9 +22,13 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;  // torch's math type
+
 template <typename T, bool ALIGNED>
 __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, const int64_t* __restrict__ seed,
-                               int64_t n, uint32_t threshold, float scale) {
+                               int64_t n, uint32_t threshold, math_t<T> scale) {
+  using M = math_t<T>;
   const uint64_t s = static_cast<uint64_t>(*seed);
   const int64_t groups = (n + 3) / 4;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
@@ -34,11 +39,11 @@ __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, const
     if (ALIGNED && i + 4 <= n) {
       Vec4<T> in = reinterpret_cast<const Vec4<T>*>(x)[g], out;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) out.v[k] = static_cast<T>(dropout_keep(static_cast<float>(in.v[k]), draw[k], threshold, scale));
+      for (int k = 0; k < 4; ++k) out.v[k] = static_cast<T>(dropout_keep<M>(static_cast<M>(in.v[k]), draw[k], threshold, scale));
       reinterpret_cast<Vec4<T>*>(y)[g] = out;
     } else {
       for (int k = 0; k < 4 && i + k < n; ++k) {
-        y[i + k] = static_cast<T>(dropout_keep(static_cast<float>(x[i + k]), draw[k], threshold, scale));
+        y[i + k] = static_cast<T>(dropout_keep<M>(static_cast<M>(x[i + k]), draw[k], threshold, scale));
       }
     }
   }
@@ -65,7 +70,7 @@ at::Tensor dropout_apply_cuda(const at::Tensor& x_in, double p, const at::Tensor
     const bool aligned = reinterpret_cast<uintptr_t>(xp) % vec == 0 && reinterpret_cast<uintptr_t>(yp) % vec == 0;
     auto kernel = aligned ? dropout_kernel<scalar_t, true> : dropout_kernel<scalar_t, false>;
     kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(xp, yp, seed.const_data_ptr<int64_t>(), n,
-                                                                     threshold, static_cast<float>(1.0 / (1.0 - p)));
+                                                                     threshold, dropout_scale<math_t<scalar_t>>(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

@@ -16,8 +16,9 @@ from ._eager import eager_fast_path, is_eager
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
-def _impl(name: str, device):
-    return _backend.implementation("batch_norm", device, IMPLEMENTED, "batch_norm", name)
+def _impl(name: str, x: torch.Tensor):
+    return _backend.implementation("batch_norm", x.device, IMPLEMENTED, "batch_norm", name,
+                                   float64=x.dtype == torch.float64)
 
 
 def _statistics(x, running_mean, running_var, training: bool, eps: float):
@@ -25,7 +26,7 @@ def _statistics(x, running_mean, running_var, training: bool, eps: float):
     normalising variance is biased, the returned one unbiased; one op computes all three), in eval
     the running ones. fp32 (float64 for float64)."""
     if training:
-        return _impl("batch_norm_stats", x.device)(x, eps)
+        return _impl("batch_norm_stats", x)(x, eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     var = running_var.to(acc, copy=True)
     return running_mean.to(acc, copy=True), torch.rsqrt(var + eps), var
@@ -37,7 +38,7 @@ def _batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     """(y, saved mean, saved 1/sqrt(var + eps), unbiased batch variance): batch statistics in training,
     the given running statistics (read only) in eval. Statistics are fp32 (float64 for float64)."""
     mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
-    y = _impl("batch_norm_apply", x.device)(x, mean, invstd, weight, bias)
+    y = _impl("batch_norm_apply", x)(x, mean, invstd, weight, bias)
     return y, mean, invstd, var
 
 
@@ -65,7 +66,7 @@ def update_running_stats(running_mean, running_var, mean, unbiased, momentum: fl
 
 def _batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                     invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl("batch_norm_bwd", x.device)(dy, x, weight, mean, invstd, training)
+    return _impl("batch_norm_bwd", x)(dy, x, weight, mean, invstd, training)
 
 
 batch_norm_bwd = torch.library.custom_op("fusedtech::batch_norm_bwd", _batch_norm_bwd, mutates_args=())
@@ -124,7 +125,7 @@ def _batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
                         activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, saved mean, saved invstd, unbiased batch variance, ReLU's packed mask or an empty tensor)."""
     mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
-    out, bits = _impl("batch_norm_act_apply", x.device)(x, mean, invstd, weight, bias, residual,
+    out, bits = _impl("batch_norm_act_apply", x)(x, mean, invstd, weight, bias, residual,
                                                         ACTIVATION_CODES[activation])
     return out, mean, invstd, var, bits
 
@@ -145,7 +146,7 @@ def _batch_norm_act_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
                         mean: torch.Tensor, invstd: torch.Tensor, extra: Optional[torch.Tensor], has_residual: bool,
                         activation: int, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dresidual: an empty tensor without a residual)."""
-    dx, dw, db, dres = _impl("batch_norm_act_bwd", x.device)(dy, x, weight, bias, mean, invstd, extra, has_residual,
+    dx, dw, db, dres = _impl("batch_norm_act_bwd", x)(dy, x, weight, bias, mean, invstd, extra, has_residual,
                                                              activation, training)
     return dx, dw, db, dres if dres is not None else x.new_empty(0)
 

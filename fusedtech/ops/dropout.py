@@ -15,7 +15,8 @@ FUSED_NORM_IMPLEMENTED = ("triton", "cpu", "torch")  # dropout + add + norm: no 
 
 
 def _apply(x, p, seed):
-    return _backend.implementation("dropout", x.device, IMPLEMENTED, "dropout", "dropout_apply")(x, p, seed)
+    return _backend.implementation("dropout", x.device, IMPLEMENTED, "dropout", "dropout_apply",
+                                   float64=x.dtype == torch.float64)(x, p, seed)
 
 
 def _dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (seed,) = ctx.saved_tensors
-    apply = dropout if is_eager(ctx) else dropout_apply  # both differentiable: double backward works
+    # Differentiable (double backward works) when the graph of the backward is being recorded;
+    # otherwise (create_graph=False: grad mode is off) the kernel directly, without an autograd node.
+    if not is_eager(ctx):
+        apply = dropout_apply
+    else:
+        apply = dropout if torch.is_grad_enabled() else _apply
     return apply(dy.contiguous(), ctx.p, seed), None, None
 
 
@@ -53,7 +59,7 @@ dropout = eager_fast_path("dropout", dropout_apply, _dropout_apply, _setup_conte
 
 def _dan_impl(x, residual, weight, bias, p, eps, rms, seed):
     fwd = _backend.implementation("dropout_add_layer_norm", x.device, FUSED_NORM_IMPLEMENTED, "dropout",
-                                  "dropout_add_norm_fwd")
+                                  "dropout_add_norm_fwd", float64=x.dtype == torch.float64)
     return fwd(x, residual, weight, bias, p, eps, rms, seed)
 
 
@@ -70,9 +76,8 @@ dropout_add_norm = torch.library.custom_op("fusedtech::dropout_add_norm", _dropo
 
 @dropout_add_norm.register_fake
 def _(x, residual, weight, bias, p, eps, rms, seed):
-    rows = x.shape[0]
-    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(rows, dtype=torch.float32),
-            x.new_empty(rows, dtype=torch.float32))
+    rows, acc = x.shape[0], torch.float64 if x.dtype == torch.float64 else torch.float32  # statistics' dtype
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
 def _dan_setup_context(ctx, inputs, output):
@@ -93,7 +98,11 @@ def _dan_backward(ctx, dout, dsum, dmean, drstd):
     if dsum is not None:  # the sum is also an output (the next residual)
         ds = ds + dsum
     wdt, bdt = ctx.dtypes
-    return ((dropout if eager else dropout_apply)(ds.contiguous(), ctx.p, seed), ds, dw.to(wdt) if wdt is not None else None,
+    if not eager:
+        apply = dropout_apply
+    else:
+        apply = dropout if torch.is_grad_enabled() else _apply
+    return (apply(ds.contiguous(), ctx.p, seed), ds, dw.to(wdt) if wdt is not None else None,
             db.to(bdt) if bdt is not None else None, None, None, None, None)
 
 
@@ -134,9 +143,9 @@ class _CppDropBlock:
         return torch.ops.fusedtech_C.drop_block_apply(x, keep, scale)
 
 
-def _drop_block_backend(device):
-    """The object with drop_block_keep_scale, drop_block_mask and drop_block_apply for `device`."""
-    backend = _backend.select("drop_block2d", device, DROP_BLOCK_IMPLEMENTED)
+def _drop_block_backend(x):
+    """The object with drop_block_keep_scale, drop_block_mask and drop_block_apply for x's device."""
+    backend = _backend.select("drop_block2d", x.device, DROP_BLOCK_IMPLEMENTED, float64=x.dtype == torch.float64)
     if backend == "cpu":
         return _CppDropBlock
     package = "triton_kernels" if backend == "triton" else "reference"
@@ -153,7 +162,7 @@ def _drop_block_fwd(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d fp32 tensor)."""
     x = x.contiguous(memory_format=_dense_format(x))
-    impl = _drop_block_backend(x.device)
+    impl = _drop_block_backend(x)
     keep, scale = impl.drop_block_keep_scale(x, seed, gamma, block_size, eps)  # on the device: no host sync
     return impl.drop_block_apply(x, keep, scale), scale
 
@@ -169,7 +178,7 @@ def _(x, seed, gamma, block_size, eps):
 def _drop_block_bwd(dy: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor, gamma: float,
                     block_size: int) -> torch.Tensor:
     dy = dy.contiguous(memory_format=_dense_format(dy))
-    impl = _drop_block_backend(dy.device)
+    impl = _drop_block_backend(dy)
     return impl.drop_block_apply(dy, impl.drop_block_mask(dy, seed, gamma, block_size), scale)
 
 

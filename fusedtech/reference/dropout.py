@@ -1,5 +1,6 @@
 """Dropout oracle: the Philox4x32-10 draw of csrc/include/fusedtech/philox.h (and Triton's
-tl.randint4x) in plain torch integer ops; element i takes word i % 4 of block i // 4, then inverted dropout in fp32."""
+tl.randint4x) in plain torch integer ops; element i takes word i % 4 of block i // 4, then inverted dropout in fp32
+(float64 for float64)."""
 from __future__ import annotations
 
 import torch
@@ -48,14 +49,21 @@ def keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
 
 def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     mask = keep_mask(x.shape, p, int(seed.item()), x.device)
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
-    return torch.where(mask, x.float() * scale, 0.0).to(x.dtype)
+    acc = _math_dtype(x.dtype)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)
+    return torch.where(mask, x.to(acc) * scale, 0.0).to(x.dtype)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 math for fp32/fp16/bf16, float64 for float64 (as torch's dropout)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dropout_add_norm_fwd(x, residual, weight, bias, p: float, eps: float, rms: bool, seed):
     """(out, pre-norm sum, mean, rstd): dropout(x) + residual (rounded to x's dtype, as stored),
     then the LayerNorm/RMSNorm oracle."""
     from .layer_norm import layer_norm_fwd
-    s = (dropout_apply(x, p, seed).float() + residual.float()).to(x.dtype)
+    acc = _math_dtype(x.dtype)
+    s = (dropout_apply(x, p, seed).to(acc) + residual.to(acc)).to(x.dtype)
     out, mean, rstd = layer_norm_fwd(s, weight, bias, eps, rms)
     return out, s, mean, rstd

@@ -69,9 +69,16 @@ inline void philox_draws(uint64_t seed, int64_t first, int64_t count, uint32_t* 
 }
 
 // Inverted dropout of one element given its draw: dropped when the draw falls below
-// threshold = floor(p * 2^32).
-FT_HD float dropout_keep(float x, uint32_t draw, uint32_t threshold, float scale) {
-  return draw >= threshold ? x * scale : 0.0f;
+// threshold = floor(p * 2^32). A is the math type: float, double for double inputs (as torch's).
+template <typename A>
+FT_HD A dropout_keep(A x, uint32_t draw, uint32_t threshold, A scale) {
+  return draw >= threshold ? x * scale : A(0);
+}
+
+// The scale 1 / (1 - p) in the math type (rounded once, from double).
+template <typename A>
+inline A dropout_scale(double p) {
+  return static_cast<A>(1.0 / (1.0 - p));
 }
 
 }  // namespace fusedtech
