@@ -1,8 +1,10 @@
-// LayerNorm / RMSNorm forward and backward on CPU tensors: rows in parallel, statistics and
-// accumulation in double for every input dtype (float64 inputs need it for gradcheck). Row sums go
-// over eight lanes (element j to lane j % 8, lanes added in order) so that they vectorise; a
-// single running sum was latency-bound, 4x slower than torch's forward. dweight/dbias are reduced
-// over a fixed number of row blocks, then summed in order: the same result whatever the thread count.
+// LayerNorm / RMSNorm forward and backward on CPU tensors: rows in parallel, row statistics in
+// double for every input dtype (float64 inputs need it for gradcheck). Row sums go over eight
+// lanes times two accumulators (element j to lane j % 8 of accumulator j % 16 / 8, added in order)
+// so that they vectorise and do not wait on one add chain; a single running sum was latency-bound,
+// 4x slower than torch's forward. dweight/dbias are reduced over a fixed number of row blocks, each
+// in the element math's type (float; double for double) as torch accumulates, then the blocks are
+// summed in order in double: the same result whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,6 +15,7 @@
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "fusedtech/norm.h"
 #include "fusedtech/philox.h"
@@ -27,13 +30,24 @@ namespace {
 constexpr int64_t kRowBlocks = 64;
 constexpr int64_t kRowsPerBlock = 32;
 
-// K sums over j < n of f(j)[k] in one pass: element j goes to lane j % 8 (f8(j) gives the eight
-// of j .. j + 7 at once), lanes added in order at the end: the order depends on n only.
+// K sums over j < n of f(j)[k] in one pass: element j goes to lane j % 8 of one of two
+// accumulators (j % 16 < 8: the first), which are added lane-wise, then the lanes in order, at the
+// end: the order depends on n only. Two accumulators, so that consecutive adds do not wait on each
+// other (one was latency-bound). f8(j) gives the eight of j .. j + 7 at once.
 template <int K, typename F8, typename F>
 inline std::array<double, K> row_sums(int64_t n, F8 f8, F f) {
-  std::array<lanes8, K> acc;
+  std::array<lanes8, K> acc, acc2;
   acc.fill(zero8());
+  acc2.fill(zero8());
   int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    const std::array<lanes8, K> r = f8(j), r2 = f8(j + kLanes);
+    for (int k = 0; k < K; ++k) {
+      acc[k] += r[k];
+      acc2[k] += r2[k];
+    }
+  }
+  for (int k = 0; k < K; ++k) acc[k] += acc2[k];
   for (; j + kLanes <= n; j += kLanes) {
     const std::array<lanes8, K> r = f8(j);
     for (int k = 0; k < K; ++k) acc[k] += r[k];
@@ -73,11 +87,12 @@ inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::m
 
 // out[j] = the sum over blocks of part[block][j], blocks added in order into block 0 (the order is
 // the shape's), then rounded to out's dtype: no dispatcher calls for a sum and a conversion.
-template <typename stat_t>
-void sum_blocks(double* part, int64_t blocks, int64_t n, stat_t* out) {
+template <typename part_t, typename stat_t>
+void sum_blocks(const part_t* part, int64_t blocks, int64_t n, stat_t* out) {
+  std::vector<double> total(part, part + n);
   for (int64_t blk = 1; blk < blocks; ++blk)
-    for (int64_t j = 0; j < n; ++j) part[j] += part[blk * n + j];
-  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<stat_t>(part[j]);
+    for (int64_t j = 0; j < n; ++j) total[j] += part[blk * n + j];
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<stat_t>(total[j]);
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
@@ -94,7 +109,7 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
 // One row: mean and rstd from sums in double, then y = norm(x) with the elementwise math in float
 // (double for double) as torch's.
 template <typename scalar_t, typename mt = math_t<scalar_t>>
-void norm_row(const scalar_t* xr, scalar_t* yr, int64_t n, const mt* wf, const mt* bf, bool rms, double eps, mt& mean,
+void norm_row(const scalar_t* xr, scalar_t* __restrict__ yr, int64_t n, const mt* wf, const mt* bf, bool rms, double eps, mt& mean,
               mt& rstd) {
   const double mu = rms ? 0.0
                         : row_sum(n, [xr](int64_t j) { return load8(xr + j); },
@@ -143,15 +158,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   return {y, mean, rstd};
 }
 
-// One block of rows of the backward: dx, and the block's dweight/dbias partials (double). The
+// One block of rows of the backward: dx, and the block's dweight/dbias partials (in mt). The
 // row sums go over double lanes, the elementwise math in mt (float; double for double), with the
 // weight (and, from the output, the bias and the weight's reciprocal) per column in mt.
 // FromOutput: x is the forward's output y, xhat = (y - b) * (1 / w), the mean unused.
 template <bool FromOutput, typename scalar_t, typename mt>
 void bwd_rows(int64_t r0, int64_t r1, int64_t n, bool rms, const scalar_t* xp, const scalar_t* gp, scalar_t* dxp,
-              const mt* wf, const mt* winvf, const mt* bf, const mt* mp, const mt* rp, double* dwb, double* dbb) {
-  std::fill_n(dwb, n, 0.0);
-  std::fill_n(dbb, n, 0.0);
+              const mt* wf, const mt* winvf, const mt* bf, const mt* mp, const mt* rp, mt* __restrict__ dwb,
+              mt* __restrict__ dbb) {
+  std::fill_n(dwb, n, mt(0));
+  std::fill_n(dbb, n, mt(0));
   for (int64_t r = r0; r < r1; ++r) {
     const double mu = (rms || FromOutput) ? 0.0 : mp[r], rs = rp[r];
     const scalar_t *xr = xp + r * n, *gr = gp + r * n;
@@ -171,7 +187,7 @@ void bwd_rows(int64_t r0, int64_t r1, int64_t n, bool rms, const scalar_t* xp, c
           return std::array<double, 2>{xhat * wdy, wdy};
         });
     const double c1 = sum_c1 / n, c2 = rms ? 0.0 : sum_c2 / n;
-    scalar_t* dxr = dxp + r * n;
+    scalar_t* __restrict__ dxr = dxp + r * n;
     const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
     const mt c1f = static_cast<mt>(c1), c2f = static_cast<mt>(c2);
     for (int64_t j = 0; j < n; ++j) {
@@ -179,8 +195,8 @@ void bwd_rows(int64_t r0, int64_t r1, int64_t n, bool rms, const scalar_t* xp, c
       const mt xhat = FromOutput ? xhat_from_output<mt>(static_cast<mt>(xr[j]), bf[j], winvf[j])
                                  : (static_cast<mt>(xr[j]) - muf) * rsf;
       dxr[j] = static_cast<scalar_t>(norm_backward<mt>(g * wf[j], xhat, c1f, c2f, rsf));
-      dwb[j] += static_cast<double>(g * xhat);
-      dbb[j] += static_cast<double>(g);
+      dwb[j] += g * xhat;
+      dbb[j] += g;
     }
   }
 }
@@ -199,9 +215,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   const int64_t per_block = (rows + blocks - 1) / std::max<int64_t>(blocks, 1);
   // dweight and dbias partials, one row each per block; each block zeroes its own (in its thread,
   // just before it fills them: zeroing them all up front was a tenth of the time at 2048 x 512).
-  at::Tensor part = at::empty({2, blocks, n}, x.options().dtype(at::kDouble));
-  double* dwp = part.data_ptr<double>();
-  double* dbp = dwp + blocks * n;
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dw = at::empty({weight ? n : 0}, x.options().dtype(stat));
   at::Tensor db = at::empty({bias ? n : 0}, x.options().dtype(stat));
@@ -221,6 +234,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     const mt *wf = wm.const_data_ptr<mt>(), *winvf = winvm.const_data_ptr<mt>(), *bf = bm.const_data_ptr<mt>();
     const mt *mp = mean.const_data_ptr<mt>(), *rp = rstd.const_data_ptr<mt>();
+    at::Tensor part = at::empty({2, blocks, n}, x.options().dtype(c10::CppTypeToScalarType<mt>::value));
+    mt* dwp = part.data_ptr<mt>();
+    mt* dbp = dwp + blocks * n;
     at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t blk = lo; blk < hi; ++blk) {
         const int64_t r0 = blk * per_block, r1 = std::min(rows, (blk + 1) * per_block);
