@@ -403,3 +403,38 @@ def test_convert_model_swaps_norms_in_place():
     assert report["replaced"] == {"LayerNorm": 1, "RMSNorm": 1, "BatchNorm1d": 1}
     assert model.state_dict().keys() == keys and not model.training
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def _mixed_case(device, backend, dtype, rms):
+    # fp16/bf16 activations with fp32 parameters (as a model under autocast feeds a norm): outputs
+    # and dx in the input's dtype, dweight/dbias in the parameters', within the dtype's tolerance.
+    x, _, _, dy = _case((6, 300), dtype, False, False)
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(300, generator=g), (None if rms else torch.randn(300, generator=g))
+    x, w, dy = x.to(device), w.to(device), dy.to(device)
+    b = b.to(device) if b is not None else None
+    if rms:
+        torch_fn = lambda x, w, b: torch.nn.functional.rms_norm(x, (300,), w, 1e-6)  # noqa: E731
+        ours_fn = lambda x, w, b: F.rms_norm(x, (300,), w, 1e-6)  # noqa: E731
+    else:
+        torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, (300,), w, b)  # noqa: E731
+        ours_fn = lambda x, w, b: F.layer_norm(x, (300,), w, b)  # noqa: E731
+    with fusedtech.use_backend(backend):
+        ours = _run(ours_fn, x, w, b, dy)
+    exact = _run(torch_fn, x.double(), w.double(), b.double() if b is not None else None, dy.double())
+    _check(ours, _run(torch_fn, x, w, b, dy), exact, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True])
+def test_low_precision_input_with_fp32_parameters(backend, dtype, rms):
+    _mixed_case("cpu", backend, dtype, rms)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True])
+def test_gpu_low_precision_input_with_fp32_parameters(backend, dtype, rms):
+    _mixed_case("cuda", backend, dtype, rms)

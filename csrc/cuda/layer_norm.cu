@@ -32,9 +32,15 @@ __device__ float block_sum(float v, float* shared) {
   return out;
 }
 
+// The weight or bias as contiguous fp32 (exact for fp32/fp16/bf16 parameters; a weight in the
+// input's dtype would round fp32 weights when a bf16 input meets them, as under autocast).
+at::Tensor as_float(const std::optional<at::Tensor>& t) {
+  return t ? t->to(at::kFloat).contiguous() : at::Tensor();
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
-                                                         const T* __restrict__ w, const T* __restrict__ b,
+                                                         const float* __restrict__ w, const float* __restrict__ b,
                                                          float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                                          int64_t n, float eps, bool rms) {
   __shared__ float shared[kThreads];
@@ -52,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(const T* __restrict__ 
   }
   const float rstd = rsqrtf(block_sum(m2, shared) / n + eps);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float wj = w ? static_cast<float>(w[j]) : 1.0f, bj = b ? static_cast<float>(b[j]) : 0.0f;
+    const float wj = w ? w[j] : 1.0f, bj = b ? b[j] : 0.0f;
     y[row * n + j] = static_cast<T>(norm_forward<float>(static_cast<float>(xr[j]), mean, rstd, wj, bj));
   }
   if (threadIdx.x == 0) {
@@ -64,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(const T* __restrict__ 
 // from_output: x is the forward's output y, and xhat = (y - b) * (1 / w) (the memory-saving backward).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                                         const T* __restrict__ w, const T* __restrict__ b,
+                                                         const float* __restrict__ w, const float* __restrict__ b,
                                                          const float* __restrict__ mean,
                                                          const float* __restrict__ rstd, T* __restrict__ dx,
                                                          float* __restrict__ dw_part, float* __restrict__ db_part,
@@ -78,13 +84,13 @@ __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(const T* __restrict__ 
   auto xhat_at = [&](int64_t row, int64_t j, float mu, float rs) {
     const float v = static_cast<float>(x[row * n + j]);
     if (!from_output) return (v - mu) * rs;
-    return xhat_from_output<float>(v, b ? static_cast<float>(b[j]) : 0.0f, w ? 1.0f / static_cast<float>(w[j]) : 1.0f);
+    return xhat_from_output<float>(v, b ? b[j] : 0.0f, w ? 1.0f / w[j] : 1.0f);
   };
   for (int64_t row = first; row < min(rows, first + rows_per_block); ++row) {
     const float mu = (rms || from_output) ? 0.0f : mean[row], rs = rstd[row];
     float c1 = 0.0f, c2 = 0.0f;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const float wdy = static_cast<float>(dy[row * n + j]) * (w ? static_cast<float>(w[j]) : 1.0f);
+      const float wdy = static_cast<float>(dy[row * n + j]) * (w ? w[j] : 1.0f);
       c1 += xhat_at(row, j, mu, rs) * wdy;
       c2 += wdy;
     }
@@ -93,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(const T* __restrict__ 
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       const float g = static_cast<float>(dy[row * n + j]);
       const float xhat = xhat_at(row, j, mu, rs);
-      dx[row * n + j] = static_cast<T>(norm_backward<float>(g * (w ? static_cast<float>(w[j]) : 1.0f), xhat, c1, c2, rs));
+      dx[row * n + j] = static_cast<T>(norm_backward<float>(g * (w ? w[j] : 1.0f), xhat, c1, c2, rs));
       dwp[j] += g * xhat;
       dbp[j] += g;
     }
@@ -112,12 +118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::zeros({rows}, x.options().dtype(at::kFloat)), rstd = at::zeros({rows}, x.options().dtype(at::kFloat));
   if (rows == 0 || n == 0) return {y, mean, rstd};
-  const at::Tensor w = weight ? weight->to(x.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor b = bias ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor w = as_float(weight), b = as_float(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
     ln_fwd_kernel<scalar_t><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), weight ? w.const_data_ptr<scalar_t>() : nullptr,
-        bias ? b.const_data_ptr<scalar_t>() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), n,
+        x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<float>() : nullptr,
+        b.defined() ? b.const_data_ptr<float>() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), n,
         static_cast<float>(eps), rms);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -139,13 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw_part = at::zeros({blocks, n}, x.options().dtype(at::kFloat));
   at::Tensor db_part = at::zeros({blocks, n}, x.options().dtype(at::kFloat));
-  const at::Tensor w = weight ? weight->to(x.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor b = bias && from_output ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor w = as_float(weight), b = from_output ? as_float(bias) : at::Tensor();
   if (rows > 0 && n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda", [&] {
       ln_bwd_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight ? w.const_data_ptr<scalar_t>() : nullptr,
-          b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, mean.const_data_ptr<float>(),
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<float>() : nullptr,
+          b.defined() ? b.const_data_ptr<float>() : nullptr, mean.const_data_ptr<float>(),
           rstd.const_data_ptr<float>(), dx.data_ptr<scalar_t>(), dw_part.data_ptr<float>(), db_part.data_ptr<float>(),
           rows, n, per_block, rms, from_output);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
