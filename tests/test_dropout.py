@@ -491,8 +491,10 @@ def test_drop_block_kernel_errors_name_the_argument():
     keep, _ = ops.drop_block_keep(x, seed, 0.1, 3)
     with pytest.raises(RuntimeError, match="keep must be a uint8 tensor with the input's shape and strides"):
         ops.drop_block_apply(x.contiguous(memory_format=torch.channels_last), keep, torch.tensor(1.0))
-    with pytest.raises(RuntimeError, match="scale must be a float32 scalar"):
-        ops.drop_block_apply(x, keep, torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="scale must be a float32"):
+        ops.drop_block_apply(x, keep, torch.tensor(1, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="scale must be a float32"):
+        ops.drop_block_apply(x, keep, torch.ones(2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -529,3 +531,20 @@ def test_dropout_gradgradcheck_with_a_fixed_seed(backend):
         (recorded,) = torch.autograd.grad(dropout(x, 0.3, seed), x, dy, create_graph=True)
     assert not plain.requires_grad and recorded.requires_grad
     assert torch.equal(plain, recorded.detach())
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
+def test_drop_block_float64_is_exact(backend):
+    # float64 in, float64 math: the scale numel / (eps + kept) is not rounded to fp32 (torchvision
+    # computes it in x's dtype), so the kept values are x * scale to float64 precision.
+    from fusedtech.ops.dropout import drop_block_fwd
+    from fusedtech.reference.drop_block import drop_block_keep
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    seed = torch.tensor([99], dtype=torch.int64)
+    with fusedtech.use_backend(backend):
+        y, scale = drop_block_fwd(x, seed, 0.1, 3, 1e-6)
+    keep, kept = drop_block_keep(x, seed, 0.1, 3)
+    expected_scale = x.numel() / (1e-6 + kept.double())
+    assert scale.dtype == torch.float64 and y.dtype == torch.float64
+    assert (scale - expected_scale).abs().item() <= 1e-15 * expected_scale.item()
+    assert torch.equal(y, torch.where(keep, x * scale, 0.0))

@@ -111,14 +111,15 @@ at::Tensor drop_block_apply_cpu(const at::Tensor& x, const at::Tensor& keep, con
   TORCH_CHECK(keep.scalar_type() == at::kByte && keep.sizes() == x.sizes() && keep.strides() == x.strides() &&
                   x.is_non_overlapping_and_dense(),
               "fusedtech: drop_block2d keep must be a uint8 tensor with the input's shape and strides");
-  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat, "fusedtech: drop_block2d scale must be a float32 scalar");
+  TORCH_CHECK(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
+              "fusedtech: drop_block2d scale must be a float32 (float64 for float64 input) scalar");
   at::Tensor y = at::empty_like(x);
   const uint8_t* kp = keep.const_data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "drop_block_apply_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const opmath_t sc = static_cast<opmath_t>(scale.item<float>());
+    const opmath_t sc = static_cast<opmath_t>(scale.item<double>());  // exact: the scale's own value
     at::parallel_for(0, x.numel(), 16384, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) yp[k] = static_cast<scalar_t>(kp[k] ? static_cast<opmath_t>(xp[k]) * sc : opmath_t(0));
     });

@@ -132,7 +132,7 @@ class _CppDropBlock:
     def drop_block_keep_scale(x, seed, gamma, block_size, eps):
         from ..reference.drop_block import scale_of
         keep, kept = torch.ops.fusedtech_C.drop_block_keep(x, seed, gamma, block_size)
-        return keep, scale_of(x.numel(), kept, eps)
+        return keep, scale_of(x.numel(), kept, eps, x.dtype)
 
     @staticmethod
     def drop_block_mask(x, seed, gamma, block_size):
@@ -160,7 +160,8 @@ def _dense_format(x: torch.Tensor) -> torch.memory_format:
 
 def _drop_block_fwd(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d fp32 tensor)."""
+    """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d fp32 tensor;
+    float64 for float64 x)."""
     x = x.contiguous(memory_format=_dense_format(x))
     impl = _drop_block_backend(x)
     keep, scale = impl.drop_block_keep_scale(x, seed, gamma, block_size, eps)  # on the device: no host sync
@@ -172,7 +173,8 @@ drop_block_fwd = torch.library.custom_op("fusedtech::drop_block2d", _drop_block_
 
 @drop_block_fwd.register_fake
 def _(x, seed, gamma, block_size, eps):
-    return torch.empty_like(x, memory_format=_dense_format(x)), x.new_empty((), dtype=torch.float32)
+    from ..reference.drop_block import scale_dtype
+    return torch.empty_like(x, memory_format=_dense_format(x)), x.new_empty((), dtype=scale_dtype(x.dtype))
 
 
 def _drop_block_bwd(dy: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor, gamma: float,

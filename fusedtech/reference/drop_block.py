@@ -40,11 +40,16 @@ def drop_block_mask(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
     return drop_block_keep(x, seed, gamma, block_size)[0]
 
 
-def scale_of(numel: int, kept: torch.Tensor, eps: float) -> torch.Tensor:
-    """numel / (eps + kept) computed in float64 and rounded once to a 0-d float32 tensor."""
-    return (numel / (eps + kept.double())).float()
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The scale's dtype: float32, float64 for float64 inputs (torchvision's is x's dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scale_of(numel: int, kept: torch.Tensor, eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """numel / (eps + kept) computed in float64 and rounded once to a 0-d tensor of scale_dtype(dtype)."""
+    return (numel / (eps + kept.double())).to(scale_dtype(dtype))
 
 
 def drop_block_keep_scale(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int, eps: float):
     keep, kept = drop_block_keep(x, seed, gamma, block_size)
-    return keep, scale_of(x.numel(), kept, eps)
+    return keep, scale_of(x.numel(), kept, eps, x.dtype)
