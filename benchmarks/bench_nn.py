@@ -46,9 +46,7 @@ LIGER_MAX_HIDDEN = 65536  # Liger's norms hold a row in one block and refuse lon
 
 
 def _impls(op: str, hidden: int = 0):
-    # dropout+add+LayerNorm and DropBlock have no CUDA C++ kernel (Triton runs them on a GPU).
-    no_cuda_kernel = op in ("dropout_add_layer_norm", "drop_block2d")
-    impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends() if not (b == "cuda" and no_cuda_kernel)]
+    impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends()]
     if op in ("layer_norm", "rms_norm") and _has_liger() and hidden <= LIGER_MAX_HIDDEN:
         impls.append(("liger", None))  # the peer: Liger-Kernel's Triton LayerNorm / RMSNorm modules
     return impls

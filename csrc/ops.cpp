@@ -60,7 +60,7 @@ TORCH_LIBRARY(fusedtech_C, m) {
   m.def("drop_block_keep(Tensor x, Tensor seed, float gamma, int block_size) -> (Tensor, Tensor)");
   m.def("drop_block_apply(Tensor x, Tensor keep, Tensor scale) -> Tensor");
 
-  // dropout(x) + residual, then LayerNorm/RMSNorm, in one pass per row (CPU): (out, the sum, mean, rstd).
+  // dropout(x) + residual, then LayerNorm/RMSNorm, in one pass per row: (out, the sum, mean, rstd).
   m.def(
       "dropout_add_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float p, float eps, bool rms, "
       "Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -25,8 +25,11 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 # 2026-11-22-h100): the Triton forward kept the GPU busy for 80-105% of copy bandwidth at hidden
 # 1024-16384, the CUDA C++ kernel 29-69%, so Triton goes first there.
 _AUTO_ORDER_BY_OP = {("layer_norm", "cuda"): ("triton", "cuda", "torch"),
-                     # The CUDA C++ BatchNorm kernels have not run on a GPU yet: Triton's go first.
-                     ("batch_norm", "cuda"): ("triton", "cuda", "torch")}
+                     # The CUDA C++ BatchNorm, DropBlock and dropout+add+LayerNorm kernels have not
+                     # run on a GPU yet: Triton's go first.
+                     ("batch_norm", "cuda"): ("triton", "cuda", "torch"),
+                     ("drop_block2d", "cuda"): ("triton", "cuda", "torch"),
+                     ("dropout_add_layer_norm", "cuda"): ("triton", "cuda", "torch")}
 # Multi-tensor steps over large lists. Same H100 run: on GPT-2 small's list (124M fp32 elements)
 # every Triton optimizer step reached 90-94% of copy bandwidth, the CUDA C++ kernels 75-84%; on
 # ResNet-18's (11M elements, host-bound) neither led throughout. Lists of at least

@@ -133,3 +133,15 @@ def test_float64_inputs_go_to_a_backend_with_float64_kernels(monkeypatch):
     fn = _backend.implementation("layer_norm", cuda, impl, "layer_norm", "layer_norm_fwd", float64=True)
     from fusedtech.reference import layer_norm as reference
     assert fn is reference.layer_norm_fwd
+
+
+def test_kernels_never_run_on_a_gpu_are_not_the_automatic_choice(monkeypatch):
+    # The CUDA C++ BatchNorm, DropBlock and dropout+add+LayerNorm kernels compile here but have not
+    # run on a GPU: Triton's (measured) go first; asked for by name, the CUDA ones run.
+    monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device_type: None)
+    monkeypatch.delenv("FUSEDTECH_BACKEND", raising=False)
+    cuda, impl = torch.device("cuda"), ("cuda", "triton", "cpu", "torch")
+    for op in ("batch_norm", "drop_block2d", "dropout_add_layer_norm"):
+        assert _backend.select(op, cuda, impl) == "triton"
+        with _backend.use_backend("cuda"):
+            assert _backend.select(op, cuda, impl) == "cuda"

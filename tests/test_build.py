@@ -106,3 +106,27 @@ def test_lamb_triton_kernels_compile():
     compile_for_gpus(lamb._lamb_update_kernel,
                      {"ptrs": "*i64", "chunks": "*i64", "neg_steps": "*fp32", "found_inf_ptr": "*fp32",
                       "eps": "fp32", "weight_decay": "fp32"}, kinds)
+
+
+def _schema_ops():
+    """The op names csrc/ops.cpp defines (m.def("name(...")."""
+    import re
+    with open(os.path.join(os.path.dirname(__file__), "..", "csrc", "ops.cpp")) as f:
+        source = f.read()
+    return re.findall(r'm\.def\(\s*"(\w+)\(', source)
+
+
+def test_every_compiled_op_has_a_cpu_and_a_cuda_kernel():
+    # One schema, one registration per device (extension-cpp's rule): every op runs on CPU tensors,
+    # and where the CUDA extension is built, on CUDA tensors too.
+    from fusedtech import _backend
+    ops = _schema_ops()
+    assert len(ops) >= 15 and "dropout_add_norm_fwd" in ops and "drop_block_keep" in ops
+    if _backend._load_extension("_C")[0] is None:
+        pytest.skip("the C++ extension is not built")
+    missing_cpu = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtech_C::{op}", "CPU")]
+    assert not missing_cpu
+    if _backend.cuda_extension() is None:
+        pytest.skip("the CUDA extension is not built or cannot load here")
+    missing_cuda = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtech_C::{op}", "CUDA")]
+    assert not missing_cuda

@@ -10,9 +10,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "fusedtech/norm.h"
+#include "fusedtech/philox.h"
 
 namespace fusedtech::cuda {
 namespace {
@@ -106,6 +108,45 @@ __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(const T* __restrict__ 
   }
 }
 
+// dropout(x) + residual, then LayerNorm / RMSNorm, one block per row (the CPU kernel's semantics):
+// element i's mask is the dropout kernel's, word i % 4 of Philox block i / 4 (a block per element
+// here, as Triton's: rows need not start on a multiple of four); the sum is rounded to x's dtype as
+// stored, dropout(x) first as the dropout op rounds it, and the stored sum is what is normalised.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dropout_add_norm_kernel(
+    const T* __restrict__ x, const T* __restrict__ residual, const float* __restrict__ w, const float* __restrict__ b,
+    T* __restrict__ y, T* __restrict__ sum, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+    const int64_t* __restrict__ seed, int64_t n, float eps, bool rms, uint32_t threshold, float scale) {
+  __shared__ float shared[kThreads];
+  const int64_t row = blockIdx.x;
+  const uint64_t key = static_cast<uint64_t>(*seed);
+  float acc = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {  // each thread later reads back only its own
+    const int64_t i = row * n + j;
+    uint32_t draw[4];
+    philox4(key, static_cast<uint64_t>(i) / 4, draw);
+    const T dropped = static_cast<T>(dropout_keep<float>(static_cast<float>(x[i]), draw[i % 4], threshold, scale));
+    const T s = static_cast<T>(static_cast<float>(dropped) + static_cast<float>(residual[i]));
+    sum[i] = s;
+    acc += static_cast<float>(s);
+  }
+  const float mean = rms ? 0.0f : block_sum(acc, shared) / n;
+  float m2 = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float d = static_cast<float>(sum[row * n + j]) - mean;
+    m2 += d * d;
+  }
+  const float rstd = rsqrtf(block_sum(m2, shared) / n + eps);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float wj = w ? w[j] : 1.0f, bj = b ? b[j] : 0.0f;
+    y[row * n + j] = static_cast<T>(norm_forward<float>(static_cast<float>(sum[row * n + j]), mean, rstd, wj, bj));
+  }
+  if (threadIdx.x == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias, double eps,
@@ -159,9 +200,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   return {dx, weight ? dw_part.sum(0) : at::empty({0}, f32), bias ? db_part.sum(0) : at::empty({0}, f32)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double p, double eps, bool rms, const at::Tensor& seed) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
+              "fusedtech: dropout_add_layer_norm (cuda) expects a contiguous 2-D CUDA input, got ", x.sizes(), " on ",
+              x.device());
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "fusedtech: dropout_add_layer_norm (cuda) takes float32, float16 or bfloat16");
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.is_contiguous() && residual.scalar_type() == x.scalar_type() &&
+                  residual.device() == x.device(),
+              "fusedtech: dropout_add_layer_norm residual must be contiguous, of x's shape, dtype and device, got ",
+              residual.sizes(), " ", residual.scalar_type(), " on ", residual.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fusedtech: dropout probability has to be in [0, 1), got ", p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == x.device(),
+              "fusedtech: seed must be a one-element int64 tensor on ", x.device());
+  for (const auto& [t, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
+    if (!t) continue;
+    TORCH_CHECK(t->numel() == x.size(1), "fusedtech: ", name, " has ", t->numel(), " elements, expected ", x.size(1));
+    TORCH_CHECK(t->device() == x.device(), "fusedtech: ", name, " is on ", t->device(), " but input is on ", x.device());
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor y = at::empty_like(x), sum = at::empty_like(x);
+  at::Tensor mean = at::zeros({rows}, x.options().dtype(at::kFloat)), rstd = at::zeros({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0 || n == 0) return {y, sum, mean, rstd};
+  const uint32_t threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
+  const at::Tensor w = as_float(weight), b = as_float(bias);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_norm_fwd_cuda", [&] {
+    dropout_add_norm_kernel<scalar_t><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
+        w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
+        y.data_ptr<scalar_t>(), sum.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+        seed.const_data_ptr<int64_t>(), n, static_cast<float>(eps), rms, threshold, dropout_scale<float>(p));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, sum, mean, rstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtech_C, CUDA, m) {
+  m.impl("dropout_add_norm_fwd", &dropout_add_norm_fwd_cuda);
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
 }

@@ -11,7 +11,7 @@ from .. import _backend
 from ._eager import eager_fast_path, is_eager
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
-FUSED_NORM_IMPLEMENTED = ("triton", "cpu", "torch")  # dropout + add + norm: no CUDA C++ kernel yet
+FUSED_NORM_IMPLEMENTED = IMPLEMENTED  # dropout + add + norm
 
 
 def _apply(x, p, seed):
@@ -121,12 +121,13 @@ def new_seed(device: torch.device) -> torch.Tensor:
 # Each backend builds the keep mask from (seed, gamma, block_size) and counts what it keeps, then
 # scales: output = x * keep * numel / (eps + kept). Backward rebuilds the mask from the saved seed,
 # so only the seed and the one-element scale are kept (torch's composition keeps an input-sized mask).
-DROP_BLOCK_IMPLEMENTED = ("triton", "cpu", "torch")
+DROP_BLOCK_IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
 class _CppDropBlock:
-    """The C++ ops in the backends' interface: the op counts what it keeps, the scale is formed here
-    in float64 on the tensors' device (CPU tensors: a few scalar ops, no launch)."""
+    """The compiled (CPU and CUDA) ops in the backends' interface: the op counts what it keeps, the
+    scale is formed here in float64 on the tensors' device (CPU tensors: a few scalar ops, no launch;
+    CUDA: a few one-element launches, no host synchronisation)."""
 
     @staticmethod
     def drop_block_keep_scale(x, seed, gamma, block_size, eps):
@@ -146,7 +147,7 @@ class _CppDropBlock:
 def _drop_block_backend(x):
     """The object with drop_block_keep_scale, drop_block_mask and drop_block_apply for x's device."""
     backend = _backend.select("drop_block2d", x.device, DROP_BLOCK_IMPLEMENTED, float64=x.dtype == torch.float64)
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # the compiled ops, which dispatch on the device
         return _CppDropBlock
     package = "triton_kernels" if backend == "triton" else "reference"
     return importlib.import_module(f"fusedtech.{package}.drop_block")
