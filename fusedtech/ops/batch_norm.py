@@ -12,6 +12,7 @@ import torch
 
 from .. import _backend
 from ._eager import eager_fast_path, is_eager
+from .layer_norm import _as_dtype_of
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
@@ -89,8 +90,8 @@ def _backward(ctx, dy, dmean, dinvstd, dvar):
     x, weight, mean, invstd = ctx.saved_tensors
     dx, dw, db = (_batch_norm_bwd if is_eager(ctx) else batch_norm_bwd)(dy, x, weight, mean, invstd, ctx.training)
     wdt, bdt = ctx.dtypes
-    return (dx, dw.to(wdt) if wdt is not None else None, db.to(bdt) if bdt is not None else None,
-            None, None, None, None)
+    return (dx, None if wdt is None else dw if dw.dtype == wdt else dw.to(wdt),
+            None if bdt is None else db if db.dtype == bdt else db.to(bdt), None, None, None, None)
 
 
 batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -171,8 +172,8 @@ def _act_backward(ctx, dy, dmean, dinvstd, dvar, dbits):
     x, weight, bias, mean, invstd, extra = ctx.saved_tensors
     dx, dw, db, dres = (_batch_norm_act_bwd if is_eager(ctx) else batch_norm_act_bwd)(
         dy, x, weight, bias, mean, invstd, extra, ctx.has_residual, ctx.activation, ctx.training)
-    return (dx, dw.to(weight.dtype) if weight is not None else None, db.to(bias.dtype) if bias is not None else None,
-            None, None, dres if ctx.has_residual else None, None, None, None)
+    return (dx, _as_dtype_of(dw, weight), _as_dtype_of(db, bias), None, None, dres if ctx.has_residual else None,
+            None, None, None)
 
 
 batch_norm_act_fwd.register_autograd(_act_backward, setup_context=_act_setup_context)

@@ -80,10 +80,16 @@ def _setup_context(ctx, inputs, output):
     ctx.rms = rms
 
 
+def _as_dtype_of(g, like):
+    """g in like's dtype (None without like); no call when it already is (each is host time)."""
+    if like is None:
+        return None
+    return g if g.dtype == like.dtype else g.to(like.dtype)
+
+
 def _grads(ctx, weight, bias, dx, dw, db):
     """The op's gradients for (x, weight, bias, eps, rms): dweight/dbias in the parameters' dtypes."""
-    return (dx, dw.to(weight.dtype) if weight is not None else None, db.to(bias.dtype) if bias is not None else None,
-            None, None)
+    return dx, _as_dtype_of(dw, weight), _as_dtype_of(db, bias), None, None
 
 
 def _backward(ctx, dy, dmean, drstd):
