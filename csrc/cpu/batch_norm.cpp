@@ -39,7 +39,9 @@ struct View {
   bool rows() const { return c == 1 || sc == 1; }  // channels contiguous within a row
   bool logical() const { return ss == 1 && sc == s && sn == c * s; }  // memory order = (n, c, s) order
   int64_t chunk_rows() const { return (n * s + kMaxChunks - 1) / kMaxChunks; }
-  int64_t row_offset(int64_t r) const { return (r / s) * sn + (r % s) * ss; }
+  // Dense channels_last rows are evenly spaced: no division per row (40-odd cycles against a
+  // row of C elements of work).
+  int64_t row_offset(int64_t r) const { return sn == s * ss ? r * ss : (r / s) * sn + (r % s) * ss; }
 };
 
 bool uniformly_strided(const at::Tensor& t) {
