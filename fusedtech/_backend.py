@@ -225,7 +225,7 @@ def _select(op: str, device_type: str, implemented: tuple[str, ...], large: bool
 
 
 _functions: dict = {}
-# (op, module, name, device type, requested backend, large list, availability test) -> function:
+# (op, module, name, device type, requested backend, large list, float64, availability test) -> function:
 # one lookup on the host path of every op call (the availability test is part of the key, as for
 # select(), so that a replaced one is asked again).
 _implementations: dict = {}

@@ -127,7 +127,7 @@ def _batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
     """(out, saved mean, saved invstd, unbiased batch variance, ReLU's packed mask or an empty tensor)."""
     mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
     out, bits = _impl("batch_norm_act_apply", x)(x, mean, invstd, weight, bias, residual,
-                                                        ACTIVATION_CODES[activation])
+                                                 ACTIVATION_CODES[activation])
     return out, mean, invstd, var, bits
 
 
@@ -148,7 +148,7 @@ def _batch_norm_act_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
                         activation: int, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dresidual: an empty tensor without a residual)."""
     dx, dw, db, dres = _impl("batch_norm_act_bwd", x)(dy, x, weight, bias, mean, invstd, extra, has_residual,
-                                                             activation, training)
+                                                      activation, training)
     return dx, dw, db, dres if dres is not None else x.new_empty(0)
 
 
