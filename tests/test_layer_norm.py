@@ -439,3 +439,45 @@ def test_low_precision_input_with_fp32_parameters(backend, dtype, rms):
 @pytest.mark.parametrize("rms", [False, True])
 def test_gpu_low_precision_input_with_fp32_parameters(backend, dtype, rms):
     _mixed_case("cuda", backend, dtype, rms)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's rms_norm, the reference
+@pytest.mark.parametrize("rms", [False, True])
+def test_autocast_on_cpu_keeps_torchs_dtype(rms):
+    # torch's CPU autocast leaves the norms in the input's dtype: so do we.
+    lin = torch.nn.Linear(8, 16)
+    fused, ref = (fusedtech.nn.RMSNorm(16), torch.nn.RMSNorm(16)) if rms else (fusedtech.nn.LayerNorm(16),
+                                                                              torch.nn.LayerNorm(16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(torch.randn(4, 8))
+        ours, theirs = fused(h), ref(h)
+    assert h.dtype == torch.bfloat16 and ours.dtype == theirs.dtype
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_autocast_policy_casts_low_precision_norm_inputs_to_fp32(monkeypatch, rms):
+    # The CUDA policy (norms in fp32, output fp32, as torch's autocast): exercised here by giving the
+    # CPU the same policy; float64 is not eligible for autocast and stays float64.
+    monkeypatch.setitem(F._AUTOCAST_NORM_DTYPE, "cpu", torch.float32)
+    x, w = torch.randn(4, 16).bfloat16(), torch.rand(16) + 0.5
+    fn = (lambda t, w: F.rms_norm(t, (16,), w, 1e-6)) if rms else (lambda t, w: F.layer_norm(t, (16,), w))  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x, w)
+        y64 = fn(x.double(), w.double())
+    assert y.dtype == torch.float32 and y64.dtype == torch.float64
+    torch.testing.assert_close(y, fn(x.float(), w), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("rms", [False, True])
+def test_gpu_autocast_output_dtype_is_torchs(backend, rms):
+    lin = torch.nn.Linear(8, 16).cuda()
+    fused, ref = (fusedtech.nn.RMSNorm(16), torch.nn.RMSNorm(16)) if rms else (fusedtech.nn.LayerNorm(16),
+                                                                              torch.nn.LayerNorm(16))
+    fused, ref = fused.cuda(), ref.cuda()
+    with fusedtech.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+        h = lin(torch.randn(4, 8, device="cuda"))
+        ours, theirs = fused(h), ref(h)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=ATOL[torch.float32], rtol=1e-5)

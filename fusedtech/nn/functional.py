@@ -19,7 +19,21 @@ from ..ops.layer_norm import layer_norm as layer_norm_fwd
 from ..ops.layer_norm import layer_norm_recompute
 
 
+# The dtype torch's own layer_norm / rms_norm run in under autocast, by device type: its CUDA policy
+# casts the norms to float32 (ATen's autocast fp32 list, rms_norm included since it exists); its CPU
+# policy leaves them in the input's dtype. A static table (not a probe) so torch.compile traces it.
+_AUTOCAST_NORM_DTYPE = {"cuda": torch.float32}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)  # what autocast casts (float64 is not eligible)
+
+
 def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=False):
+    dtype = _AUTOCAST_NORM_DTYPE.get(input.device.type)
+    if dtype is not None and input.dtype in _LOW_PRECISION and torch.is_autocast_enabled(input.device.type):
+        # Drop-in under autocast: torch casts the norm's fp16/bf16 arguments to fp32 on a GPU and
+        # returns fp32 (a model's residual stream keeps that precision); so do we.
+        input = input.to(dtype)
+        weight = weight.to(dtype) if weight is not None and weight.dtype in _LOW_PRECISION else weight
+        bias = bias.to(dtype) if bias is not None and bias.dtype in _LOW_PRECISION else bias
     shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
     if input.shape[input.dim() - len(shape):] != shape:
         raise RuntimeError(f"fusedtech: input of shape {tuple(input.shape)} does not end in normalized_shape {shape}")
