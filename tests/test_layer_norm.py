@@ -481,3 +481,25 @@ def test_gpu_autocast_output_dtype_is_torchs(backend, rms):
         ours, theirs = fused(h), ref(h)
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, atol=ATOL[torch.float32], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["large_mean", "outlier_first", "constant_rows"])
+def test_statistics_of_hard_rows(backend, case):
+    # Rows whose variance a one-pass sum of squares would lose to cancellation (mean 1e4, std 1e-2),
+    # whose first element (the CPU kernel's shift) is an outlier, or that are constant (variance 0).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 300, generator=g, dtype=torch.float64)
+    if case == "large_mean":
+        x = 1e4 + 1e-2 * x
+    elif case == "outlier_first":
+        x[:, 0] = 1e4
+    else:
+        x = torch.full((6, 300), 7.25, dtype=torch.float64)
+    x = x.float()
+    w, b, dy = torch.randn(300, generator=g), torch.randn(300, generator=g), torch.randn(6, 300, generator=g)
+    torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, (300,), w, b)  # noqa: E731
+    with fusedtech.use_backend(backend):
+        ours = _run(lambda x, w, b: F.layer_norm(x, (300,), w, b), x, w, b, dy)
+    exact = _run(torch_fn, x.double(), w.double(), b.double(), dy.double())
+    _check(ours, _run(torch_fn, x, w, b, dy), exact, torch.float32)

@@ -61,12 +61,6 @@ inline std::array<double, K> row_sums(int64_t n, F8 f8, F f) {
   return out;
 }
 
-template <typename F8, typename F>
-inline double row_sum(int64_t n, F8 f8, F f) {
-  return row_sums<1>(
-      n, [&](int64_t j) { return std::array<lanes8, 1>{f8(j)}; }, [&](int64_t j) { return std::array<double, 1>{f(j)}; })[0];
-}
-
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -106,25 +100,28 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
   }
 }
 
-// One row: mean and rstd from sums in double, then y = norm(x) with the elementwise math in float
-// (double for double) as torch's.
+// One row: mean and rstd from one pass of sums in double, then y = norm(x) with the elementwise math
+// in float (double for double) as torch's. The sums are of d = x - x[0] (shifted data: no
+// cancellation when |mean| >> std, as a plain sum of squares would suffer): mean = x[0] + S1 / n,
+// var = S2 / n - (S1 / n)^2. Two passes over the row instead of three (mean, then variance, then y).
 template <typename scalar_t, typename mt = math_t<scalar_t>>
-void norm_row(const scalar_t* xr, scalar_t* __restrict__ yr, int64_t n, const mt* wf, const mt* bf, bool rms, double eps, mt& mean,
-              mt& rstd) {
-  const double mu = rms ? 0.0
-                        : row_sum(n, [xr](int64_t j) { return load8(xr + j); },
-                                  [xr](int64_t j) { return static_cast<double>(xr[j]); }) / n;
-  const double var = row_sum(
+void norm_row(const scalar_t* xr, scalar_t* __restrict__ yr, int64_t n, const mt* wf, const mt* bf, bool rms, double eps,
+              mt& mean, mt& rstd) {
+  const double shift = rms ? 0.0 : static_cast<double>(xr[0]);
+  const auto [s1, s2] = row_sums<2>(
       n,
-      [xr, mu](int64_t j) {
-        const lanes8 d = load8(xr + j) - mu;
-        return d * d;
+      [xr, shift](int64_t j) {
+        const lanes8 d = load8(xr + j) - shift;
+        return std::array<lanes8, 2>{d, d * d};
       },
-      [xr, mu](int64_t j) {
-        const double d = static_cast<double>(xr[j]) - mu;
-        return d * d;
+      [xr, shift](int64_t j) {
+        const double d = static_cast<double>(xr[j]) - shift;
+        return std::array<double, 2>{d, d * d};
       });
-  const double rs = 1.0 / std::sqrt(var / n + eps);
+  const double mean_d = s1 / n;  // mean of the shifted data
+  const double mu = rms ? 0.0 : shift + mean_d;
+  const double var = rms ? s2 / n : std::max(s2 / n - mean_d * mean_d, 0.0);
+  const double rs = 1.0 / std::sqrt(var + eps);
   const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
   for (int64_t j = 0; j < n; ++j)
     yr[j] = static_cast<scalar_t>(norm_forward<mt>(static_cast<mt>(xr[j]), muf, rsf, wf[j], bf[j]));
