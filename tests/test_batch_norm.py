@@ -610,3 +610,30 @@ def test_batch_norm_act_kernel_errors_name_the_argument():
         ops.batch_norm_apply(x, mean, invstd, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="batch_norm invstd has 2 elements, expected 3"):
         ops.batch_norm_bwd(x, x, None, mean, torch.ones(2), True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["large_mean", "outlier_first", "constant_channel"])
+def test_statistics_of_hard_channels(backend, case):
+    # Channels whose variance a one-pass sum of squares would lose to cancellation (mean 1e4, std
+    # 1e-2: in fp32 it would come out wrong by orders of magnitude), whose first element (the CPU
+    # kernel's shift) is an outlier, or that are constant. With momentum 1 the running statistics
+    # are the batch's: within TOL32 of float64 ones, as torch's are.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64)
+    if case == "large_mean":
+        x = 1e4 + 1e-2 * x
+    elif case == "outlier_first":
+        x[0, :, 0, 0] = 1e4
+    else:
+        x[:, 1] = 7.25
+    x = x.float()
+    ours, ref = fusedtech.nn.BatchNorm2d(3, momentum=1.0), torch.nn.BatchNorm2d(3, momentum=1.0)
+    with fusedtech.use_backend(backend):
+        ours(x)
+    ref(x)
+    exact_mean, exact_var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=True)
+    for got, theirs, exact in ((ours.running_mean, ref.running_mean, exact_mean),
+                               (ours.running_var, ref.running_var, exact_var)):
+        torch.testing.assert_close(theirs.double(), exact, **TOL32)  # the tolerance holds for torch
+        torch.testing.assert_close(got.double(), exact, **TOL32)

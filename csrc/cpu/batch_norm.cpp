@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <tuple>
@@ -192,24 +193,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Te
   at::Tensor mean = at::empty({v.c}, x.options().dtype(stat)), invstd = at::empty({v.c}, x.options().dtype(stat));
   at::Tensor unbiased = at::empty({v.c}, x.options().dtype(stat));
   const double count = static_cast<double>(v.n) * v.s;
-  std::vector<double> mu(v.c), m2(v.c);
+  // One pass: per channel, the sums of d = x - shift and d^2 with shift = the channel's first
+  // element (shifted data: no cancellation when |mean| >> std), then mean = shift + S1 / count and
+  // the sum of squared deviations M2 = S2 - S1^2 / count. Two passes (mean, then M2) read x twice.
+  std::vector<double> shift(v.c, 0.0), s1(v.c), s2(v.c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    channel_sums<1>(xp, static_cast<const scalar_t*>(nullptr), v, {mu.data()},
-                    [](int64_t, auto xv, auto) { return std::array<decltype(xv), 1>{xv}; });
-    for (auto& m : mu) m = count > 0 ? m / count : 0.0;
-    const double* mup = mu.data();
-    channel_sums<1>(xp, static_cast<const scalar_t*>(nullptr), v, {m2.data()}, [mup](int64_t c, auto xv, auto) {
-      const auto d = xv - mup[c];
-      return std::array<decltype(xv), 1>{d * d};
+    if (count > 0) {
+      for (int64_t c = 0; c < v.c; ++c) shift[c] = to_double(xp[c * v.sc]);
+    }
+    const double* sp = shift.data();
+    channel_sums<2>(xp, static_cast<const scalar_t*>(nullptr), v, {s1.data(), s2.data()}, [sp](int64_t c, auto xv, auto) {
+      const auto d = xv - sp[c];
+      return std::array<decltype(xv), 2>{d, d * d};
     });
     stat_t *mp = mean.data_ptr<stat_t>(), *ip = invstd.data_ptr<stat_t>(), *up = unbiased.data_ptr<stat_t>();
     for (int64_t c = 0; c < v.c; ++c) {
-      const double var = count > 0 ? m2[c] / count : 0.0;  // biased: what normalisation uses
-      mp[c] = static_cast<stat_t>(mu[c]);
+      const double mean_d = count > 0 ? s1[c] / count : 0.0;
+      const double m2 = std::max(s2[c] - s1[c] * mean_d, 0.0);
+      const double var = count > 0 ? m2 / count : 0.0;  // biased: what normalisation uses
+      mp[c] = static_cast<stat_t>(shift[c] + mean_d);
       ip[c] = static_cast<stat_t>(1.0 / std::sqrt(var + eps));
-      up[c] = static_cast<stat_t>(count > 1 ? m2[c] / (count - 1) : var);
+      up[c] = static_cast<stat_t>(count > 1 ? m2 / (count - 1) : var);
     }
   });
   return {mean, invstd, unbiased};
