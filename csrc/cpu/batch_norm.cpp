@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "fusedtech/norm.h"
 #include "lanes.h"
 
 #if defined(__AVX2__)
@@ -30,9 +31,6 @@ namespace fusedtech::cpu {
 namespace {
 
 constexpr int64_t kMaxChunks = 256;  // channel rows: partial sums kept per chunk of rows
-
-template <typename T>
-using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 struct View {
   int64_t n, c, s;     // sizes
@@ -91,12 +89,6 @@ std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t c
     for (int64_t i = 0; i < c; ++i) out[i] = static_cast<double>(p[i * stride]);
   });
   return out;
-}
-
-// Tasks of at least ~16K elements, so that a small tensor runs inline on the calling thread
-// (entering an OpenMP region costs microseconds).
-inline int64_t grain_for(int64_t elements_per_task) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elements_per_task));
 }
 
 template <typename T>
@@ -193,9 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Te
   at::Tensor mean = at::empty({v.c}, x.options().dtype(stat)), invstd = at::empty({v.c}, x.options().dtype(stat));
   at::Tensor unbiased = at::empty({v.c}, x.options().dtype(stat));
   const double count = static_cast<double>(v.n) * v.s;
-  // One pass: per channel, the sums of d = x - shift and d^2 with shift = the channel's first
-  // element (shifted data: no cancellation when |mean| >> std), then mean = shift + S1 / count and
-  // the sum of squared deviations M2 = S2 - S1^2 / count. Two passes (mean, then M2) read x twice.
+  // One pass: per channel, the sums of x - shift and its square with shift = the channel's first
+  // element (norm.h's shifted_moments). Two passes (mean, then squared deviations) read x twice.
   std::vector<double> shift(v.c, 0.0), s1(v.c), s2(v.c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -210,10 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Te
     });
     stat_t *mp = mean.data_ptr<stat_t>(), *ip = invstd.data_ptr<stat_t>(), *up = unbiased.data_ptr<stat_t>();
     for (int64_t c = 0; c < v.c; ++c) {
-      const double mean_d = count > 0 ? s1[c] / count : 0.0;
-      const double m2 = std::max(s2[c] - s1[c] * mean_d, 0.0);
+      const Moments mo = count > 0 ? shifted_moments(shift[c], s1[c], s2[c], count) : Moments{0.0, 0.0};
+      const double m2 = mo.m2;
       const double var = count > 0 ? m2 / count : 0.0;  // biased: what normalisation uses
-      mp[c] = static_cast<stat_t>(shift[c] + mean_d);
+      mp[c] = static_cast<stat_t>(mo.mean);
       ip[c] = static_cast<stat_t>(1.0 / std::sqrt(var + eps));
       up[c] = static_cast<stat_t>(count > 1 ? m2 / (count - 1) : var);
     }

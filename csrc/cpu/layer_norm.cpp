@@ -61,9 +61,6 @@ inline std::array<double, K> row_sums(int64_t n, F8 f8, F f) {
   return out;
 }
 
-template <typename T>
-using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 // weight (or `fill` where there is none) as n contiguous values of the math type: the tensor
 // itself when it already is (no copy: every allocation and conversion is a dispatcher call, and
 // at a small size those were most of the op's time), else a converted copy.
@@ -74,10 +71,6 @@ at::Tensor as_math(const std::optional<at::Tensor>& t, int64_t n, double fill, c
   if (t->scalar_type() == type && t->is_contiguous()) return *t;
   return t->to(type).contiguous();
 }
-
-// Rows per parallel task: at least ~16K elements each, so that a small input runs inline on the
-// calling thread (entering an OpenMP region costs microseconds).
-inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)); }
 
 // out[j] = the sum over blocks of part[block][j], blocks added in order into block 0 (the order is
 // the shape's), then rounded to out's dtype: no dispatcher calls for a sum and a conversion.
@@ -101,9 +94,8 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
 }
 
 // One row: mean and rstd from one pass of sums in double, then y = norm(x) with the elementwise math
-// in float (double for double) as torch's. The sums are of d = x - x[0] (shifted data: no
-// cancellation when |mean| >> std, as a plain sum of squares would suffer): mean = x[0] + S1 / n,
-// var = S2 / n - (S1 / n)^2. Two passes over the row instead of three (mean, then variance, then y).
+// in float (double for double) as torch's. The sums are of x - x[0] (norm.h's shifted_moments; RMS
+// takes the plain sum of squares). Two passes over the row instead of three (mean, variance, y).
 template <typename scalar_t, typename mt = math_t<scalar_t>>
 void norm_row(const scalar_t* xr, scalar_t* __restrict__ yr, int64_t n, const mt* wf, const mt* bf, bool rms, double eps,
               mt& mean, mt& rstd) {
@@ -118,9 +110,9 @@ void norm_row(const scalar_t* xr, scalar_t* __restrict__ yr, int64_t n, const mt
         const double d = static_cast<double>(xr[j]) - shift;
         return std::array<double, 2>{d, d * d};
       });
-  const double mean_d = s1 / n;  // mean of the shifted data
-  const double mu = rms ? 0.0 : shift + mean_d;
-  const double var = rms ? s2 / n : std::max(s2 / n - mean_d * mean_d, 0.0);
+  const Moments mo = shifted_moments(shift, s1, s2, n);
+  const double mu = rms ? 0.0 : mo.mean;
+  const double var = rms ? s2 / n : mo.m2 / n;
   const double rs = 1.0 / std::sqrt(var + eps);
   const mt muf = static_cast<mt>(mu), rsf = static_cast<mt>(rs);
   for (int64_t j = 0; j < n; ++j)
@@ -148,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
     scalar_t* yp = y.data_ptr<scalar_t>();
     const mt *wf = wm.const_data_ptr<mt>(), *bf = bm.const_data_ptr<mt>();
     mt *mp = mean.data_ptr<mt>(), *rp = rstd.data_ptr<mt>();
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, rows, grain_for(n), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) norm_row(xp + r * n, yp + r * n, n, wf, bf, rms, eps, mp[r], rp[r]);
     });
   });
@@ -276,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_
     scalar_t *yp = y.data_ptr<scalar_t>(), *sp = sum.data_ptr<scalar_t>();
     mt *meanp = mean.data_ptr<mt>(), *rstdp = rstd.data_ptr<mt>();
     constexpr int64_t kDrawChunk = 1024;
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, rows, grain_for(n), [&](int64_t lo, int64_t hi) {
       uint32_t draws[kDrawChunk];
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t first = r * n;

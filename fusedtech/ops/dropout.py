@@ -85,11 +85,10 @@ def _dan_setup_context(ctx, inputs, output):
     _, s, mean, rstd = output
     ctx.save_for_backward(s, weight, bias, mean, rstd, seed)
     ctx.p, ctx.rms = p, rms
-    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
 
 
 def _dan_backward(ctx, dout, dsum, dmean, drstd):
-    from .layer_norm import _layer_norm_bwd, layer_norm_bwd
+    from .layer_norm import _as_dtype_of, _layer_norm_bwd, layer_norm_bwd
     s, weight, bias, mean, rstd, seed = ctx.saved_tensors
     eager = is_eager(ctx)
     if dout is None:  # only the sum was used (eager gradients are not materialised)
@@ -97,13 +96,12 @@ def _dan_backward(ctx, dout, dsum, dmean, drstd):
     ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, bias, mean, rstd, ctx.rms, False)
     if dsum is not None:  # the sum is also an output (the next residual)
         ds = ds + dsum
-    wdt, bdt = ctx.dtypes
     if not eager:
         apply = dropout_apply
     else:
         apply = dropout if torch.is_grad_enabled() else _apply
-    return (apply(ds.contiguous(), ctx.p, seed), ds, dw.to(wdt) if wdt is not None else None,
-            db.to(bdt) if bdt is not None else None, None, None, None, None)
+    return (apply(ds.contiguous(), ctx.p, seed), ds, _as_dtype_of(dw, weight), _as_dtype_of(db, bias),
+            None, None, None, None)
 
 
 dropout_add_norm.register_autograd(_dan_backward, setup_context=_dan_setup_context)

@@ -26,4 +26,17 @@ FT_HD A xhat_from_output(A y, A b, A winv) {
   return (y - b) * winv;
 }
 
+// Mean and sum of squared deviations of count > 0 values from their shifted sums s1 = sum(x - shift)
+// and s2 = sum((x - shift)^2), one pass. With shift one of the values, s2 - s1^2 / count has none
+// of the cancellation a plain sum of squares suffers when |mean| >> std.
+struct Moments {
+  double mean, m2;
+};
+
+FT_HD Moments shifted_moments(double shift, double s1, double s2, double count) {
+  const double d = s1 / count;
+  const double m2 = s2 - s1 * d;
+  return {shift + d, m2 > 0.0 ? m2 : 0.0};
+}
+
 }  // namespace fusedtech
