@@ -52,6 +52,30 @@ inline void check_batch_norm_act_bwd(int64_t act, const at::Tensor& dy, const at
               "fusedtech: batch_norm ReLU backward needs the forward's packed mask");
 }
 
+// DropBlock: the keep mask's arguments (a dense 4-D input, a one-element int64 seed, block_size and
+// gamma in range), and the apply's (keep with the input's shape and strides, a one-element scale).
+// The device checks are each launcher's own.
+inline void check_drop_block_keep(const at::Tensor& x, const at::Tensor& seed, double gamma, int64_t block_size) {
+  TORCH_CHECK(x.dim() == 4, "fusedtech: drop_block2d input must be 4-D (N, C, H, W), got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fusedtech: drop_block2d input must be dense (contiguous or channels_last)");
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == x.device(),
+              "fusedtech: seed must be a one-element int64 tensor on ", x.device());
+  TORCH_CHECK(block_size >= 1 && block_size <= x.size(2) && block_size <= x.size(3),
+              "fusedtech: drop_block2d block_size must be in [1, min(H, W)], got ", block_size);
+  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "fusedtech: drop_block2d gamma must be in [0, 1], got ", gamma);
+}
+
+inline void check_drop_block_apply(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& scale) {
+  TORCH_CHECK(keep.device() == x.device() && scale.device() == x.device(),
+              "fusedtech: drop_block2d needs input, keep and scale on one device, got ", x.device(), ", ",
+              keep.device(), ", ", scale.device());
+  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.sizes() == x.sizes() && keep.strides() == x.strides() &&
+                  x.is_non_overlapping_and_dense(),
+              "fusedtech: drop_block2d keep must be a uint8 tensor with the input's shape and strides");
+  TORCH_CHECK(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
+              "fusedtech: drop_block2d scale must be a float32 (float64 for float64 input) scalar");
+}
+
 inline void check_param_list(at::TensorList params) {
   TORCH_CHECK(!params.empty(), "fusedtech: params is empty");
   const auto dtype = params[0].scalar_type();

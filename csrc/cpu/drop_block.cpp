@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../checks.h"
 #include "fusedtech/philox.h"
 
 namespace fusedtech::cpu {
@@ -82,12 +83,8 @@ int64_t keep_plane(uint64_t seed, uint64_t threshold, int64_t plane, int64_t H, 
 std::tuple<at::Tensor, at::Tensor> drop_block_keep_cpu(const at::Tensor& x, const at::Tensor& seed, double gamma,
                                                        int64_t block_size) {
   TORCH_CHECK(x.device().is_cpu(), "fusedtech: drop_block2d (cpu) got input on ", x.device());
-  TORCH_CHECK(x.dim() == 4, "fusedtech: drop_block2d input must be 4-D (N, C, H, W), got ", x.dim(), " dimensions");
-  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fusedtech: drop_block2d input must be dense (contiguous or channels_last)");
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "fusedtech: seed must be a one-element int64 tensor");
+  check_drop_block_keep(x, seed, gamma, block_size);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), b = block_size;
-  TORCH_CHECK(b >= 1 && b <= H && b <= W, "fusedtech: drop_block2d block_size must be in [1, min(H, W)], got ", b);
-  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "fusedtech: drop_block2d gamma must be in [0, 1], got ", gamma);
   at::Tensor keep = at::empty_like(x, x.options().dtype(at::kByte));
   if (x.numel() == 0) return {keep, at::zeros({}, x.options().dtype(at::kLong))};
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
@@ -107,12 +104,8 @@ std::tuple<at::Tensor, at::Tensor> drop_block_keep_cpu(const at::Tensor& x, cons
 
 // x * scale where keep, else 0, over the storage of x and keep (dense, the same strides).
 at::Tensor drop_block_apply_cpu(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& scale) {
-  TORCH_CHECK(x.device().is_cpu() && keep.device().is_cpu(), "fusedtech: drop_block2d (cpu) got input on ", x.device());
-  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.sizes() == x.sizes() && keep.strides() == x.strides() &&
-                  x.is_non_overlapping_and_dense(),
-              "fusedtech: drop_block2d keep must be a uint8 tensor with the input's shape and strides");
-  TORCH_CHECK(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
-              "fusedtech: drop_block2d scale must be a float32 (float64 for float64 input) scalar");
+  TORCH_CHECK(x.device().is_cpu(), "fusedtech: drop_block2d (cpu) got input on ", x.device());
+  check_drop_block_apply(x, keep, scale);
   at::Tensor y = at::empty_like(x);
   const uint8_t* kp = keep.const_data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "drop_block_apply_cpu", [&] {

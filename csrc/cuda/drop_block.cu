@@ -16,6 +16,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../checks.h"
 #include "fusedtech/philox.h"
 
 namespace fusedtech::cuda {
@@ -88,13 +89,8 @@ __global__ void apply_kernel(const T* __restrict__ x, const uint8_t* __restrict_
 std::tuple<at::Tensor, at::Tensor> drop_block_keep_cuda(const at::Tensor& x, const at::Tensor& seed, double gamma,
                                                         int64_t block_size) {
   TORCH_CHECK(x.is_cuda(), "fusedtech: drop_block2d (cuda) got input on ", x.device());
-  TORCH_CHECK(x.dim() == 4, "fusedtech: drop_block2d input must be 4-D (N, C, H, W), got ", x.dim(), " dimensions");
-  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fusedtech: drop_block2d input must be dense (contiguous or channels_last)");
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == x.device(),
-              "fusedtech: seed must be a one-element int64 tensor on ", x.device());
+  check_drop_block_keep(x, seed, gamma, block_size);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), b = block_size;
-  TORCH_CHECK(b >= 1 && b <= H && b <= W, "fusedtech: drop_block2d block_size must be in [1, min(H, W)], got ", b);
-  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "fusedtech: drop_block2d gamma must be in [0, 1], got ", gamma);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor keep = at::empty_like(x, x.options().dtype(at::kByte));
   at::Tensor kept = at::zeros({}, x.options().dtype(at::kLong));
@@ -117,13 +113,8 @@ std::tuple<at::Tensor, at::Tensor> drop_block_keep_cuda(const at::Tensor& x, con
 }
 
 at::Tensor drop_block_apply_cuda(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& scale) {
-  TORCH_CHECK(x.is_cuda() && keep.device() == x.device() && scale.device() == x.device(),
-              "fusedtech: drop_block2d (cuda) needs input, keep and scale on one CUDA device");
-  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.sizes() == x.sizes() && keep.strides() == x.strides() &&
-                  x.is_non_overlapping_and_dense(),
-              "fusedtech: drop_block2d keep must be a uint8 tensor with the input's shape and strides");
-  TORCH_CHECK(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
-              "fusedtech: drop_block2d scale must be a float32 (float64 for float64 input) scalar");
+  TORCH_CHECK(x.is_cuda(), "fusedtech: drop_block2d (cuda) got input on ", x.device());
+  check_drop_block_apply(x, keep, scale);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   const int64_t n = x.numel();
