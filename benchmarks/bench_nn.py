@@ -25,9 +25,19 @@ from fusedtech.nn import functional as F
 DEV = _common.device()
 GPU = DEV.type == "cuda"
 DTYPES = [torch.float32, torch.bfloat16] if GPU else [torch.float32]
-HIDDEN = [512, 1024, 4096, 16384, 65536 + 1024] if GPU else [512, 4096]
-ROWS = lambda n: max(1, (64 << 20 if GPU else 4 << 20) // (n * 4))  # noqa: E731 - ~64 MB (GPU) / 4 MB inputs
-BN_SHAPES = [(512, 64, 32, 32), (512, 128, 16, 16), (512, 256, 8, 8), (512, 512, 4, 4)] if GPU else [(32, 64, 16, 16)]
+# The GPU shapes (also what benchmarks.kernel_resources compiles the Triton kernels for).
+GPU_HIDDEN = [512, 1024, 4096, 16384, 65536 + 1024]
+GPU_BN_SHAPES = [(512, 64, 32, 32), (512, 128, 16, 16), (512, 256, 8, 8), (512, 512, 4, 4)]  # CIFAR ResNet-18, batch 512
+GPU_DROP_BLOCK_SHAPES = [(512, 64, 32, 32), (512, 256, 8, 8)]
+
+
+def rows_for(n: int, gpu: bool = GPU) -> int:
+    """Rows of an (rows, n) input of about 64 MB of fp32 (GPU) or 4 MB (CPU)."""
+    return max(1, (64 << 20 if gpu else 4 << 20) // (n * 4))
+
+
+HIDDEN = GPU_HIDDEN if GPU else [512, 4096]
+BN_SHAPES = GPU_BN_SHAPES if GPU else [(32, 64, 16, 16)]
 
 
 def _fused_backends():
@@ -183,17 +193,17 @@ def _factor(op: str, direction: str) -> int:
     return 2 if direction == "fwd" else 5
 
 
-NORM_CASES = [(op, impl, b, dt, (ROWS(h), h), d) for op in ("layer_norm", "rms_norm") for dt in DTYPES for h in HIDDEN
+NORM_CASES = [(op, impl, b, dt, (rows_for(h), h), d) for op in ("layer_norm", "rms_norm") for dt in DTYPES for h in HIDDEN
               for d in ("fwd", "fwd+bwd") for impl, b in _impls(op, h)]
 # The memory-saving LayerNorm (recomputes xhat from the output): what its backward costs.
-NORM_CASES += [("layer_norm", f"fusedtech-{b}-memeff", b, dt, (ROWS(h), h), "fwd+bwd")
+NORM_CASES += [("layer_norm", f"fusedtech-{b}-memeff", b, dt, (rows_for(h), h), "fwd+bwd")
                for dt in DTYPES for h in HIDDEN for b in _fused_backends()]
 # GPU only: the Triton backward prefetching the next rows (tl.range num_stages=2) against the default.
-NORM_CASES += [(op, "fusedtech-triton-rowstages2", "triton", dt, (ROWS(h), h), "fwd+bwd") for op in ("layer_norm", "rms_norm")
+NORM_CASES += [(op, "fusedtech-triton-rowstages2", "triton", dt, (rows_for(h), h), "fwd+bwd") for op in ("layer_norm", "rms_norm")
                for dt in DTYPES for h in HIDDEN if GPU]
-DROPOUT_CASES = [("dropout", impl, b, dt, (ROWS(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
+DROPOUT_CASES = [("dropout", impl, b, dt, (rows_for(1024) * 1024,), d) for dt in DTYPES for d in ("fwd", "fwd+bwd")
                  for impl, b in _impls("dropout")]
-DROP_BLOCK_SHAPES = [(512, 64, 32, 32), (512, 256, 8, 8)] if GPU else [(32, 64, 16, 16)]
+DROP_BLOCK_SHAPES = GPU_DROP_BLOCK_SHAPES if GPU else [(32, 64, 16, 16)]
 DROP_BLOCK_CASES = [(f"drop_block2d_b{block}", impl, b, dt, s, "fwd+bwd") for block in ((3, 7) if GPU else (3,))
                     for dt in DTYPES for s in DROP_BLOCK_SHAPES for impl, b in _impls("drop_block2d")]
 BN_CASES = [("batch_norm", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES for impl, b in _impls("batch_norm")]
@@ -209,7 +219,7 @@ BN_ACT_CASES = [(op, impl, b, dt, s, "fwd+bwd") for op in BN_ACT_OPS for dt in D
                 for impl, b in _impls("batch_norm")]
 BN_ACT_CASES += [("batch_norm_gelu_nhwc", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES[:2]
                  for impl, b in _impls("batch_norm")]
-DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (ROWS(h), h), "fwd+bwd") for dt in DTYPES for h in HIDDEN[1:3]
+DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (rows_for(h), h), "fwd+bwd") for dt in DTYPES for h in HIDDEN[1:3]
              for impl, b in _impls("dropout_add_layer_norm")]
 # torch.compile of the torch modules (Inductor's generated kernels), on a GPU only: compiling on
 # the CPU would dominate the short CPU run.

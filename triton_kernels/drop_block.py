@@ -78,7 +78,7 @@ def _scale_kernel(counts_ptr, programs, numel, eps_bits, scale_ptr, BLOCK: tl.co
     for start in range(0, programs, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         kept += tl.load(counts_ptr + offs, mask=offs < programs, other=0).to(tl.int64)
-    eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    eps = tl.cast(eps_bits, tl.int64).to(tl.float64, bitcast=True)  # tl.cast: an argument of 1 is a constexpr
     tl.store(scale_ptr, (numel.to(tl.float64) / (eps + tl.sum(kept, axis=0).to(tl.float64))).to(tl.float32))
 
 

@@ -31,7 +31,9 @@ def fast_divmod(k, d, magic, shift1, shift2, WIDE: tl.constexpr):
     if WIDE:
         q = k // d
     else:
+        # tl.cast, not .to: Triton's JIT passes an integer argument equal to 1 as a constexpr (a
+        # Python int, which has no .to), and shift1 is 1 for every d >= 2, magic for powers of two.
         n = k.to(tl.uint32)
-        t = tl.umulhi(n, magic.to(tl.uint32))
-        q = ((t + ((n - t) >> shift1.to(tl.uint32))) >> shift2.to(tl.uint32)).to(tl.int64)
+        t = tl.umulhi(n, tl.cast(magic, tl.uint32))
+        q = ((t + ((n - t) >> tl.cast(shift1, tl.uint32))) >> tl.cast(shift2, tl.uint32)).to(tl.int64)
     return q, k - q * d

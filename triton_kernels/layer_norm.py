@@ -9,6 +9,8 @@ norm) call.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -210,12 +212,20 @@ def layer_norm_fwd(x, weight, bias, eps: float, rms: bool):
     return y, mean, rstd
 
 
+@functools.lru_cache(maxsize=None)
+def bwd_programs(device: torch.device) -> int:
+    """Backward programs to aim for: enough to fill the GPU (four per SM), few enough that the
+    dweight/dbias partials stay small; a fixed function of the device and shape, so the summation
+    order, hence the gradients' bits, never change between runs. A few in the interpreter."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def layer_norm_bwd(dy, x, weight, bias, mean, rstd, rms: bool, from_output: bool):
     rows, n = x.shape
     dx = torch.empty_like(x)
-    # Enough programs to fill a GPU, few enough that the partials stay small; a fixed function of
-    # the shape, so the dweight/dbias summation order never changes.
-    programs = max(1, min(rows, 4 * 132 if x.is_cuda else 4))
+    programs = max(1, min(rows, bwd_programs(x.device)))
     rows_per_program = triton.cdiv(max(rows, 1), programs)
     programs = triton.cdiv(max(rows, 1), rows_per_program)
     has_bias = bias is not None
