@@ -179,6 +179,13 @@ def record_norms(rec: Recorder, hidden, dtypes, rows_for):
                 lk.layer_norm_bwd(x, x, w, None if rms else b, mean, rstd, rms, False)
             rec.case = f"layer_norm memory_efficient bwd {rows}x{n} {str(dtype)[6:]}"
             lk.layer_norm_bwd(x, x, w, b, mean, rstd, False, True)
+            # bench_nn's "-rowstages2" variant: the backward prefetching the next rows.
+            saved, lk.BWD_ROW_STAGES = lk.BWD_ROW_STAGES, 2
+            try:
+                rec.case = f"layer_norm bwd rowstages2 {rows}x{n} {str(dtype)[6:]}"
+                lk.layer_norm_bwd(x, x, w, b, mean, rstd, False, False)
+            finally:
+                lk.BWD_ROW_STAGES = saved
             rec.case = f"dropout_add_layer_norm fwd {rows}x{n} {str(dtype)[6:]}"
             dk.dropout_add_norm_fwd(x, x, w, b, 0.1, 1e-5, False, torch.zeros(1, dtype=torch.int64))
 

@@ -59,3 +59,22 @@ def test_every_kernel_compiles_for_sm90_as_the_jit_specialises_it(tmp_path):
     assert any(r["kernel"] == "_fwd_kernel" and r["constexprs"].get("n") == 1 for r in launches)
     assert any(r["kernel"] == "_stats_kernel" and r["constexprs"].get("S_1") == 1 for r in launches)
 
+
+def test_row_kernels_keep_their_rows_in_registers_at_the_benchmark_shapes(tmp_path):
+    """A row held in local memory costs kilobytes per thread (4,336 B in the dropout+add+LayerNorm
+    kernel at hidden 16,384 before its warps grew with the row; 192 B in the LayerNorm backward's
+    coefficient kernel): the bound is far below that and above the few values ptxas parks in local
+    memory in kernels that otherwise stay in registers (up to 32 B per thread at these shapes)."""
+    launches = _record("bench", tmp_path)
+    assert {r["kernel"] for r in launches} >= {"_fwd_kernel", "_bwd_kernel", "_bwd_coeffs_kernel",
+                                               "_dropout_add_norm_kernel", "_stats_kernel", "_bwd_apply_rows_kernel"}
+    spilling = [(r["case"], r["kernel"], r["num_warps"], r["local_bytes"]) for r in launches if r["local_bytes"] > 64]
+    assert not spilling, spilling
+    # The LayerNorm backward's row prefetch (ROW_STAGES=2) stages the next row's x and dy in shared
+    # memory: the rows, not only the per-row statistics, are what it prefetches.
+    staged = [r for r in launches if r["kernel"] == "_bwd_kernel" and r["constexprs"]["ROW_STAGES"] == 2
+              and r["constexprs"]["ONE_BLOCK"]]
+    assert staged
+    for r in staged:
+        row_bytes = r["constexprs"]["BLOCK"] * (2 if "bfloat16" in r["case"] else 4)
+        assert r["shared_bytes"] >= 2 * row_bytes, (r["case"], r["shared_bytes"])

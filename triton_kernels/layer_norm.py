@@ -193,6 +193,13 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_p
             tl.store(db_part_ptr + pid * n + cols, db_acc, mask=cmask)
 
 
+def row_warps(block: int, per_thread: int, least: int = 1, most: int = 32) -> int:
+    """Warps that give each thread about `per_thread` elements of a BLOCK-wide row (between `least`
+    and `most`): what a kernel keeps per element then fits in registers without spilling
+    (benchmarks/kernel_resources.py reports registers and spills per launch for sm_90)."""
+    return min(max(block // (32 * per_thread), least), most)
+
+
 def _block(n: int) -> tuple[int, bool]:
     block = min(triton.next_power_of_2(max(n, 1)), MAX_BLOCK)
     return block, n <= block
@@ -239,12 +246,13 @@ def layer_norm_bwd(dy, x, weight, bias, mean, rstd, rms: bool, from_output: bool
         coeffs = mean  # unused when the row fits one block
         if not one:
             coeffs = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
-            _bwd_coeffs_kernel[(rows,)](dy, x, w, b, mean, rstd, coeffs, n, BLOCK=block, **flags)
+            _bwd_coeffs_kernel[(rows,)](dy, x, w, b, mean, rstd, coeffs, n, BLOCK=block,
+                                        num_warps=row_warps(block, 16, 4), **flags)
         # Warps grow with the block so that x, dy, w and the two partials stay in registers.
         _bwd_kernel[(programs,)](dy, x, w, b, mean, rstd, coeffs, dx,
                                  dw_part if dw_part is not None else dx, db_part if db_part is not None else dx,
                                  rows, n, rows_per_program, DTYPE=tl_dtype(x.dtype), BLOCK=block, ONE_BLOCK=one,
-                                 ROW_STAGES=BWD_ROW_STAGES, num_warps=min(max(block // 256, 1), 16), **flags)
+                                 ROW_STAGES=BWD_ROW_STAGES, num_warps=row_warps(block, 8, most=16), **flags)
     else:
         for t in (dw_part, db_part):
             if t is not None:
