@@ -614,7 +614,8 @@ def test_batch_norm_act_kernel_errors_name_the_argument():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["large_mean", "outlier_first", "constant_channel"])
-def test_statistics_of_hard_channels(backend, case):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_statistics_of_hard_channels(backend, case, memory_format):
     # Channels whose variance a one-pass sum of squares would lose to cancellation (mean 1e4, std
     # 1e-2: in fp32 it would come out wrong by orders of magnitude), whose first element (the CPU
     # kernel's shift) is an outlier, or that are constant. With momentum 1 the running statistics
@@ -627,7 +628,7 @@ def test_statistics_of_hard_channels(backend, case):
         x[0, :, 0, 0] = 1e4
     else:
         x[:, 1] = 7.25
-    x = x.float()
+    x = x.float().contiguous(memory_format=memory_format)
     ours, ref = fusedtech.nn.BatchNorm2d(3, momentum=1.0), torch.nn.BatchNorm2d(3, momentum=1.0)
     with fusedtech.use_backend(backend):
         ours(x)

@@ -1,8 +1,8 @@
 """BatchNorm over dim 1 of (N, C, *) in Triton, NCHW or channels_last through one strided
 (N, C, S) view: per-channel statistics (each channel split into slices over enough programs to fill
-a GPU, blocks and then slices merged with Chan's parallel-variance formula: one read,
-deterministic), the normalisation, and the backward (per-slice sums of dy and dy * xhat, summed in
-order, then dx)."""
+a GPU; in a slice each lane keeps its own Welford count, mean and M2, merged once at the end, and the
+slices are merged in order with Chan's parallel-variance formula: one read, deterministic), the
+normalisation, and the backward (per-slice sums of dy and dy * xhat, summed in order, then dx)."""
 from __future__ import annotations
 
 import functools
@@ -31,26 +31,46 @@ def _chan_merge(count, mean, m2, nb, mb, m2b):
 
 
 @triton.jit
+def _lane_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's merge for tl.reduce over lanes, where a lane may be empty (count 0)."""
+    count = count_a + count_b
+    frac = tl.where(count > 0.0, count_b / tl.maximum(count, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
+
+
+@triton.jit
+def _welford_lanes(count, mean, m2, x, mask, rstep):
+    """One Welford step per lane (masked lanes unchanged). Only a slice's last step can be partial,
+    so every active lane holds the same count: rstep = 1 / that count is one scalar, not a division
+    per element."""
+    count += mask.to(tl.float32)
+    delta = tl.where(mask, x - mean, 0.0)
+    mean += delta * rstep
+    return count, mean, m2 + delta * (x - mean)
+
+
+@triton.jit
 def _stats_kernel(x_ptr, part_ptr, NS, S, S_m, S_1, S_2, sN, sC, sS, CHUNK, SPLIT, WIDE: tl.constexpr,
                   BLOCK: tl.constexpr):
-    """Program (c, p): count, mean and M2 of channel c over its p-th slice of CHUNK elements, blocks
-    merged with Chan's formula."""
+    """Program (c, p): count, mean and M2 of channel c over its p-th slice of CHUNK elements. No
+    reduction in the loop (a block-wide one per step stalled every load behind a barrier): each lane
+    updates its own statistics, merged once at the end."""
     c = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
     begin = p * CHUNK
     end = tl.minimum(begin + CHUNK, NS)
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
+    count = tl.zeros([BLOCK], dtype=tl.float32)
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < end
         n, s = fast_divmod(j, S, S_m, S_1, S_2, WIDE)  # j-th element of the channel: (n, s)
         x = tl.load(x_ptr + n * sN + c * sC + s * sS, mask=mask, other=0.0).to(tl.float32)
-        nb = tl.sum(mask.to(tl.float32), axis=0)
-        mb = tl.sum(x, axis=0) / nb
-        d = tl.where(mask, x - mb, 0.0)
-        count, mean, m2 = _chan_merge(count, mean, m2, nb, mb, tl.sum(d * d, axis=0))
+        rstep = 1.0 / ((start - begin) // BLOCK + 1).to(tl.float32)
+        count, mean, m2 = _welford_lanes(count, mean, m2, x, mask, rstep)
+    count, mean, m2 = tl.reduce((count, mean, m2), 0, _lane_combine)
     out = part_ptr + (c * SPLIT + p) * 3
     tl.store(out, count)
     tl.store(out + 1, mean)
@@ -219,20 +239,18 @@ def _stats_rows_kernel(x_ptr, part_ptr, R, C, CHUNK, SPLIT, BLOCK_R: tl.constexp
     cmask = c < C
     begin = p * CHUNK
     end = tl.minimum(begin + CHUNK, R)
-    count = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(begin, end, BLOCK_R):
+    count = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(begin, end, BLOCK_R):  # as _stats_kernel: a Welford step per tile element
         r = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        rmask = r < end
-        mask = rmask[:, None] & cmask[None, :]
+        mask = (r < end)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        nb = tl.sum(rmask.to(tl.float32), axis=0)
-        mb = tl.sum(x, axis=0) / nb
-        d = tl.where(mask, x - mb[None, :], 0.0)
-        count, mean, m2 = _chan_merge(count, mean, m2, nb, mb, tl.sum(d * d, axis=0))
+        rstep = 1.0 / ((start - begin) // BLOCK_R + 1).to(tl.float32)
+        count, mean, m2 = _welford_lanes(count, mean, m2, x, mask, rstep)
+    count, mean, m2 = tl.reduce((count, mean, m2), 0, _lane_combine)
     out = part_ptr + (c * SPLIT + p) * 3
-    tl.store(out, tl.zeros([BLOCK_C], dtype=tl.float32) + count, mask=cmask)
+    tl.store(out, count, mask=cmask)
     tl.store(out + 1, mean, mask=cmask)
     tl.store(out + 2, m2, mask=cmask)
 
