@@ -33,6 +33,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # -n 8: the CPU-side tests spread over the cores; the GPU ones share the one GPU, which is fine for parity.
   timeout "$TEST_CAP" python3 -m pytest -q -rs -n 8 -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
 fi
+if [ "${RESOURCES:-0}" = 1 ]; then
+  # Registers, spills and occupancy of every Triton launch at the benchmark shapes, from this device's
+  # Triton (opt-in: two more files back).
+  timeout 300 python3 -m benchmarks.kernel_resources --out "$OUT" 2>&1 | tail -5
+fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "$BENCH_CAP" python3 -m benchmarks.run --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tail -80
 fi
