@@ -47,6 +47,7 @@ class Launch:
     num_warps: int
     num_stages: int
     programs: int
+    grid: tuple = (1, 1, 1)
     regs: int = 0
     local_bytes: int = 0  # per thread: register spills (and stack)
     shared_bytes: int = 0
@@ -54,10 +55,15 @@ class Launch:
     waves: float = 0.0
 
 
-def _grid_size(grid, bound_args) -> int:
+def _grid(grid, bound_args) -> tuple[int, int, int]:
     if callable(grid):
         grid = grid(bound_args)
-    return math.prod(int(g) for g in grid)
+    grid = tuple(int(g) for g in grid)
+    return grid + (1,) * (3 - len(grid))
+
+
+# CUDA's grid limits: x up to 2^31 - 1, y and z up to 65,535 (a larger grid fails at launch).
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 
 
 def programs_per_sm(regs: int, num_warps: int, shared: int, capability: int) -> int:
@@ -125,7 +131,8 @@ class Recorder:
         consts = {names[path[0]]: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
                   for path, v in constexprs.items() if len(path) == 1}
         launch = Launch(module=fn.fn.__module__, kernel=fn.__name__, case=self.case, constexprs=consts, num_warps=options.num_warps,
-                        num_stages=options.num_stages, programs=_grid_size(grid, bound), regs=usage.get("REG", 0),
+                        num_stages=options.num_stages, programs=math.prod(_grid(grid, bound)),
+                        grid=_grid(grid, bound), regs=usage.get("REG", 0),
                         local_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0), shared_bytes=shared)
         launch.programs_per_sm = programs_per_sm(launch.regs, launch.num_warps, shared, self.capability)
         sms = SM_LIMITS[self.capability]["sms"]
@@ -346,6 +353,9 @@ def main(argv=None) -> int:
                    "launches": [dataclasses.asdict(r) for r in launches]}, f, indent=1)
     with open(os.path.join(args.out, "kernel_resources.md"), "w") as f:
         f.write(markdown(launches, args.capability))
+    too_large = sorted({(r.kernel, r.case) for r in launches if any(g > m for g, m in zip(r.grid, GRID_LIMITS))})
+    if too_large:
+        print("grids past CUDA's limits:" + "".join(f"\n  {k} ({c})" for k, c in too_large))
     spilling = sorted({(r.kernel, r.case) for r in launches if r.local_bytes})
     print(f"{len(launches)} launches recorded; {len(spilling)} spill registers"
           + "".join(f"\n  {k} ({c})" for k, c in spilling))

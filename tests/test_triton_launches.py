@@ -70,6 +70,11 @@ def test_row_kernels_keep_their_rows_in_registers_at_the_benchmark_shapes(tmp_pa
                                                "_dropout_add_norm_kernel", "_stats_kernel", "_bwd_apply_rows_kernel"}
     spilling = [(r["case"], r["kernel"], r["num_warps"], r["local_bytes"]) for r in launches if r["local_bytes"] > 64]
     assert not spilling, spilling
+    # Launchable at all: within CUDA's grid limits, and at least one program fits an SM (registers,
+    # threads and shared memory).
+    from benchmarks.kernel_resources import GRID_LIMITS
+    assert all(g <= limit for r in launches for g, limit in zip(r["grid"], GRID_LIMITS))
+    assert all(r["programs_per_sm"] >= 1 for r in launches)
     # The LayerNorm backward's row prefetch (ROW_STAGES=2) stages the next row's x and dy in shared
     # memory: the rows, not only the per-row statistics, are what it prefetches.
     staged = [r for r in launches if r["kernel"] == "_bwd_kernel" and r["constexprs"]["ROW_STAGES"] == 2
