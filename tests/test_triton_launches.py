@@ -24,6 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("triton")
 
 
+def _cuobjdump_found() -> bool:
+    from benchmarks.kernel_resources import _cuobjdump
+    return os.path.exists(_cuobjdump())
+
+
+pytestmark = pytest.mark.skipif(not _cuobjdump_found(), reason="this Triton ships no cuobjdump to read cubins with")
+
+
 def _record(shapes: str, out) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in sys.path if p]))
     env.pop("TRITON_INTERPRET", None)  # the kernels must be Triton's JITFunctions, not interpreted stand-ins
