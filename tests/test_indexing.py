@@ -45,3 +45,14 @@ def test_divisor_range_and_wide_threshold():
         with pytest.raises(ValueError, match="outside"):
             divisor(bad)
     assert not needs_wide(2 ** 32 - 1) and needs_wide(2 ** 32)
+
+
+def test_host_grid_helpers_match_triton():
+    # The launchers' cdiv / next_power_of_2 (plain Python: triton's are constexpr functions, slow on
+    # the host) give triton's answers.
+    from fusedtech.triton_kernels.indexing import cdiv, next_power_of_2
+    for a in list(range(0, 70)) + [1023, 1024, 1025, 2 ** 31 - 1, 2 ** 31, 2 ** 40 + 3]:
+        for b in (1, 2, 3, 7, 8, 128, 1024):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+        if a >= 1:
+            assert next_power_of_2(a) == triton.next_power_of_2(a), a

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .indexing import divisor, fast_divmod, needs_wide
+from .indexing import cdiv, divisor, fast_divmod, needs_wide, next_power_of_2
 from .multi_tensor import tl_dtype
 from .rounding import round_to
 
@@ -360,7 +360,7 @@ def _rows_layout(C: int, S: int, strides) -> bool:
 @functools.lru_cache(maxsize=1024)
 def _tile(C: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): up to 128 channels, 2048 elements a tile, rows a multiple of 8."""
-    block_c = min(triton.next_power_of_2(C), 128)
+    block_c = min(next_power_of_2(C), 128)
     return max(8, 2048 // block_c), block_c
 
 
@@ -368,9 +368,9 @@ def _tile(C: int) -> tuple[int, int]:
 def _split_rows(R: int, C: int) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_C, row slices, rows per slice: a multiple of BLOCK_R), about TARGET_PROGRAMS programs."""
     block_r, block_c = _tile(C)
-    split = max(1, min(triton.cdiv(R, block_r), triton.cdiv(TARGET_PROGRAMS, triton.cdiv(C, block_c))))
-    chunk = triton.cdiv(triton.cdiv(R, split), block_r) * block_r
-    return block_r, block_c, triton.cdiv(R, chunk), chunk
+    split = max(1, min(cdiv(R, block_r), cdiv(TARGET_PROGRAMS, cdiv(C, block_c))))
+    chunk = cdiv(cdiv(R, split), block_r) * block_r
+    return block_r, block_c, cdiv(R, chunk), chunk
 
 
 def _view(x: torch.Tensor):
@@ -394,9 +394,9 @@ TARGET_PROGRAMS = 4 * 132
 @functools.lru_cache(maxsize=1024)
 def _split(NS: int, C: int) -> tuple[int, int]:
     """(slices per channel, elements per slice: a multiple of BLOCK)."""
-    split = max(1, min(triton.cdiv(NS, BLOCK), triton.cdiv(TARGET_PROGRAMS, max(C, 1))))
-    chunk = triton.cdiv(triton.cdiv(NS, split), BLOCK) * BLOCK
-    return triton.cdiv(NS, chunk), chunk
+    split = max(1, min(cdiv(NS, BLOCK), cdiv(TARGET_PROGRAMS, max(C, 1))))
+    chunk = cdiv(cdiv(NS, split), BLOCK) * BLOCK
+    return cdiv(NS, chunk), chunk
 
 
 def batch_norm_stats(x, eps: float):
@@ -407,7 +407,7 @@ def batch_norm_stats(x, eps: float):
         if _rows_layout(C, S, (sN, sC, sS)):
             block_r, block_c, split, chunk = _split_rows(N * S, C)
             part = torch.empty(C, split, 3, device=x.device, dtype=torch.float32)
-            _stats_rows_kernel[(triton.cdiv(C, block_c), split)](x, part, N * S, C, chunk, split, BLOCK_R=block_r,
+            _stats_rows_kernel[(cdiv(C, block_c), split)](x, part, N * S, C, chunk, split, BLOCK_R=block_r,
                                                                  BLOCK_C=block_c)
         else:
             split, chunk = _split(N * S, C)
@@ -441,10 +441,10 @@ def batch_norm_act_apply(x, mean, invstd, weight, bias, residual, activation: in
                  HAS_RES=residual is not None, ACT=activation, WIDE=needs_wide(total))
     if _rows_layout(C, S, (sN, sC, sS)) and (activation != 1 or S % 8 == 0):
         block_r, block_c = _tile(C)
-        _apply_rows_kernel[(triton.cdiv(N * S, block_r), triton.cdiv(C, block_c))](
+        _apply_rows_kernel[(cdiv(N * S, block_r), cdiv(C, block_c))](
             *args, N * S, C, *divisor(S), BLOCK_R=block_r, BLOCK_C=block_c, **flags)
     else:
-        _apply_kernel[(triton.cdiv(total, BLOCK),)](*args, total, *divisor(C), *divisor(S), sN, sC, sS, BLOCK=BLOCK,
+        _apply_kernel[(cdiv(total, BLOCK),)](*args, total, *divisor(C), *divisor(S), sN, sC, sS, BLOCK=BLOCK,
                                                     **flags)
     return y, bits
 
@@ -471,13 +471,13 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
         wide = needs_wide(x.numel())
         block_r, block_c, split, chunk = _split_rows(N * S, C)
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
-        _bwd_reduce_rows_kernel[(triton.cdiv(C, block_c), split)](
+        _bwd_reduce_rows_kernel[(cdiv(C, block_c), split)](
             dy, x, mean, invstd, w, b, res, bits, part, N * S, C, *divisor(S), chunk, split, WIDE=wide,
             BLOCK_R=block_r, BLOCK_C=block_c, **flags)
         # Slices summed in a fixed order (deterministic), into two tensors: they become dbias and
         # dweight, outputs of one op that may not alias each other.
         sum_dy, sum_dy_xhat = part[0].sum(-1), part[1].sum(-1)
-        _bwd_apply_rows_kernel[(triton.cdiv(N * S, block_r), triton.cdiv(C, block_c))](
+        _bwd_apply_rows_kernel[(cdiv(N * S, block_r), cdiv(C, block_c))](
             dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, N * S, C,
             *divisor(S), float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
             WIDE=wide, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
@@ -489,7 +489,7 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
         # Slices summed in a fixed order (deterministic), into two tensors: they become dbias and
         # dweight, outputs of one op that may not alias each other.
         sum_dy, sum_dy_xhat = part[0].sum(-1), part[1].sum(-1)
-        _bwd_apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](
+        _bwd_apply_kernel[(cdiv(x.numel(), BLOCK),)](
             dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, x.numel(),
             *divisor(C), *divisor(S), sN, sC, sS, float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual,
             TRAINING=bool(training), WIDE=needs_wide(x.numel()), BLOCK=BLOCK, **flags)

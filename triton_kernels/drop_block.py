@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .dropout import block_draws
-from .indexing import divisor, fast_divmod
+from .indexing import cdiv, divisor, fast_divmod, next_power_of_2
 from .multi_tensor import tl_dtype
 from .rounding import round_to
 
@@ -91,12 +91,12 @@ def _keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int):
     if x.numel() == 0:
         return keep, None
     centres = torch.empty(centre_count, dtype=torch.uint8, device=x.device)
-    _centres_kernel[(triton.cdiv(centre_count, BLOCK),)](seed, centres, centre_count, centre_threshold(gamma),
+    _centres_kernel[(cdiv(centre_count, BLOCK),)](seed, centres, centre_count, centre_threshold(gamma),
                                                          BLOCK=BLOCK)
-    block = min(BLOCK, triton.next_power_of_2(h * w))
+    block = min(BLOCK, next_power_of_2(h * w))
     planes_per_program = BLOCK // block  # small planes share a program: about BLOCK elements each
-    tiles = triton.cdiv(h * w, block)
-    programs = triton.cdiv(n * c, planes_per_program) * tiles
+    tiles = cdiv(h * w, block)
+    programs = cdiv(n * c, planes_per_program) * tiles
     counts = torch.empty(programs, dtype=torch.int32, device=x.device)
     _keep_kernel[(programs,)](centres, keep, counts, n * c, c, h, *divisor(w), *keep.stride(), block_size, tiles,
                               PLANES=planes_per_program, BLOCK=block)
@@ -128,6 +128,6 @@ def drop_block_apply(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -
     """x * scale where keep, else 0, over the storage of x and keep (dense, the same strides)."""
     y = torch.empty_like(x)
     if x.numel():
-        _apply_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, keep, scale, y, x.numel(), DTYPE=tl_dtype(x.dtype),
+        _apply_kernel[(cdiv(x.numel(), BLOCK),)](x, keep, scale, y, x.numel(), DTYPE=tl_dtype(x.dtype),
                                                         BLOCK=BLOCK)
     return y

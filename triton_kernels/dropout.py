@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .indexing import cdiv, next_power_of_2
 from .layer_norm import row_warps
 from .multi_tensor import tl_dtype
 from .rounding import round_to
@@ -53,7 +54,7 @@ def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, n, threshold(p), 1.0 / (1.0 - p),
+        _dropout_kernel[(cdiv(n, BLOCK),)](x, y, seed, n, threshold(p), 1.0 / (1.0 - p),
                                                   DTYPE=tl_dtype(x.dtype), BLOCK=BLOCK)
     return y
 
@@ -107,7 +108,7 @@ def dropout_add_norm_fwd(x, residual, weight, bias, p: float, eps: float, rms: b
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     if rows and n:
-        block = triton.next_power_of_2(n)
+        block = next_power_of_2(n)
         _dropout_add_norm_kernel[(rows,)](x, residual, weight if weight is not None else x, bias if bias is not None else x,
                                           out, s, mean, rstd, seed, n, eps, threshold(p), 1.0 / (1.0 - p),
                                           DTYPE=tl_dtype(x.dtype), RMS=rms, HAS_WEIGHT=weight is not None,

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .indexing import cdiv, next_power_of_2
 from .rounding import round_to
 from .multi_tensor import tl_dtype
 
@@ -201,7 +202,7 @@ def row_warps(block: int, per_thread: int, least: int = 1, most: int = 32) -> in
 
 
 def _block(n: int) -> tuple[int, bool]:
-    block = min(triton.next_power_of_2(max(n, 1)), MAX_BLOCK)
+    block = min(next_power_of_2(max(n, 1)), MAX_BLOCK)
     return block, n <= block
 
 
@@ -233,8 +234,8 @@ def layer_norm_bwd(dy, x, weight, bias, mean, rstd, rms: bool, from_output: bool
     rows, n = x.shape
     dx = torch.empty_like(x)
     programs = max(1, min(rows, bwd_programs(x.device)))
-    rows_per_program = triton.cdiv(max(rows, 1), programs)
-    programs = triton.cdiv(max(rows, 1), rows_per_program)
+    rows_per_program = cdiv(max(rows, 1), programs)
+    programs = cdiv(max(rows, 1), rows_per_program)
     has_bias = bias is not None
     dw_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if weight is not None else None
     db_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if has_bias else None
