@@ -297,6 +297,30 @@ def record_edge_shapes(rec: Recorder):
                 opt.step()
 
 
+def record_huge_shapes(rec: Recorder):
+    """Tensors of 2^32 + 4 elements, which take the kernels' 64-bit (WIDE) index paths and 64-bit
+    size arguments. Allocated with torch.empty and never touched (the kernels do not run), so they
+    cost address space, not memory."""
+    import fusedtech
+    from fusedtech.nn import functional as F
+    big = 2 ** 32 + 4
+    with fusedtech.use_backend("triton"):
+        x = torch.empty(big, dtype=torch.bfloat16, requires_grad=True)
+        rec.case = f"dropout {big} bfloat16"
+        torch.autograd.backward(F.dropout(x, 0.1), torch.empty_like(x))
+        del x
+        x = torch.empty(2, 2, big // 4, dtype=torch.bfloat16, requires_grad=True)
+        w, b, rm, rv = torch.ones(2, requires_grad=True), torch.zeros(2, requires_grad=True), torch.zeros(2), torch.ones(2)
+        rec.case = f"batch_norm 2x2x{big // 4} bfloat16"
+        torch.autograd.backward(F.batch_norm(x, rm, rv, w, b, training=True), torch.empty_like(x))
+        del x
+        rows, n = 2 ** 21 + 1, 2048
+        x = torch.empty(rows, n, dtype=torch.bfloat16, requires_grad=True)
+        w, b = torch.ones(n, requires_grad=True), torch.zeros(n, requires_grad=True)
+        rec.case = f"layer_norm {rows}x{n} bfloat16"
+        torch.autograd.backward(F.layer_norm(x, (n,), w, b), torch.empty_like(x))
+
+
 def record_all(capability: int = 90) -> list[Launch]:
     from benchmarks import bench_nn
     dtypes = (torch.float32, torch.bfloat16)
@@ -337,15 +361,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--capability", type=int, default=90, choices=sorted(SM_LIMITS))
-    ap.add_argument("--shapes", choices=("bench", "edge"), default="bench",
-                    help="bench: the benchmark's GPU shapes; edge: every kernel on small and odd shapes (tests)")
+    ap.add_argument("--shapes", choices=("bench", "edge", "huge"), default="bench",
+                    help="bench: the benchmark's GPU shapes; edge: every kernel on small and odd shapes; huge: "
+                         "past 2^32 elements (both for tests)")
     args = ap.parse_args(argv)
     import triton
     if args.shapes == "bench":
         launches = record_all(args.capability)
     else:
         with recording(args.capability) as rec:
-            record_edge_shapes(rec)
+            (record_edge_shapes if args.shapes == "edge" else record_huge_shapes)(rec)
         launches = rec.launches
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernel_resources.json"), "w") as f:

@@ -91,3 +91,14 @@ def test_row_kernels_keep_their_rows_in_registers_at_the_benchmark_shapes(tmp_pa
     for r in staged:
         row_bytes = r["constexprs"]["BLOCK"] * (2 if "bfloat16" in r["case"] else 4)
         assert r["shared_bytes"] >= 2 * row_bytes, (r["case"], r["shared_bytes"])
+
+
+def test_kernels_compile_past_2_pow_32_elements(tmp_path):
+    """Tensors of 2^32 + 4 elements (allocated, never touched: nothing runs) take the 64-bit index
+    paths: dropout, BatchNorm (WIDE) and LayerNorm forward and backward compile for sm_90 as launched."""
+    launches = _record("huge", tmp_path)
+    kernels = {r["kernel"] for r in launches}
+    assert {"_dropout_kernel", "_apply_kernel", "_bwd_apply_kernel", "_bwd_reduce_kernel", "_fwd_kernel",
+            "_bwd_kernel"} <= kernels
+    assert any(r["constexprs"].get("WIDE") is True for r in launches)
+    assert all(r["regs"] > 0 for r in launches)
