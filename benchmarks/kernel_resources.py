@@ -67,6 +67,8 @@ GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 
 
 def programs_per_sm(regs: int, num_warps: int, shared: int, capability: int) -> int:
+    """Programs of this size one SM holds at once (the fewest that registers, threads, shared memory
+    and the block limit allow)."""
     lim = SM_LIMITS[capability]
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
     by_regs = (lim["regs"] // regs_per_warp) // num_warps
@@ -98,7 +100,9 @@ def cubin_usage(cubin: bytes) -> dict:
 
 class Recorder:
     """Stands in for JITFunction.run: specialises and compiles each distinct launch for `capability`
-    (cached), records it under the current case and launches nothing."""
+    (cached), records it under the current case and launches nothing. It calls what JITFunction.run
+    calls (the binder from create_function_from_signature, _pack_args): private Triton API, checked
+    against Triton 3.6 and 3.8; a Triton that changes them fails here loudly, not silently."""
 
     def __init__(self, capability: int = 90):
         from triton.backends.compiler import GPUTarget
@@ -130,10 +134,11 @@ class Recorder:
         names = [p.name for p in fn.params]
         consts = {names[path[0]]: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
                   for path, v in constexprs.items() if len(path) == 1}
-        launch = Launch(module=fn.fn.__module__, kernel=fn.__name__, case=self.case, constexprs=consts, num_warps=options.num_warps,
-                        num_stages=options.num_stages, programs=math.prod(_grid(grid, bound)),
-                        grid=_grid(grid, bound), regs=usage.get("REG", 0),
-                        local_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0), shared_bytes=shared)
+        dims = _grid(grid, bound)
+        launch = Launch(module=fn.fn.__module__, kernel=fn.__name__, case=self.case, constexprs=consts,
+                        num_warps=options.num_warps, num_stages=options.num_stages, programs=math.prod(dims),
+                        grid=dims, regs=usage.get("REG", 0), local_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0),
+                        shared_bytes=shared)
         launch.programs_per_sm = programs_per_sm(launch.regs, launch.num_warps, shared, self.capability)
         sms = SM_LIMITS[self.capability]["sms"]
         launch.waves = round(launch.programs / max(launch.programs_per_sm * sms, 1), 2)
