@@ -22,17 +22,9 @@ BLOCK = 1024
 
 
 @triton.jit
-def _chan_merge(count, mean, m2, nb, mb, m2b):
-    """(count, mean, M2) of two sets merged (Chan et al.'s parallel variance): the running set and a
-    block of nb values with mean mb and M2 m2b. Every statistics kernel merges with this."""
-    tot = count + nb
-    delta = mb - mean
-    return tot, mean + delta * (nb / tot), m2 + m2b + delta * delta * (count * nb / tot)
-
-
-@triton.jit
-def _lane_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """Chan's merge for tl.reduce over lanes, where a lane may be empty (count 0)."""
+def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """(count, mean, M2) of two sets merged (Chan et al.'s parallel variance); either set may be
+    empty (count 0). Every statistics kernel merges with this: tl.reduce over lanes, then slices."""
     count = count_a + count_b
     frac = tl.where(count > 0.0, count_b / tl.maximum(count, 1.0), 0.0)
     delta = mean_b - mean_a
@@ -70,7 +62,7 @@ def _stats_kernel(x_ptr, part_ptr, NS, S, S_m, S_1, S_2, sN, sC, sS, CHUNK, SPLI
         x = tl.load(x_ptr + n * sN + c * sC + s * sS, mask=mask, other=0.0).to(tl.float32)
         rstep = 1.0 / ((start - begin) // BLOCK + 1).to(tl.float32)
         count, mean, m2 = _welford_lanes(count, mean, m2, x, mask, rstep)
-    count, mean, m2 = tl.reduce((count, mean, m2), 0, _lane_combine)
+    count, mean, m2 = tl.reduce((count, mean, m2), 0, _chan_merge)
     out = part_ptr + (c * SPLIT + p) * 3
     tl.store(out, count)
     tl.store(out + 1, mean)
@@ -248,7 +240,7 @@ def _stats_rows_kernel(x_ptr, part_ptr, R, C, CHUNK, SPLIT, BLOCK_R: tl.constexp
         x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
         rstep = 1.0 / ((start - begin) // BLOCK_R + 1).to(tl.float32)
         count, mean, m2 = _welford_lanes(count, mean, m2, x, mask, rstep)
-    count, mean, m2 = tl.reduce((count, mean, m2), 0, _lane_combine)
+    count, mean, m2 = tl.reduce((count, mean, m2), 0, _chan_merge)
     out = part_ptr + (c * SPLIT + p) * 3
     tl.store(out, count, mask=cmask)
     tl.store(out + 1, mean, mask=cmask)
