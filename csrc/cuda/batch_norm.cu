@@ -213,6 +213,24 @@ __global__ void __launch_bounds__(kThreads) bwd_apply_kernel(const T* __restrict
 
 // ---- launchers ----------------------------------------------------------------------------------
 
+// The step between consecutive elements of the trailing (spatial) dims, when those with extent form
+// one uniformly strided run; -1 when they do not. Size-1 dims are skipped: their strides are
+// arbitrary (torch calls (2, 8, 16, 1) with strides (128, 16, 1, 16) contiguous), so the last dim's
+// stride is not the step.
+int64_t spatial_step(const at::Tensor& x) {
+  int64_t step = 1, inner = -1;  // inner: the innermost dim with extent seen so far
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) == 1) continue;
+    if (inner < 0) {
+      step = x.stride(d);
+    } else if (x.stride(d) != x.stride(inner) * x.size(inner)) {
+      return -1;
+    }
+    inner = d;
+  }
+  return step;
+}
+
 // x in a layout the kernels walk (contiguous or channels_last, else a contiguous copy) and its view.
 std::pair<at::Tensor, View> channel_view(const at::Tensor& x_in, const char* name) {
   TORCH_CHECK(x_in.is_cuda(), "fusedtech: batch_norm (cuda) got ", name, " on ", x_in.device());
@@ -221,10 +239,13 @@ std::pair<at::Tensor, View> channel_view(const at::Tensor& x_in, const char* nam
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "fusedtech: batch_norm (cuda) supports float32, float16 and bfloat16 ", name, ", got ", dt);
   at::Tensor x = x_in;
-  if (!(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast))) x = x.contiguous();
-  View v{x.size(0), x.size(1), 1, x.stride(0), x.stride(1), 1};
+  int64_t step = spatial_step(x);
+  if (step < 0 || !(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast))) {
+    x = x.contiguous();
+    step = spatial_step(x);
+  }
+  View v{x.size(0), x.size(1), 1, x.stride(0), x.stride(1), step};
   for (int64_t d = 2; d < x.dim(); ++d) v.s *= x.size(d);
-  if (x.dim() > 2) v.ss = x.stride(x.dim() - 1);
   return {x, v};
 }
 
