@@ -76,6 +76,31 @@ inline void check_drop_block_apply(const at::Tensor& x, const at::Tensor& keep, 
               "fusedtech: drop_block2d scale must be a float32 (float64 for float64 input) scalar");
 }
 
+// LayerNorm / RMSNorm and dropout + add + norm: a contiguous (rows, n) input, weight and bias of n
+// elements on its device. Backward: the grad of the input's shape, rstd (and mean where it is read:
+// not for RMSNorm or from the output) one value per row on the input's device.
+inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fusedtech: ", op, " expects a contiguous 2-D (rows, n) input, got ",
+              x.sizes());
+  for (const auto& [t, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
+    if (!t) continue;
+    TORCH_CHECK(t->numel() == x.size(1), "fusedtech: ", name, " has ", t->numel(), " elements, expected ", x.size(1));
+    TORCH_CHECK(t->device() == x.device(), "fusedtech: ", name, " is on ", t->device(), " but input is on ", x.device());
+  }
+}
+
+inline void check_norm_bwd_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                const at::Tensor& rstd, bool reads_mean) {
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.device() == x.device(), "fusedtech: grad has shape ", dy.sizes(), " on ",
+              dy.device(), " but input has ", x.sizes(), " on ", x.device());
+  for (const auto& [t, name] : {std::pair{&rstd, "rstd"}, std::pair{&mean, "mean"}}) {
+    if (t == &mean && !reads_mean) continue;
+    TORCH_CHECK(t->numel() == x.size(0) && t->device() == x.device(), "fusedtech: layer_norm ", name, " must hold ",
+                x.size(0), " values (one a row) on ", x.device(), ", got ", t->numel(), " on ", t->device());
+  }
+}
+
 inline void check_param_list(at::TensorList params) {
   TORCH_CHECK(!params.empty(), "fusedtech: params is empty");
   const auto dtype = params[0].scalar_type();

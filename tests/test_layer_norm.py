@@ -112,6 +112,27 @@ def test_empty_input(backend):
     assert torch.equal(ln.weight.grad, torch.zeros(16))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ cpu extension is not built")
+def test_kernel_errors_name_the_argument():
+    # The compiled ops called directly (the functional layer checks first): the checks shared with
+    # the CUDA launchers in csrc/checks.h, which read weight, bias and the statistics by index.
+    ops, x = torch.ops.fusedtech_C, torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="weight has 5 elements, expected 6"):
+        ops.layer_norm_fwd(x, torch.ones(5), None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="bias has 7 elements, expected 6"):
+        ops.layer_norm_fwd(x, None, torch.ones(7), 1e-5, False)
+    with pytest.raises(RuntimeError, match="contiguous 2-D"):
+        ops.layer_norm_fwd(x.t(), None, None, 1e-5, False)
+    y, mean, rstd = ops.layer_norm_fwd(x, None, None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="grad has shape"):
+        ops.layer_norm_bwd(y[:3], x, None, None, mean, rstd, False, False)
+    with pytest.raises(RuntimeError, match="rstd must hold 4 values"):
+        ops.layer_norm_bwd(y, x, None, None, mean, rstd[:3], False, False)
+    with pytest.raises(RuntimeError, match="mean must hold 4 values"):
+        ops.layer_norm_bwd(y, x, None, None, mean[:2], rstd, False, False)
+    ops.layer_norm_bwd(y, x, None, None, mean[:2], rstd, True, False)  # RMSNorm reads no mean
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rms", [False, True])
 def test_rows_of_no_elements_like_torch(backend, rms):

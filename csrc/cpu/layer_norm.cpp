@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../checks.h"
 #include "fusedtech/norm.h"
 #include "fusedtech/philox.h"
 #include "lanes.h"
@@ -83,14 +84,8 @@ void sum_blocks(const part_t* part, int64_t blocks, int64_t n, stat_t* out) {
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fusedtech: layer_norm expects a contiguous 2-D (rows, n) input, got ",
-              x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "fusedtech: layer_norm (cpu) got input on ", x.device());
-  for (const auto& [t, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
-    if (!t) continue;
-    TORCH_CHECK(t->numel() == x.size(1), "fusedtech: ", name, " has ", t->numel(), " elements, expected ", x.size(1));
-    TORCH_CHECK(t->device() == x.device(), "fusedtech: ", name, " is on ", t->device(), " but input is on ", x.device());
-  }
+  check_norm_args(x, weight, bias, "layer_norm");
 }
 
 // One row: mean and rstd from one pass of sums in double, then y = norm(x) with the elementwise math
@@ -196,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
                                                                  const at::Tensor& mean, const at::Tensor& rstd,
                                                                  bool rms, bool from_output) {
   check_inputs(x, weight, bias);
-  TORCH_CHECK(dy_in.sizes() == x.sizes(), "fusedtech: grad has shape ", dy_in.sizes(), " but input has ", x.sizes());
+  check_norm_bwd_args(dy_in, x, mean, rstd, !rms && !from_output);
   const at::Tensor dy = dy_in.contiguous();
   const int64_t rows = x.size(0), n = x.size(1);
   at::Tensor dx = at::empty_like(x);

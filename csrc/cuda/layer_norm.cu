@@ -13,6 +13,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "../checks.h"
 #include "fusedtech/norm.h"
 #include "fusedtech/philox.h"
 
@@ -154,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
               "fusedtech: layer_norm (cuda) expects a contiguous 2-D CUDA input, got ", x.sizes(), " on ", x.device());
   TORCH_CHECK(x.scalar_type() != at::kDouble, "fusedtech: layer_norm (cuda) takes float32, float16 or bfloat16");
+  check_norm_args(x, weight, bias, "layer_norm");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), n = x.size(1);
   at::Tensor y = at::empty_like(x);
@@ -175,8 +177,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
                                                                   const std::optional<at::Tensor>& bias,
                                                                   const at::Tensor& mean, const at::Tensor& rstd,
                                                                   bool rms, bool from_output) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "fusedtech: layer_norm (cuda) expects a contiguous 2-D input");
-  TORCH_CHECK(dy_in.sizes() == x.sizes(), "fusedtech: grad has shape ", dy_in.sizes(), " but input has ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), "fusedtech: layer_norm (cuda) got input on ", x.device());
+  check_norm_args(x, weight, bias, "layer_norm");
+  check_norm_bwd_args(dy_in, x, mean, rstd, !rms && !from_output);
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
+              "fusedtech: layer_norm (cuda) mean and rstd must be float32");
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dy = dy_in.contiguous();
   const int64_t rows = x.size(0), n = x.size(1);
@@ -214,11 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_
   TORCH_CHECK(p >= 0.0 && p < 1.0, "fusedtech: dropout probability has to be in [0, 1), got ", p);
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == x.device(),
               "fusedtech: seed must be a one-element int64 tensor on ", x.device());
-  for (const auto& [t, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
-    if (!t) continue;
-    TORCH_CHECK(t->numel() == x.size(1), "fusedtech: ", name, " has ", t->numel(), " elements, expected ", x.size(1));
-    TORCH_CHECK(t->device() == x.device(), "fusedtech: ", name, " is on ", t->device(), " but input is on ", x.device());
-  }
+  check_norm_args(x, weight, bias, "dropout_add_layer_norm");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), n = x.size(1);
   at::Tensor y = at::empty_like(x), sum = at::empty_like(x);
