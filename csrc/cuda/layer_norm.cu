@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -21,6 +22,8 @@ namespace fusedtech::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// One block per row up to CUDA's grid limit; past 2^31 - 1 rows the blocks loop over rows.
+constexpr int64_t kMaxRowBlocks = (int64_t{1} << 31) - 1;
 constexpr int kBackwardBlocks = 256;
 
 __device__ float block_sum(float v, float* shared) {
@@ -45,28 +48,30 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                          const float* __restrict__ w, const float* __restrict__ b,
                                                          float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                                         int64_t n, float eps, bool rms) {
+                                                         int64_t rows, int64_t n, float eps, bool rms) {
   __shared__ float shared[kThreads];
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * n;
-  float sum = 0.0f;
-  if (!rms) {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += static_cast<float>(xr[j]);
-  }
-  const float mean = rms ? 0.0f : block_sum(sum, shared) / n;
-  float m2 = 0.0f;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float d = static_cast<float>(xr[j]) - mean;
-    m2 += d * d;
-  }
-  const float rstd = rsqrtf(block_sum(m2, shared) / n + eps);
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float wj = w ? w[j] : 1.0f, bj = b ? b[j] : 0.0f;
-    y[row * n + j] = static_cast<T>(norm_forward<float>(static_cast<float>(xr[j]), mean, rstd, wj, bj));
-  }
-  if (threadIdx.x == 0) {
-    mean_out[row] = mean;
-    rstd_out[row] = rstd;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // a grid of at most kMaxRowBlocks
+    const T* xr = x + row * n;
+    float sum = 0.0f;
+    if (!rms) {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += static_cast<float>(xr[j]);
+    }
+    const float mean = rms ? 0.0f : block_sum(sum, shared) / n;
+    float m2 = 0.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float d = static_cast<float>(xr[j]) - mean;
+      m2 += d * d;
+    }
+    // Correctly rounded sqrt and divide, as the Triton kernels' 1 / sqrt_rn (rsqrtf is off by up to 2 ulp).
+    const float rstd = 1.0f / sqrtf(block_sum(m2, shared) / n + eps);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float wj = w ? w[j] : 1.0f, bj = b ? b[j] : 0.0f;
+      y[row * n + j] = static_cast<T>(norm_forward<float>(static_cast<float>(xr[j]), mean, rstd, wj, bj));
+    }
+    if (threadIdx.x == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
   }
 }
 
@@ -117,34 +122,36 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) dropout_add_norm_kernel(
     const T* __restrict__ x, const T* __restrict__ residual, const float* __restrict__ w, const float* __restrict__ b,
     T* __restrict__ y, T* __restrict__ sum, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-    const int64_t* __restrict__ seed, int64_t n, float eps, bool rms, uint32_t threshold, float scale) {
+    const int64_t* __restrict__ seed, int64_t rows, int64_t n, float eps, bool rms, uint32_t threshold, float scale) {
   __shared__ float shared[kThreads];
-  const int64_t row = blockIdx.x;
   const uint64_t key = static_cast<uint64_t>(*seed);
-  float acc = 0.0f;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {  // each thread later reads back only its own
-    const int64_t i = row * n + j;
-    uint32_t draw[4];
-    philox4(key, static_cast<uint64_t>(i) / 4, draw);
-    const T dropped = static_cast<T>(dropout_keep<float>(static_cast<float>(x[i]), draw[i % 4], threshold, scale));
-    const T s = static_cast<T>(static_cast<float>(dropped) + static_cast<float>(residual[i]));
-    sum[i] = s;
-    acc += static_cast<float>(s);
-  }
-  const float mean = rms ? 0.0f : block_sum(acc, shared) / n;
-  float m2 = 0.0f;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float d = static_cast<float>(sum[row * n + j]) - mean;
-    m2 += d * d;
-  }
-  const float rstd = rsqrtf(block_sum(m2, shared) / n + eps);
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float wj = w ? w[j] : 1.0f, bj = b ? b[j] : 0.0f;
-    y[row * n + j] = static_cast<T>(norm_forward<float>(static_cast<float>(sum[row * n + j]), mean, rstd, wj, bj));
-  }
-  if (threadIdx.x == 0) {
-    mean_out[row] = mean;
-    rstd_out[row] = rstd;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // a grid of at most kMaxRowBlocks
+    float acc = 0.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {  // each thread later reads back only its own
+      const int64_t i = row * n + j;
+      uint32_t draw[4];
+      philox4(key, static_cast<uint64_t>(i) / 4, draw);
+      const T dropped = static_cast<T>(dropout_keep<float>(static_cast<float>(x[i]), draw[i % 4], threshold, scale));
+      const T s = static_cast<T>(static_cast<float>(dropped) + static_cast<float>(residual[i]));
+      sum[i] = s;
+      acc += static_cast<float>(s);
+    }
+    const float mean = rms ? 0.0f : block_sum(acc, shared) / n;
+    float m2 = 0.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float d = static_cast<float>(sum[row * n + j]) - mean;
+      m2 += d * d;
+    }
+    // Correctly rounded sqrt and divide, as the Triton kernels' 1 / sqrt_rn (rsqrtf is off by up to 2 ulp).
+    const float rstd = 1.0f / sqrtf(block_sum(m2, shared) / n + eps);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float wj = w ? w[j] : 1.0f, bj = b ? b[j] : 0.0f;
+      y[row * n + j] = static_cast<T>(norm_forward<float>(static_cast<float>(sum[row * n + j]), mean, rstd, wj, bj));
+    }
+    if (threadIdx.x == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
   }
 }
 
@@ -163,10 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   if (rows == 0 || n == 0) return {y, mean, rstd};
   const at::Tensor w = as_float(weight), b = as_float(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
-    ln_fwd_kernel<scalar_t><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    ln_fwd_kernel<scalar_t><<<std::min(rows, kMaxRowBlocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<float>() : nullptr,
-        b.defined() ? b.const_data_ptr<float>() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), n,
-        static_cast<float>(eps), rms);
+        b.defined() ? b.const_data_ptr<float>() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
+        n, static_cast<float>(eps), rms);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, mean, rstd};
@@ -228,11 +235,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_fwd_
   const uint32_t threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
   const at::Tensor w = as_float(weight), b = as_float(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_norm_fwd_cuda", [&] {
-    dropout_add_norm_kernel<scalar_t><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    dropout_add_norm_kernel<scalar_t><<<std::min(rows, kMaxRowBlocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
         w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
         y.data_ptr<scalar_t>(), sum.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-        seed.const_data_ptr<int64_t>(), n, static_cast<float>(eps), rms, threshold, dropout_scale<float>(p));
+        seed.const_data_ptr<int64_t>(), rows, n, static_cast<float>(eps), rms, threshold, dropout_scale<float>(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, sum, mean, rstd};
