@@ -50,6 +50,17 @@ inline void check_batch_norm_act_bwd(int64_t act, const at::Tensor& dy, const at
   TORCH_CHECK(dy.sizes() == x.sizes(), "fusedtech: batch_norm grad has shape ", dy.sizes(), ", input ", x.sizes());
   TORCH_CHECK(act != 1 || (extra && extra->scalar_type() == at::kByte && extra->numel() == (x.numel() + 7) / 8),
               "fusedtech: batch_norm ReLU backward needs the forward's packed mask");
+  TORCH_CHECK(act < 2 || !extra || extra->sizes() == x.sizes(), "fusedtech: batch_norm residual has shape ",
+              extra ? extra->sizes() : x.sizes(), ", input ", x.sizes());
+}
+
+// BatchNorm's per-channel vectors (mean, invstd, weight, bias): C values each, on the input's device.
+inline void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (!t) return;
+  TORCH_CHECK(t->numel() == x.size(1), "fusedtech: batch_norm ", name, " has ", t->numel(), " elements, expected ",
+              x.size(1));
+  TORCH_CHECK(t->device() == x.device(), "fusedtech: batch_norm ", name, " is on ", t->device(), " but input is on ",
+              x.device());
 }
 
 // DropBlock: the keep mask's arguments (a dense 4-D input, a one-element int64 seed, block_size and

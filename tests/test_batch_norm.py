@@ -610,6 +610,8 @@ def test_batch_norm_act_kernel_errors_name_the_argument():
         ops.batch_norm_apply(x, mean, invstd, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="batch_norm invstd has 2 elements, expected 3"):
         ops.batch_norm_bwd(x, x, None, mean, torch.ones(2), True)
+    with pytest.raises(RuntimeError, match="residual has shape"):  # GELU's backward recomputes with it
+        ops.batch_norm_act_bwd(x, x, None, None, mean, invstd, torch.randn(1, 3, 4, 4), True, 2, True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
