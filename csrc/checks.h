@@ -55,12 +55,17 @@ inline void check_batch_norm_act_bwd(int64_t act, const at::Tensor& dy, const at
 }
 
 // BatchNorm's per-channel vectors (mean, invstd, weight, bias): C values each, on the input's device.
-inline void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
-  if (!t) return;
-  TORCH_CHECK(t->numel() == x.size(1), "fusedtech: batch_norm ", name, " has ", t->numel(), " elements, expected ",
-              x.size(1));
-  TORCH_CHECK(t->device() == x.device(), "fusedtech: batch_norm ", name, " is on ", t->device(), " but input is on ",
-              x.device());
+inline void check_channel_vectors(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  for (const auto& [t, name] : {std::pair{std::optional<at::Tensor>(mean), "mean"},
+                                std::pair{std::optional<at::Tensor>(invstd), "invstd"}, std::pair{weight, "weight"},
+                                std::pair{bias, "bias"}}) {
+    if (!t) continue;
+    TORCH_CHECK(t->numel() == x.size(1), "fusedtech: batch_norm ", name, " has ", t->numel(), " elements, expected ",
+                x.size(1));
+    TORCH_CHECK(t->device() == x.device(), "fusedtech: batch_norm ", name, " is on ", t->device(),
+                " but input is on ", x.device());
+  }
 }
 
 // DropBlock: the keep mask's arguments (a dense 4-D input, a one-element int64 seed, block_size and

@@ -323,11 +323,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_apply_cuda(const at::Tensor& x
                                                              const std::optional<at::Tensor>& residual_in, int64_t act) {
   check_batch_norm_act(act, x_in, residual_in);
   auto [x, v] = channel_view(x_in, "input");
-  for (const auto& [t, name] : {std::pair{std::optional<at::Tensor>(mean), "mean"},
-                                std::pair{std::optional<at::Tensor>(invstd), "invstd"}, std::pair{weight, "weight"},
-                                std::pair{bias, "bias"}}) {
-    check_channel_vector(t, x, name);
-  }
+  check_channel_vectors(x, mean, invstd, weight, bias);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor residual;
   if (residual_in) {
@@ -366,11 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cu
     const std::optional<at::Tensor>& extra, bool has_residual, int64_t act, bool training) {
   check_batch_norm_act_bwd(act, dy_in, x_in, extra);
   auto [x, v] = channel_view(x_in, "input");
-  for (const auto& [t, name] : {std::pair{std::optional<at::Tensor>(mean), "mean"},
-                                std::pair{std::optional<at::Tensor>(invstd), "invstd"}, std::pair{weight, "weight"},
-                                std::pair{bias, "bias"}}) {
-    check_channel_vector(t, x, name);
-  }
+  check_channel_vectors(x, mean, invstd, weight, bias);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dy = like(dy_in, x);
   const bool load_res = act >= 2 && extra.has_value();
