@@ -642,37 +642,24 @@ def test_statistics_of_hard_channels(backend, case, memory_format):
         torch.testing.assert_close(got.double(), exact, **TOL32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# (backend, device): every CPU backend, and on a GPU the Triton and CUDA C++ kernels (the CUDA
+# launcher took the last dim's stride as the step too).
+SIZE_ONE_CASES = [(b, "cpu") for b in BACKENDS] + [pytest.param(b, "cuda", marks=pytest.mark.gpu)
+                                                   for b in ("triton", "cuda")]
+
+
+@pytest.mark.parametrize("backend,device", SIZE_ONE_CASES)
 @pytest.mark.parametrize("make", [lambda: torch.randn(2, 8, 1, 16).transpose(2, 3),
                                   lambda: torch.randn(2, 16, 8).transpose(1, 2).unsqueeze(-1)],
                          ids=["contiguous-last-dim-1-stride-16", "channels-last-last-dim-1"])
-def test_a_size_one_last_dim_with_any_stride(backend, make):
+def test_a_size_one_last_dim_with_any_stride(backend, device, make):
     # torch counts both inputs contiguous (resp. channels_last) whatever the size-1 last dim's stride:
     # the spatial step must come from the dims with extent (the last dim's stride, 16, would read
     # past the end; in the second, channels would overlap). The reference runs on a contiguous copy:
     # torch 2.14's own CPU batch_norm backward gets the second input wrong (dx off by up to 4.3
     # against the decomposed formula in float64; ours agrees with it to 1e-15).
-    x = make().requires_grad_()
-    dy = torch.randn(x.shape)
-    ref_x = x.detach().contiguous().requires_grad_()
-    ref = torch.nn.functional.batch_norm(ref_x, None, None, training=True)
-    ref.backward(dy)
-    with fusedtech.use_backend(backend):
-        y = fusedtech.nn.functional.batch_norm(x, None, None, training=True)
-        y.backward(dy)
-    torch.testing.assert_close(y, ref, **TOL32)
-    torch.testing.assert_close(x.grad, ref_x.grad, **TOL32)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("make", [lambda: torch.randn(2, 8, 1, 16).transpose(2, 3),
-                                  lambda: torch.randn(2, 16, 8).transpose(1, 2).unsqueeze(-1)],
-                         ids=["contiguous-last-dim-1-stride-16", "channels-last-last-dim-1"])
-def test_gpu_a_size_one_last_dim_with_any_stride(backend, make):
-    # As above on the GPU kernels (the CUDA C++ launcher took the last dim's stride as the step).
-    x = make().cuda().requires_grad_()
-    dy = torch.randn(x.shape, device="cuda")
+    x = make().to(device).requires_grad_()
+    dy = torch.randn(x.shape, device=device)
     ref_x = x.detach().contiguous().requires_grad_()
     ref = torch.nn.functional.batch_norm(ref_x, None, None, training=True)
     ref.backward(dy)
