@@ -4,6 +4,11 @@ process. Reports time per epoch, images/s, the optimizer's and the norm layers' 
 (torch.profiler), peak memory, final loss/accuracy, and the largest difference between the torch
 and fusedtech loss curves over the first 100 steps (fp32, deterministic settings).
 
+On a GPU the timed runs follow airbench94's recipe: bf16 autocast, channels_last, cuDNN autotuning
+(airbench trains in half precision, channels_last); the loss-curve agreement comes from a separate
+100-step fp32 deterministic run of torch and fusedtech. On the CPU everything is fp32, deterministic,
+and the agreement is read from the timed runs.
+
     python -m benchmarks.cifar --out bench_out [--quick] [--data DIR] [--model resnet18 --epochs 4]
 
 Epoch times: the first epoch includes compilation and warm-up; "epoch (s)" is the median of the
@@ -32,18 +37,40 @@ IMPLS = ("torch", "fusedtech", "torch.compile")
 GPU_IMPLS = IMPLS + ("fusedtech+triton-bn",)
 
 
-def _config(quick: bool, device: str, data_dir: str | None, model: str | None = None, epochs: int | None = None):
+def _config(quick: bool, device: str, data_dir: str | None, model: str | None = None, epochs: int | None = None,
+            extra_argv: list | None = None):
     gpu = device == "cuda"
-    argv = ["--device", device, "--seed", "0", "--quiet", "--deterministic"]
+    argv = ["--device", device, "--seed", "0", "--quiet"]
     if gpu and not quick:
         argv += ["--model", model or "airbench", "--optimizer", "nesterov", "--lr", "0.2", "--weight-decay", "5e-4",
-                 "--batch-size", "1024", "--epochs", str(epochs or 3), "--scheduler", "onecycle"]
+                 "--batch-size", "1024", "--epochs", str(epochs or 3), "--scheduler", "onecycle",
+                 "--amp", "bf16", "--channels-last"]
     else:  # a few steps per epoch: a CPU run of minutes
         steps = {"resnet18": 4}.get(model, 12)
-        argv += ["--model", model or "cnn", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.01",
+        argv += ["--deterministic", "--model", model or "cnn", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.01",
                  "--batch-size", "128", "--epochs", str(epochs or 2), "--max-steps-per-epoch", str(steps)]
     argv += ["--data", data_dir] if data_dir else ["--synthetic", "--synthetic-size", "50000" if gpu else "2048"]
-    return train_mod.parse_args(argv)
+    return train_mod.parse_args(argv + list(extra_argv or ()))
+
+
+def agreement_config(args):
+    """The timed configuration in fp32 with deterministic algorithms, NCHW: where torch and fusedtech
+    must give the same loss curve (bf16 rounding would hide a real difference in noise)."""
+    args = copy.copy(args)
+    args.amp, args.channels_last, args.deterministic = "none", False, True
+    return args
+
+
+def loss_curves(args, tensors, steps: int) -> dict:
+    """The first `steps` losses of torch and fusedtech trained in `args` (epochs as needed)."""
+    losses = {}
+    for impl in ("torch", "fusedtech"):
+        run, epoch = Run(impl, args, tensors), 0
+        while len(run.losses) < steps and epoch < args.epochs:
+            run.epoch(epoch)
+            epoch += 1
+        losses[impl] = run.losses[:steps]
+    return losses
 
 
 def steady_epoch_seconds(epoch_s: list) -> float:
@@ -69,21 +96,28 @@ class Run:
         self.steps = -(-len(self.train_x) // self.args.batch_size)
         if self.args.max_steps_per_epoch:
             self.steps = min(self.steps, self.args.max_steps_per_epoch)
+        self.sched = train_mod.make_scheduler(self.args, self.opt, self.steps)
         self.scale = getattr(self.model, "head_scale", 1.0)
+        self.smoothing = train_mod.label_smoothing(self.args)
 
-    def step(self, xb, yb):
-        with train_mod.fused_backend(self.args):
-            loss = torch.nn.functional.cross_entropy(self.forward(xb) * self.scale, yb)
+    def step(self, xb, yb, schedule: bool = True):
+        with train_mod.autocast(self.args), train_mod.fused_backend(self.args):
+            loss = torch.nn.functional.cross_entropy(self.forward(xb).float() * self.scale, yb,
+                                                     label_smoothing=self.smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if schedule and self.sched is not None:
+            self.sched.step()
         return loss
 
     def epoch(self, epoch: int):
         dev = self.train_x.device
         g = torch.Generator(device=dev).manual_seed(epoch)
         order = torch.randperm(len(self.train_x), generator=g, device=dev)
-        batches = [(data.normalize(data.augment(self.train_x[order[i * self.args.batch_size:(i + 1) * self.args.batch_size]], g)),
+        memory_format = torch.channels_last if self.args.channels_last else torch.contiguous_format
+        batches = [(data.normalize(data.augment(self.train_x[order[i * self.args.batch_size:(i + 1) * self.args.batch_size]], g))
+                    .contiguous(memory_format=memory_format),
                     self.train_y[order[i * self.args.batch_size:(i + 1) * self.args.batch_size]]) for i in range(self.steps)]
         timer = _Timer(dev)
         for xb, yb in batches:
@@ -112,39 +146,61 @@ class _Timer:
 
 
 def _profile_shares(run: Run, xb, yb) -> dict:
-    """Fractions of one step's op time spent in the optimizer and in normalisation ops."""
+    """Fractions of one step's op time spent in the optimizer and in normalisation ops (for
+    BatchNormAct2d, the activation fused into them). Each share sums the inclusive time of the
+    outermost profiler events whose name says what they are (an optimizer's step, an op or autograd
+    node with "norm" in its name), so kernels launched by an op's children count once, whatever
+    the kernels are called (Triton's are named after their source functions)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if xb.is_cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(3):
-            run.step(xb, yb)
-    attr = "self_device_time_total" if xb.is_cuda else "self_cpu_time_total"
-    total = opt = norm = 0.0
-    for e in prof.key_averages():
-        t = getattr(e, attr, 0.0) or 0.0
-        total += t
-        name = e.key.lower()
-        if any(k in name for k in ("adam", "sgd", "rmsprop", "adagrad", "lamb", "optimizer.step", "_foreach")):
-            opt += t
-        elif "norm" in name:
-            norm += t
-    return {"optimizer_share": opt / total if total else None, "norm_share": norm / total if total else None}
+            run.step(xb, yb, schedule=False)
+    events = prof.events()
+    device = xb.is_cuda
+    total = sum((e.self_device_time_total if device else e.self_cpu_time_total) or 0.0 for e in events)
+
+    def kind(name: str):
+        name = name.lower()
+        if name.startswith("optimizer.step"):  # torch.optim's record_function around every step()
+            return "optimizer"
+        return "norm" if "norm" in name else None
+
+    shares = {"optimizer": 0.0, "norm": 0.0}
+    for e in events:
+        k = kind(e.name)
+        if k is None:
+            continue
+        parent = e.cpu_parent
+        while parent is not None and kind(parent.name) is None:
+            parent = parent.cpu_parent
+        if parent is None:  # outermost of its kind
+            shares[k] += (e.device_time_total if device else e.cpu_time_total) or 0.0
+    return {f"{k}_share": (v / total if total else None) for k, v in shares.items()}
 
 
 def run_cifar_benchmark(quick: bool, out_dir: str, data_dir: str | None = None, model: str | None = None,
-                        epochs: int | None = None) -> dict:
+                        epochs: int | None = None, extra_argv: list | None = None) -> dict:
+    """extra_argv: training-script flags over the configuration (e.g. ["--amp", "bf16"])."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args = _config(quick, device, data_dir, model, epochs)
+    args = _config(quick, device, data_dir, model, epochs, extra_argv)
     if args.synthetic:
         tx, ty, vx, vy = data.synthetic_cifar10(args.synthetic_size, 2000, seed=0)
     else:
         tx, ty, vx, vy = data.load_cifar10(args.data)
     dev = torch.device(device)
     tx, ty, vx, vy = (t.to(dev) for t in (tx, ty, vx, vy))
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     impls = GPU_IMPLS if dev.type == "cuda" else IMPLS
+    saved_settings = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    agreement = agreement_config(args)
+    timed_in_fp32 = vars(agreement) == vars(args)
+    if not timed_in_fp32:  # the loss-curve check in its own fp32 deterministic runs, before the timed ones
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        result_losses = loss_curves(agreement, (tx, ty), steps=100)
+    # airbench's setting for the timed runs (cuDNN picks its fastest convolutions): deterministic
+    # only where the agreement is read from them.
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
     runs = {impl: Run(impl, args, (tx, ty)) for impl in impls}
     from tqdm import tqdm
     for epoch in tqdm(range(args.epochs), desc="CIFAR-10 epochs (torch / fusedtech / compile alternating)"):
@@ -166,14 +222,20 @@ def run_cifar_benchmark(quick: bool, out_dir: str, data_dir: str | None = None, 
                                      final_val_loss=val_loss,
                                      final_val_acc=val_acc, peak_memory_bytes=getattr(r, "peak", None),
                                      converted=r.report, **_profile_shares(r, xb, yb))
-    a = torch.stack(runs["torch"].losses[:100]).float()
-    b = torch.stack(runs["fusedtech"].losses[:100]).float()
+    if timed_in_fp32:
+        result_losses = {impl: runs[impl].losses[:100] for impl in ("torch", "fusedtech")}
+    a, b = (torch.stack(result_losses[impl]).float() for impl in ("torch", "fusedtech"))
     result["max_loss_curve_diff_first_100_steps"] = (a - b).abs().max().item()
+    result["agreement_steps"] = len(a)
+    result["precision"] = (f"{args.amp} autocast" if args.amp != "none" else "fp32") + (
+        ", channels_last" if args.channels_last else "")
     base = result["impls"]["torch"]["steady_epoch_seconds"]
     for impl in impls:
         result["impls"][impl]["speedup_vs_torch"] = base / result["impls"][impl]["steady_epoch_seconds"]
     result["plot"] = _plot(result, os.path.join(out_dir, "cifar.png"))
     result["markdown"] = _markdown(result)
+    torch.use_deterministic_algorithms(saved_settings[0], warn_only=True)
+    torch.backends.cudnn.benchmark = saved_settings[1]
     return result
 
 
@@ -185,9 +247,10 @@ def _markdown(r: dict) -> str:
         mem = f"{m['peak_memory_bytes'] / 2**20:.0f} MiB" if m["peak_memory_bytes"] else "-"
         rows.append(f"| {impl} | {m['steady_epoch_seconds']:.2f} | {m['images_per_s']:.0f} | {m['speedup_vs_torch']:.2f}x | "
                     f"{pct(m['optimizer_share'])} | {pct(m['norm_share'])} | {mem} | {m['final_val_loss']:.4f} | {m['final_val_acc']:.3f} |")
-    head = (f"{r['model']} / {r['optimizer']} / batch {r['batch_size']}, {r['epochs']} epochs x {r['steps_per_epoch']} steps "
-            f"on {r['device']}{' — SYNTHETIC DATA' if r['synthetic'] else ''}; epoch time: median after the first. Largest |loss(torch) - loss(fusedtech)| "
-            f"over the first 100 steps: {r['max_loss_curve_diff_first_100_steps']:.2e}.")
+    head = (f"{r['model']} / {r['optimizer']} / batch {r['batch_size']} / {r['precision']}, {r['epochs']} epochs x "
+            f"{r['steps_per_epoch']} steps on {r['device']}{' — SYNTHETIC DATA' if r['synthetic'] else ''}; epoch time: "
+            f"median after the first. Largest |loss(torch) - loss(fusedtech)| over the first {r['agreement_steps']} "
+            f"steps in fp32, deterministic: {r['max_loss_curve_diff_first_100_steps']:.2e}.")
     return head + "\n\n" + "\n".join(rows)
 
 

@@ -151,6 +151,13 @@ def autocast(args):
     return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
 
 
+def label_smoothing(args) -> float:
+    """--label-smoothing, or airbench's 0.2 for airbench and none for the other models."""
+    if args.label_smoothing is not None:
+        return args.label_smoothing
+    return 0.2 if args.model == "airbench" else 0.0
+
+
 def train(args) -> dict:
     """Runs the whole training; returns the history (also what --checkpoint stores)."""
     if args.deterministic:
@@ -164,7 +171,7 @@ def train(args) -> dict:
     train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
     model, report = build(args, train_x.cpu())
     scale = getattr(model, "head_scale", 1.0)
-    smoothing = args.label_smoothing if args.label_smoothing is not None else (0.2 if args.model == "airbench" else 0.0)
+    smoothing = label_smoothing(args)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)

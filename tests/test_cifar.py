@@ -160,8 +160,22 @@ def test_cifar_benchmark_quick_mode(tmp_path):
     assert set(r["impls"]) == {"torch", "fusedtech", "torch.compile"} and r["synthetic"] is True
     for m in r["impls"].values():
         assert m["images_per_s"] > 0 and 0 <= m["final_val_acc"] <= 1
-    assert r["max_loss_curve_diff_first_100_steps"] < 1e-3
+    assert r["max_loss_curve_diff_first_100_steps"] < 1e-3 and r["precision"] == "fp32"
+    for impl in ("torch", "fusedtech"):  # the profile found the BatchNorm layers and the optimizer step
+        assert 0 < r["impls"][impl]["norm_share"] < 1 and 0 < r["impls"][impl]["optimizer_share"] < 1
     assert os.path.exists(r["plot"]) and "| fusedtech |" in r["markdown"]
+
+
+def test_cifar_benchmark_low_precision_checks_agreement_in_fp32(tmp_path):
+    """The GPU configuration's shape (bf16 autocast, channels_last) on the CPU: the timed runs use it,
+    the loss-curve agreement comes from separate fp32 runs, and the report says which is which."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import cifar
+    r = cifar.run_cifar_benchmark(quick=True, out_dir=str(tmp_path), epochs=2,
+                                  extra_argv=["--amp", "bf16", "--channels-last", "--max-steps-per-epoch", "3"])
+    assert r["precision"] == "bf16 autocast, channels_last" and r["agreement_steps"] == 6
+    assert r["max_loss_curve_diff_first_100_steps"] < 1e-3
+    assert "bf16 autocast, channels_last" in r["markdown"] and "first 6 steps in fp32" in r["markdown"]
 
 
 def test_benchmark_suite_cpu_mode_writes_report(tmp_path):

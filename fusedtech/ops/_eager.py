@@ -15,25 +15,25 @@ def eager_fast_path(name: str, op, impl, setup_context, backward, differentiable
     masks) are marked non-differentiable, and no zero gradients are made for them: backward gets
     None there (the engine would otherwise allocate and fill a zero tensor per output per call)."""
 
-    class _Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            out = impl(*args)
-            ctx.eager = True
-            setup_context(ctx, args, out)
-            if isinstance(out, tuple) and len(out) > differentiable:
-                ctx.mark_non_differentiable(*out[differentiable:])
-            ctx.set_materialize_grads(False)
-            ctx.inputs = len(args)
-            return out
+    def forward(ctx, *args):
+        out = impl(*args)
+        ctx.eager = True
+        setup_context(ctx, args, out)
+        if isinstance(out, tuple) and len(out) > differentiable:
+            ctx.mark_non_differentiable(*out[differentiable:])
+        ctx.set_materialize_grads(False)
+        ctx.inputs = len(args)
+        return out
 
-        @staticmethod
-        def backward(ctx, *grads):
-            if all(g is None for g in grads[:differentiable]):  # no gradient reached the outputs
-                return (None,) * ctx.inputs
-            return backward(ctx, *grads)
+    def eager_backward(ctx, *grads):
+        if all(g is None for g in grads[:differentiable]):  # no gradient reached the outputs
+            return (None,) * ctx.inputs
+        return backward(ctx, *grads)
 
-    _Eager.__name__ = _Eager.__qualname__ = f"{name}_eager"
+    # Built with its name (not renamed after): autograd names the backward node class when the
+    # Function class is created, and profiles show "<name>_eager" / "<name>_eagerBackward".
+    _Eager = type(f"{name}_eager", (torch.autograd.Function,),
+                  {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
 
     def call(*args):
         if torch.compiler.is_compiling():
