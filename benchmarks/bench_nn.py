@@ -26,7 +26,8 @@ DEV = _common.device()
 GPU = DEV.type == "cuda"
 DTYPES = [torch.float32, torch.bfloat16] if GPU else [torch.float32]
 # The GPU shapes (also what benchmarks.kernel_resources compiles the Triton kernels for).
-GPU_HIDDEN = [512, 1024, 4096, 16384, 65536 + 1024]
+# 128: the short-row kernels (a tile of rows per program; triton_kernels/layer_norm.py, unmeasured).
+GPU_HIDDEN = [128, 512, 1024, 4096, 16384, 65536 + 1024]
 GPU_BN_SHAPES = [(512, 64, 32, 32), (512, 128, 16, 16), (512, 256, 8, 8), (512, 512, 4, 4)]  # CIFAR ResNet-18, batch 512
 GPU_DROP_BLOCK_SHAPES = [(512, 64, 32, 32), (512, 256, 8, 8)]
 
@@ -219,8 +220,8 @@ BN_ACT_CASES = [(op, impl, b, dt, s, "fwd+bwd") for op in BN_ACT_OPS for dt in D
                 for impl, b in _impls("batch_norm")]
 BN_ACT_CASES += [("batch_norm_gelu_nhwc", impl, b, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES[:2]
                  for impl, b in _impls("batch_norm")]
-DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (rows_for(h), h), "fwd+bwd") for dt in DTYPES for h in HIDDEN[1:3]
-             for impl, b in _impls("dropout_add_layer_norm")]
+DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (rows_for(h), h), "fwd+bwd") for dt in DTYPES
+             for h in ((1024, 4096) if GPU else HIDDEN[1:]) for impl, b in _impls("dropout_add_layer_norm")]
 # torch.compile of the torch modules (Inductor's generated kernels), on a GPU only: compiling on
 # the CPU would dominate the short CPU run.
 COMPILE_CASES = ([("batch_norm", "torch-compile", None, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES]

@@ -18,7 +18,9 @@ from conftest import cpu_backends
 BACKENDS = cpu_backends()
 ATOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(4, 1), (3, 3), (2, 5, 4), (7, 127), (2, 3, 1024), (1, 2, 3, 67)]
+# (5000, 3) and (4, 25, 200): short rows in several ROWS x BLOCK tiles per program, the last tile
+# of a program partial (triton_kernels/layer_norm.py's _fwd_rows_kernel / _bwd_rows_kernel).
+SHAPES = [(4, 1), (3, 3), (2, 5, 4), (7, 127), (2, 3, 1024), (1, 2, 3, 67), (5000, 3), (4, 25, 200)]
 
 
 def _run(fn, x, w, b, dy):

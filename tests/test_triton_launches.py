@@ -64,7 +64,7 @@ def test_every_kernel_compiles_for_sm90_as_the_jit_specialises_it(tmp_path):
     assert kernels <= recorded, f"never launched by the edge cases: {sorted(kernels - recorded)}"
     assert all(r["regs"] > 0 and r["programs_per_sm"] >= 1 for r in launches)
     # What the test is for: size-1 arguments reached the compiler as constexprs.
-    assert any(r["kernel"] == "_fwd_kernel" and r["constexprs"].get("n") == 1 for r in launches)
+    assert any(r["kernel"] == "_fwd_rows_kernel" and r["constexprs"].get("n") == 1 for r in launches)
     assert any(r["kernel"] == "_stats_kernel" and r["constexprs"].get("S_1") == 1 for r in launches)
 
 

@@ -1,4 +1,5 @@
-"""LayerNorm / RMSNorm forward and backward in Triton, one row per program.
+"""LayerNorm / RMSNorm forward and backward in Triton, one row per program (a tile of rows per
+program for rows of SHORT_ROW elements or fewer).
 
 Forward reads the row once when it fits in one block (hidden size up to MAX_BLOCK), else loops
 over it twice (statistics, then normalisation): no hidden-size cap. Statistics are fp32 and saved
@@ -82,6 +83,40 @@ def _fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, eps, DTYPE: t
             tl.store(y_row + cols, round_to(y, DTYPE), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
+
+
+# Short rows (SHORT_ROW elements or fewer): a program per row would leave most of its threads idle
+# (64 elements across 128 threads) and launch a program per 256 bytes; these kernels take a tile of
+# ROWS rows x BLOCK columns (ROWS * BLOCK = ROW_TILE elements) and reduce each row along axis 1.
+SHORT_ROW = 256
+ROW_TILE = 2048
+
+
+@triton.jit
+def _fwd_rows_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, rows, n, eps, DTYPE: tl.constexpr,
+                     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    rmask = r < rows
+    cmask = cols < n
+    mask = rmask[:, None] & cmask[None, :]
+    addr = r[:, None] * n + cols[None, :]
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        mean = tl.zeros([ROWS], dtype=tl.float32)
+    else:
+        mean = tl.sum(x, axis=1) / n
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=1) / n + eps)
+    y = d * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + addr, round_to(y, DTYPE), mask=mask)
+    tl.store(mean_ptr + r, mean, mask=rmask)
+    tl.store(rstd_ptr + r, rstd, mask=rmask)
 
 
 @triton.jit
@@ -194,6 +229,57 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coeff_ptr, dx_p
             tl.store(db_part_ptr + pid * n + cols, db_acc, mask=cmask)
 
 
+@triton.jit
+def _bwd_rows_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, n,
+                     rows_per_program, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, FROM_OUTPUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """_bwd_kernel for short rows: rows [pid * rows_per_program, ...) a ROWS x BLOCK tile at a time;
+    the dweight/dbias partials accumulate per tile row and are summed over the tile once, at the end."""
+    pid = tl.program_id(0)
+    first = pid.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, rows)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < n
+    winv = 1.0
+    b = 0.0
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)[None, :]
+        if FROM_OUTPUT:
+            winv = 1.0 / w
+    if FROM_OUTPUT and HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    db_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in range(first, last, ROWS):
+        r = start + tl.arange(0, ROWS).to(tl.int64)
+        rmask = r < last
+        mask = rmask[:, None] & cmask[None, :]
+        addr = r[:, None] * n + cols[None, :]
+        mean = 0.0
+        if not FROM_OUTPUT:
+            mean = tl.load(mean_ptr + r, mask=rmask, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + r, mask=rmask, other=0.0)[:, None]
+        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, _xhat(x, mean, rstd, winv, b, RMS, FROM_OUTPUT, HAS_WEIGHT, HAS_BIAS), 0.0)
+        if HAS_WEIGHT:
+            wdy = dy * w
+        else:
+            wdy = dy
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / n
+        if RMS:
+            dx = (wdy - xhat * c1) * rstd
+        else:
+            dx = (wdy - (xhat * c1 + tl.sum(wdy, axis=1)[:, None] / n)) * rstd
+        tl.store(dx_ptr + addr, round_to(dx, DTYPE), mask=mask)
+        dw_acc += dy * xhat
+        db_acc += dy
+    if HAS_WEIGHT:
+        tl.store(dw_part_ptr + pid * n + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+    if HAS_BIAS:
+        tl.store(db_part_ptr + pid * n + cols, tl.sum(db_acc, axis=0), mask=cmask)
+
+
 def row_warps(block: int, per_thread: int, least: int = 1, most: int = 32) -> int:
     """Warps that give each thread about `per_thread` elements of a BLOCK-wide row (between `least`
     and `most`): what a kernel keeps per element then fits in registers without spilling
@@ -214,6 +300,13 @@ def layer_norm_fwd(x, weight, bias, eps: float, rms: bool):
     if rows == 0 or n == 0:
         return y, mean.zero_(), rstd.zero_()
     block, one = _block(n)
+    if block <= SHORT_ROW:
+        tile_rows = ROW_TILE // block
+        _fwd_rows_kernel[(cdiv(rows, tile_rows),)](x, y, weight if weight is not None else x,
+                                                   bias if bias is not None else x, mean, rstd, rows, n, eps,
+                                                   DTYPE=tl_dtype(x.dtype), RMS=rms, HAS_WEIGHT=weight is not None,
+                                                   HAS_BIAS=bias is not None, ROWS=tile_rows, BLOCK=block)
+        return y, mean, rstd
     _fwd_kernel[(rows,)](x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
                          n, eps, DTYPE=tl_dtype(x.dtype), RMS=rms, HAS_WEIGHT=weight is not None,
                          HAS_BIAS=bias is not None, BLOCK=block, ONE_BLOCK=one)
@@ -233,17 +326,25 @@ def bwd_programs(device: torch.device) -> int:
 def layer_norm_bwd(dy, x, weight, bias, mean, rstd, rms: bool, from_output: bool):
     rows, n = x.shape
     dx = torch.empty_like(x)
-    programs = max(1, min(rows, bwd_programs(x.device)))
-    rows_per_program = cdiv(max(rows, 1), programs)
+    block, one = _block(n)
+    # Rows in whole tiles (short rows) or one at a time, spread over about bwd_programs programs.
+    tile_rows = ROW_TILE // block if block <= SHORT_ROW else 1
+    programs = max(1, min(cdiv(rows, tile_rows), bwd_programs(x.device)))
+    rows_per_program = cdiv(cdiv(max(rows, 1), programs), tile_rows) * tile_rows
     programs = cdiv(max(rows, 1), rows_per_program)
     has_bias = bias is not None
     dw_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if weight is not None else None
     db_part = torch.empty(programs, n, device=x.device, dtype=torch.float32) if has_bias else None
     if rows and n:
-        block, one = _block(n)
         w = weight if weight is not None else x
         b = bias if has_bias else x
         flags = dict(RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, FROM_OUTPUT=from_output)
+        if block <= SHORT_ROW:
+            _bwd_rows_kernel[(programs,)](dy, x, w, b, mean, rstd, dx, dw_part if dw_part is not None else dx,
+                                          db_part if db_part is not None else dx, rows, n, rows_per_program,
+                                          DTYPE=tl_dtype(x.dtype), ROWS=tile_rows, BLOCK=block,
+                                          num_warps=4, **flags)
+            return _finish_bwd(dx, dw_part, db_part)
         coeffs = mean  # unused when the row fits one block
         if not one:
             coeffs = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
@@ -258,4 +359,9 @@ def layer_norm_bwd(dy, x, weight, bias, mean, rstd, rms: bool, from_output: bool
         for t in (dw_part, db_part):
             if t is not None:
                 t.zero_()
+    return _finish_bwd(dx, dw_part, db_part)
+
+
+def _finish_bwd(dx, dw_part, db_part):
+    """dx and the per-program partials summed in program order (fixed: the same bits every run)."""
     return dx, (dw_part.sum(0) if dw_part is not None else None), (db_part.sum(0) if db_part is not None else None)
