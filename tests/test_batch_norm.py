@@ -207,13 +207,17 @@ def test_triton_kernels_compile_for_sm80_sm90():
     rows = {"R": "i64", "C": "i32"}
     compile_for_gpus(k._stats_rows_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", **rows, "CHUNK": "i64",
                                             "SPLIT": "i64"}, dict(BLOCK_R=32, BLOCK_C=64))
-    for act, has_res, tile in ((0, False, (32, 64)), (1, True, (16, 128)), (2, True, (32, 64)), (3, False, (256, 8))):
+    # ReLU's mask read a byte per 8 rows (S % 8 == 0, BYTE_ROWS) and a bit per element (any S).
+    for act, has_res, tile, byte_rows in ((0, False, (32, 64), False), (1, True, (16, 128), True),
+                                          (1, False, (32, 64), False), (2, True, (32, 64), False),
+                                          (3, False, (256, 8), False)):
         block = dict(BLOCK_R=tile[0], BLOCK_C=tile[1])
         compiled = compile_for_gpus(
             k._apply_rows_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **per_channel, "w_ptr": "*bf16",
                                    "b_ptr": "*bf16", "res_ptr": "*bf16", "bits_ptr": "*u8", **rows, **size_S},
             dict(DTYPE=tl.bfloat16, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RES=has_res, ACT=act, WIDE=False, **block))
-        flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, LOAD_RES=has_res and act >= 2, ACT=act, WIDE=False)
+        flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, LOAD_RES=has_res and act >= 2, ACT=act, BYTE_ROWS=byte_rows,
+                     WIDE=False)
         compiled += compile_for_gpus(
             k._bwd_reduce_rows_kernel, {"dy_ptr": "*bf16", "x_ptr": "*bf16", **per_channel, "w_ptr": "*bf16",
                                         "b_ptr": "*bf16", "res_ptr": "*bf16", "bits_ptr": "*u8", "part_ptr": "*fp32",

@@ -279,10 +279,25 @@ def _apply_rows_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr
 
 
 @triton.jit
+def _relu_bits_rows(bits_ptr, first, c, mask, C, S, S_m, S_1, S_2, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """ReLU's kept-bits of a [BLOCK_R, BLOCK_C] tile whose first row is a multiple of 8 (S % 8 == 0):
+    rows 8g .. 8g+7 are 8 logical neighbours, one mask byte per (8 rows, channel), as
+    _apply_rows_kernel wrote it; a byte load and a division per 8 elements instead of per element."""
+    first8 = first + 8 * tl.arange(0, BLOCK_R // 8).to(tl.int64)
+    n, s = fast_divmod(first8, S, S_m, S_1, S_2, WIDE)
+    byte_at = (n * C * S + s)[:, None] // 8 + (c * (S // 8))[None, :]
+    rows8 = tl.max(tl.reshape(mask.to(tl.int32), (BLOCK_R // 8, 8, BLOCK_C)), axis=1) != 0
+    byte = tl.load(bits_ptr + byte_at, mask=rows8, other=0).to(tl.int32)
+    on = (byte[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1
+    return tl.reshape(on, (BLOCK_R, BLOCK_C)) != 0
+
+
+@triton.jit
 def _bwd_reduce_rows_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr, part_ptr, R, C, S,
                             S_m, S_1, S_2, CHUNK, SPLIT, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            LOAD_RES: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
+                            LOAD_RES: tl.constexpr, ACT: tl.constexpr, BYTE_ROWS: tl.constexpr, WIDE: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (channel block, p): per channel, sums of g and g * xhat over rows [p CHUNK, (p+1) CHUNK)."""
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1).to(tl.int64)
@@ -299,11 +314,14 @@ def _bwd_reduce_rows_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, r
         r = start + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = (r < end)[:, None] & cmask[None, :]
         addr = r[:, None] * C + c[None, :]
-        n, s = fast_divmod(r, S, S_m, S_1, S_2, WIDE)
-        k = (n * C * S + s)[:, None] + (c * S)[None, :]
         x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
-        g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
+        if ACT == 1 and BYTE_ROWS:
+            g = tl.where(_relu_bits_rows(bits_ptr, start, c, mask, C, S, S_m, S_1, S_2, WIDE, BLOCK_R, BLOCK_C), g, 0.0)
+        else:
+            n, s = fast_divmod(r, S, S_m, S_1, S_2, WIDE)
+            k = (n * C * S + s)[:, None] + (c * S)[None, :]
+            g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
         acc_dy += g
         acc_dyx += tl.where(mask, g * (x - mean) * invstd, 0.0)
     tl.store(part_ptr + c * SPLIT + p, tl.sum(acc_dy, axis=0), mask=cmask)
@@ -314,22 +332,26 @@ def _bwd_reduce_rows_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, r
 def _bwd_apply_rows_kernel(dy_ptr, x_ptr, dx_ptr, dres_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, bits_ptr,
                            sum_dy_ptr, sum_dy_xhat_ptr, R, C, S, S_m, S_1, S_2, count, DTYPE: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_RES: tl.constexpr,
-                           WRITE_DRES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, WIDE: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                           WRITE_DRES: tl.constexpr, ACT: tl.constexpr, BYTE_ROWS: tl.constexpr,
+                           TRAINING: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mask = (r < R)[:, None] & cmask[None, :]
     addr = r[:, None] * C + c[None, :]
-    n, s = fast_divmod(r, S, S_m, S_1, S_2, WIDE)
-    k = (n * C * S + s)[:, None] + (c * S)[None, :]
     x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[None, :]
     invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[None, :]
     w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_WEIGHT else 1.0
     b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
     g = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
-    g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
+    if ACT == 1 and BYTE_ROWS:
+        first = tl.program_id(0).to(tl.int64) * BLOCK_R
+        g = tl.where(_relu_bits_rows(bits_ptr, first, c, mask, C, S, S_m, S_1, S_2, WIDE, BLOCK_R, BLOCK_C), g, 0.0)
+    else:
+        n, s = fast_divmod(r, S, S_m, S_1, S_2, WIDE)
+        k = (n * C * S + s)[:, None] + (c * S)[None, :]
+        g = _grad_pre(g, x, k, addr, mask, mean, invstd, w, b, bits_ptr, res_ptr, ACT, LOAD_RES)
     if WRITE_DRES:
         tl.store(dres_ptr + addr, round_to(g, DTYPE), mask=mask)
     scale = invstd * w
@@ -478,14 +500,14 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
         _bwd_reduce_rows_kernel[(cdiv(C, block_c), split)](
             dy, x, mean, invstd, w, b, res, bits, part, N * S, C, *divisor(S), chunk, split, WIDE=wide,
-            BLOCK_R=block_r, BLOCK_C=block_c, **flags)
+            BYTE_ROWS=S % 8 == 0, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
         # Slices summed in a fixed order (deterministic), into two tensors: they become dbias and
         # dweight, outputs of one op that may not alias each other.
         sum_dy, sum_dy_xhat = part[0].sum(-1), part[1].sum(-1)
         _bwd_apply_rows_kernel[(cdiv(N * S, block_r), cdiv(C, block_c))](
             dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, N * S, C,
             *divisor(S), float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
-            WIDE=wide, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
+            BYTE_ROWS=S % 8 == 0, WIDE=wide, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
     elif x.numel():
         split, chunk = _split(N * S, C)
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
