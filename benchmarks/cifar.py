@@ -151,12 +151,15 @@ def _profile_shares(run: Run, xb, yb) -> dict:
     outermost profiler events whose name says what they are (an optimizer's step, an op or autograd
     node with "norm" in its name), so kernels launched by an op's children count once, whatever
     the kernels are called (Triton's are named after their source functions)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if xb.is_cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(3):
             run.step(xb, yb, schedule=False)
-    events = prof.events()
+    # Host-side events only: a kernel's own event would count again beside the op that launched it
+    # (device_time_total of an op includes its children's kernels).
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     device = xb.is_cuda
     total = sum((e.self_device_time_total if device else e.self_cpu_time_total) or 0.0 for e in events)
 
@@ -210,6 +213,8 @@ def run_cifar_benchmark(quick: bool, out_dir: str, data_dir: str | None = None, 
             runs[impl].epoch(epoch)
             runs[impl].peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
     xb, yb = data.normalize(tx[:args.batch_size]), ty[:args.batch_size]
+    if args.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "synthetic": args.synthetic, "model": args.model, "optimizer": args.optimizer,
