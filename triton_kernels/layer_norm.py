@@ -96,6 +96,7 @@ ROW_TILE = 2048
 def _fwd_rows_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, rows, n, eps, DTYPE: tl.constexpr,
                      RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK: tl.constexpr):
+    """_fwd_kernel's one-block case for ROWS rows at once: each row reduced along axis 1."""
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     rmask = r < rows
