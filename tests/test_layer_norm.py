@@ -396,6 +396,18 @@ def test_triton_kernels_compile_for_sm80_sm90():
         # hints (this compile has none) only the statistics qualify; test_triton_launches.py checks that
         # the rows themselves are staged at the aligned shapes a GPU launch sees.
         assert all(("cp.async" in c.asm["ptx"]) == (stages > 1) for c in compiled)
+    # Short rows: a ROWS x BLOCK tile a program (1 x 2048 down to 2048 x 1 elements).
+    for rows, block, rms, from_output in ((16, 128, False, False), (2048, 1, True, False), (8, 256, False, True)):
+        compile_for_gpus(k._fwd_rows_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                                              "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "rows": "i64", "n": "i32",
+                                              "eps": "fp32"},
+                         dict(DTYPE=tl.bfloat16, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, ROWS=rows, BLOCK=block))
+        compile_for_gpus(k._bwd_rows_kernel, {"dy_ptr": "*fp16", "x_ptr": "*fp16", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                                              "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": "*fp16",
+                                              "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "rows": "i64", "n": "i32",
+                                              "rows_per_program": "i64"},
+                         dict(DTYPE=tl.float16, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, FROM_OUTPUT=from_output,
+                              ROWS=rows, BLOCK=block))
     for from_output in (False, True):
         compile_for_gpus(k._bwd_coeffs_kernel, {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
                                                 "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "coeff_ptr": "*fp32", "n": "i32"},
