@@ -496,18 +496,19 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, LOAD_RES=load_res, ACT=activation)
     if x.numel() and _rows_layout(C, S, (sN, sC, sS)):
         wide = needs_wide(x.numel())
+        byte_rows = activation == 1 and S % 8 == 0  # ReLU's mask as _apply_rows_kernel wrote it (else per element)
         block_r, block_c, split, chunk = _split_rows(N * S, C)
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
         _bwd_reduce_rows_kernel[(cdiv(C, block_c), split)](
             dy, x, mean, invstd, w, b, res, bits, part, N * S, C, *divisor(S), chunk, split, WIDE=wide,
-            BYTE_ROWS=S % 8 == 0, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
+            BYTE_ROWS=byte_rows, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
         # Slices summed in a fixed order (deterministic), into two tensors: they become dbias and
         # dweight, outputs of one op that may not alias each other.
         sum_dy, sum_dy_xhat = part[0].sum(-1), part[1].sum(-1)
         _bwd_apply_rows_kernel[(cdiv(N * S, block_r), cdiv(C, block_c))](
             dy, x, dx, dres if has_residual else x, mean, invstd, w, b, res, bits, sum_dy, sum_dy_xhat, N * S, C,
             *divisor(S), float(N * S), DTYPE=tl_dtype(x.dtype), WRITE_DRES=has_residual, TRAINING=bool(training),
-            BYTE_ROWS=S % 8 == 0, WIDE=wide, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
+            BYTE_ROWS=byte_rows, WIDE=wide, BLOCK_R=block_r, BLOCK_C=block_c, **flags)
     elif x.numel():
         split, chunk = _split(N * S, C)
         part = torch.empty(2, C, split, device=x.device, dtype=torch.float32)
