@@ -102,3 +102,34 @@ def test_kernels_compile_past_2_pow_32_elements(tmp_path):
             "_bwd_kernel"} <= kernels
     assert any(r["constexprs"].get("WIDE") is True for r in launches)
     assert all(r["regs"] > 0 for r in launches)
+
+
+_HOST_TIME_CHECK = r"""
+import json, fusedtech
+from benchmarks import host_time, kernel_resources
+rows = host_time.measure(repeats=1, calls=2)
+recorded = {}
+with kernel_resources.recording() as rec, fusedtech.use_backend("triton"):
+    for name, (ours, _) in host_time.cases().items():
+        before = len(rec.launches)
+        ours()
+        recorded[name] = len(rec.launches) - before
+print(json.dumps({"rows": rows, "recorded": recorded}))
+"""
+
+
+def test_host_time_goes_the_whole_launch_path():
+    """benchmarks/host_time.py times calls through Triton's real launch path with a stub driver: each
+    op's launches reach the stub's launcher exactly as often as the recorder (which compiles each
+    launch as the JIT would) sees them, so the timing leaves out nothing but the C launch."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in sys.path if p]))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _HOST_TIME_CHECK], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows, recorded = result["rows"], result["recorded"]
+    assert {r["op"] for r in rows} == set(recorded) and len(rows) >= 8
+    for r in rows:
+        assert r["triton_launches"] == recorded[r["op"]] >= 1, r
+        assert r["fusedtech_us"] > 0 and r["torch_cpu_us"] > 0, r
