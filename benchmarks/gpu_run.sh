@@ -38,6 +38,11 @@ if [ "${RESOURCES:-0}" = 1 ]; then
   # Triton (opt-in: two more files back).
   timeout 300 python3 -m benchmarks.kernel_resources --out "$OUT" 2>&1 | tail -5
 fi
+if [ "${HOST_TIME:-0}" = 1 ]; then
+  # Host time per call with Triton's driver stubbed (benchmarks/host_time.py) on this machine's CPU,
+  # to relate the CPU VM's numbers to the GPU host's (opt-in: two more files back).
+  timeout 300 python3 -m benchmarks.host_time --out "$OUT" 2>&1 | tail -12
+fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "$BENCH_CAP" python3 -m benchmarks.run --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tail -80
 fi
