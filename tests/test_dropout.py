@@ -208,7 +208,9 @@ def _unfused(x, r, w, b, p, seed, rms):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("shape", [(4, 33), (2, 3, 128)], ids=str)
+# Rows of 256 or fewer run a tile of rows per program ((300, 20): five tiles, the last partial),
+# longer rows one row per program ((3, 300)).
+@pytest.mark.parametrize("shape", [(4, 33), (2, 3, 128), (300, 20), (3, 300)], ids=str)
 def test_dropout_add_layer_norm_equals_unfused_torch(backend, rms, shape):
     g = torch.Generator().manual_seed(0)
     x, r, dout, ds = (torch.randn(shape, generator=g) for _ in range(4))
@@ -256,14 +258,16 @@ def test_dropout_add_layer_norm_one_output_used(backend, used):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_dropout_add_norm_sum_is_the_oracles_bit_for_bit(backend, dtype):
-    # Rows of 33: Philox blocks of four straddle rows. The sum is rounded exactly as the oracle
-    # rounds it (dropout output first, then the add), so it matches bit for bit.
+@pytest.mark.parametrize("rows,n", [(5, 33), (130, 33), (3, 257)], ids=str)
+def test_dropout_add_norm_sum_is_the_oracles_bit_for_bit(backend, dtype, rows, n):
+    # Rows of 33 (257): Philox blocks of four straddle rows. The sum is rounded exactly as the oracle
+    # rounds it (dropout output first, then the add), so it matches bit for bit. (130, 33): tiles of
+    # 32 rows (short-row kernel), the last partial; (3, 257): one row per program.
     from fusedtech.ops.dropout import _dan_impl, new_seed
     from fusedtech.reference.dropout import dropout_add_norm_fwd as oracle
     g = torch.Generator().manual_seed(7)
-    x, r = (torch.randn(5, 33, generator=g).to(dtype) for _ in range(2))
-    w, b = torch.randn(33, generator=g).to(dtype), torch.randn(33, generator=g).to(dtype)
+    x, r = (torch.randn(rows, n, generator=g).to(dtype) for _ in range(2))
+    w, b = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
     seed = new_seed(torch.device("cpu"))
     with fusedtech.use_backend(backend):
         out, s, mean, rstd = _dan_impl(x, r, w, b, 0.3, 1e-5, False, seed)
@@ -346,6 +350,10 @@ def test_dropout_add_norm_kernel_compiles():
            "scale": "fp32"}
     compile_for_gpus(_dropout_add_norm_kernel, sig, dict(DTYPE=tl.bfloat16, RMS=False, HAS_WEIGHT=True, HAS_BIAS=True,
                                                           BLOCK=4096))
+    from fusedtech.triton_kernels.dropout import _dropout_add_norm_rows_kernel
+    for rms, rows, block in ((False, 16, 128), (True, 2048, 1)):
+        compile_for_gpus(_dropout_add_norm_rows_kernel, dict(sig, rows="i64"),
+                         dict(DTYPE=tl.bfloat16, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, ROWS=rows, BLOCK=block))
 
 
 def test_drop_block_matches_torchvision_given_the_same_block_mask():

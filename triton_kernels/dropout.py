@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .indexing import cdiv, next_power_of_2
-from .layer_norm import row_warps
+from .layer_norm import ROW_TILE, SHORT_ROW, row_warps
 from .multi_tensor import tl_dtype
 from .rounding import round_to
 
@@ -93,6 +93,41 @@ def _dropout_add_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mea
     tl.store(rstd_ptr + row, rstd)
 
 
+@triton.jit
+def _dropout_add_norm_rows_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mean_ptr, rstd_ptr, seed_ptr, rows,
+                                  n, eps, threshold, scale, DTYPE: tl.constexpr, RMS: tl.constexpr,
+                                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+    """_dropout_add_norm_kernel for short rows (as layer_norm's _fwd_rows_kernel): ROWS rows a
+    program, the same draws, roundings and statistics per row."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    rmask = r < rows
+    cmask = cols < n
+    mask = rmask[:, None] & cmask[None, :]
+    idx = r[:, None] * n + cols[None, :]
+    keep = draws_for(tl.load(seed_ptr), idx) >= threshold
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dropped = round_to(tl.where(keep, x * scale, 0.0), DTYPE).to(tl.float32)
+    s = dropped + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    s = round_to(s, DTYPE).to(tl.float32)
+    tl.store(sum_ptr + idx, round_to(s, DTYPE), mask=mask)
+    if RMS:
+        mean = tl.zeros([ROWS], dtype=tl.float32)
+    else:
+        mean = tl.sum(tl.where(mask, s, 0.0), axis=1) / n
+    d = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=1) / n + eps)
+    y = d * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + idx, round_to(y, DTYPE), mask=mask)
+    tl.store(mean_ptr + r, mean, mask=rmask)
+    tl.store(rstd_ptr + r, rstd, mask=rmask)
+
+
 MAX_FUSED_ROW = 16384
 
 
@@ -109,8 +144,14 @@ def dropout_add_norm_fwd(x, residual, weight, bias, p: float, eps: float, rms: b
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     if rows and n:
         block = next_power_of_2(n)
+        flags = dict(DTYPE=tl_dtype(x.dtype), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
+        if block <= SHORT_ROW:  # a tile of rows per program, as layer_norm's short rows
+            tile_rows = ROW_TILE // block
+            _dropout_add_norm_rows_kernel[(cdiv(rows, tile_rows),)](
+                x, residual, weight if weight is not None else x, bias if bias is not None else x, out, s, mean, rstd,
+                seed, rows, n, eps, threshold(p), 1.0 / (1.0 - p), ROWS=tile_rows, BLOCK=block, **flags)
+            return out, s, mean, rstd
         _dropout_add_norm_kernel[(rows,)](x, residual, weight if weight is not None else x, bias if bias is not None else x,
                                           out, s, mean, rstd, seed, n, eps, threshold(p), 1.0 / (1.0 - p),
-                                          DTYPE=tl_dtype(x.dtype), RMS=rms, HAS_WEIGHT=weight is not None,
-                                          HAS_BIAS=bias is not None, BLOCK=block, num_warps=row_warps(block, 16, 4))
+                                          BLOCK=block, num_warps=row_warps(block, 16, 4), **flags)
     return out, s, mean, rstd
