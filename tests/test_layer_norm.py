@@ -417,7 +417,7 @@ def test_triton_kernels_compile_for_sm80_sm90():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [512, 4096, 70_000])
+@pytest.mark.parametrize("n", [3, 128, 512, 4096, 70_000])  # 3, 128: the short-row (tile of rows) kernels
 def test_gpu_matches_torch(backend, dtype, n):
     x, w, b, dy = (t.cuda() for t in _case((64, n), dtype, True, True))
     with fusedtech.use_backend(backend):
