@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .indexing import cdiv, next_power_of_2
-from .layer_norm import ROW_TILE, SHORT_ROW, row_warps
+from .layer_norm import ROW_TILE, SHORT_ROW, _normalize_rows, row_warps
 from .multi_tensor import tl_dtype
 from .rounding import round_to
 
@@ -112,20 +112,8 @@ def _dropout_add_norm_rows_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr
     s = dropped + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     s = round_to(s, DTYPE).to(tl.float32)
     tl.store(sum_ptr + idx, round_to(s, DTYPE), mask=mask)
-    if RMS:
-        mean = tl.zeros([ROWS], dtype=tl.float32)
-    else:
-        mean = tl.sum(tl.where(mask, s, 0.0), axis=1) / n
-    d = tl.where(mask, s - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=1) / n + eps)
-    y = d * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + idx, round_to(y, DTYPE), mask=mask)
-    tl.store(mean_ptr + r, mean, mask=rmask)
-    tl.store(rstd_ptr + r, rstd, mask=rmask)
+    _normalize_rows(s, r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, DTYPE, RMS,
+                    HAS_WEIGHT, HAS_BIAS, ROWS)
 
 
 MAX_FUSED_ROW = 16384

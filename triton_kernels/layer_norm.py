@@ -93,17 +93,11 @@ ROW_TILE = 2048
 
 
 @triton.jit
-def _fwd_rows_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, rows, n, eps, DTYPE: tl.constexpr,
-                     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """_fwd_kernel's one-block case for ROWS rows at once: each row reduced along axis 1."""
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    rmask = r < rows
-    cmask = cols < n
+def _normalize_rows(x, r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, DTYPE: tl.constexpr,
+                    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
+    """Normalises a [ROWS, BLOCK] tile of rows r (masked elements of x zero) along axis 1 and stores
+    y, mean and rstd: the short-row kernels' shared tail (this one's and dropout + add + norm's)."""
     mask = rmask[:, None] & cmask[None, :]
-    addr = r[:, None] * n + cols[None, :]
-    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
     if RMS:
         mean = tl.zeros([ROWS], dtype=tl.float32)
     else:
@@ -115,9 +109,23 @@ def _fwd_rows_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, rows, n, ep
         y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + addr, round_to(y, DTYPE), mask=mask)
+    tl.store(y_ptr + r[:, None] * n + cols[None, :], round_to(y, DTYPE), mask=mask)
     tl.store(mean_ptr + r, mean, mask=rmask)
     tl.store(rstd_ptr + r, rstd, mask=rmask)
+
+
+@triton.jit
+def _fwd_rows_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, rows, n, eps, DTYPE: tl.constexpr,
+                     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """_fwd_kernel's one-block case for ROWS rows at once: each row reduced along axis 1."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    rmask = r < rows
+    cmask = cols < n
+    x = tl.load(x_ptr + r[:, None] * n + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    _normalize_rows(x.to(tl.float32), r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, DTYPE,
+                    RMS, HAS_WEIGHT, HAS_BIAS, ROWS)
 
 
 @triton.jit
