@@ -39,11 +39,13 @@ class StubDriver:
 
     def __init__(self, capability: int = 90):
         from triton.backends.compiler import GPUTarget
+        from benchmarks.kernel_resources import SM_LIMITS
         self.target = GPUTarget("cuda", capability, 32)
         self.launches = 0
         self.utils = types.SimpleNamespace(
             load_binary=lambda name, kernel, shared, device: (0, 0, 32, 0, 1024),
-            get_device_properties=lambda device: {"max_shared_mem": 232448, "multiprocessor_count": 132})
+            get_device_properties=lambda device: {"max_shared_mem": SM_LIMITS[capability]["smem"],
+                                                  "multiprocessor_count": SM_LIMITS[capability]["sms"]})
 
     def launcher_cls(self, src, metadata):
         def launch(*args):
@@ -65,28 +67,18 @@ class StubDriver:
 
 @contextlib.contextmanager
 def stub_gpu(capability: int = 90):
-    """Within: Triton launches on CPU tensors compile for sm_`capability` and are counted, not run;
-    the Triton backend counts as available on CPU tensors (as in kernel_resources.recording)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("host_time compiles Triton kernels: unset TRITON_INTERPRET")
+    """Within: Triton launches on CPU tensors compile for sm_`capability` and are counted, not run
+    (the backend set-up is kernel_resources.triton_on_cpu_tensors)."""
     from triton.runtime.driver import driver
-    from fusedtech import _backend
-    from fusedtech.triton_kernels import layer_norm
-    stub = StubDriver(capability)
-    # The driver Triton had (None until first used; reading driver.active would create one and fail).
-    saved = driver._active, layer_norm.bwd_programs, _backend.why_unavailable
-
-    def why_unavailable(backend, device_type):
-        return None if (backend, device_type) == ("triton", "cpu") else saved[2](backend, device_type)
-
-    driver.set_active(stub)
-    layer_norm.bwd_programs = lambda device: 4 * 132
-    _backend.why_unavailable = why_unavailable
-    try:
-        yield stub
-    finally:
-        driver.set_active(saved[0])
-        layer_norm.bwd_programs, _backend.why_unavailable = saved[1:]
+    from benchmarks.kernel_resources import triton_on_cpu_tensors
+    with triton_on_cpu_tensors(capability, tool="host_time"):
+        stub = StubDriver(capability)
+        saved = driver._active  # None until first used (reading driver.active would create one and fail)
+        driver.set_active(stub)
+        try:
+            yield stub
+        finally:
+            driver.set_active(saved)
 
 
 @contextlib.contextmanager

@@ -146,31 +146,44 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recording(capability: int = 90):
-    """Within: every Triton launch is compiled for sm_`capability` and recorded, not run; the Triton
-    backend counts as available on CPU tensors (so the public API reaches the launchers), and the
-    LayerNorm backward sizes its grid for that GPU's SM count instead of the interpreter's."""
+def triton_on_cpu_tensors(capability: int = 90, tool: str = "kernel_resources"):
+    """Within: the Triton backend counts as available on CPU tensors (so the public API reaches the
+    launchers), and the LayerNorm backward sizes its grid for sm_`capability`'s SM count instead of
+    the interpreter's. What recording() here and benchmarks.host_time's stub_gpu() both need."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("kernel_resources compiles Triton kernels: unset TRITON_INTERPRET")
-    from triton.runtime.jit import JITFunction
+        raise RuntimeError(f"{tool} compiles Triton kernels: unset TRITON_INTERPRET")
     from fusedtech import _backend
     from fusedtech.triton_kernels import layer_norm
-    rec = Recorder(capability)
-    saved = JITFunction.run, layer_norm.bwd_programs, _backend.why_unavailable
-
-    def run(self, *args, grid, warmup, **kwargs):
-        rec.run(self, args, kwargs, grid)
+    saved = layer_norm.bwd_programs, _backend.why_unavailable
 
     def why_unavailable(backend, device_type):
-        return None if (backend, device_type) == ("triton", "cpu") else saved[2](backend, device_type)
+        return None if (backend, device_type) == ("triton", "cpu") else saved[1](backend, device_type)
 
-    JITFunction.run = run
     layer_norm.bwd_programs = lambda device: 4 * SM_LIMITS[capability]["sms"]
     _backend.why_unavailable = why_unavailable
     try:
-        yield rec
+        yield
     finally:
-        JITFunction.run, layer_norm.bwd_programs, _backend.why_unavailable = saved
+        layer_norm.bwd_programs, _backend.why_unavailable = saved
+
+
+@contextlib.contextmanager
+def recording(capability: int = 90):
+    """Within: every Triton launch is compiled for sm_`capability` and recorded, not run (on CPU
+    tensors, as triton_on_cpu_tensors)."""
+    from triton.runtime.jit import JITFunction
+    with triton_on_cpu_tensors(capability):
+        rec = Recorder(capability)
+        saved = JITFunction.run
+
+        def run(self, *args, grid, warmup, **kwargs):
+            rec.run(self, args, kwargs, grid)
+
+        JITFunction.run = run
+        try:
+            yield rec
+        finally:
+            JITFunction.run = saved
 
 
 def _e(shape, dtype, memory_format=torch.contiguous_format):
