@@ -169,6 +169,53 @@ def test_gradcheck_float64(backend, rms):
             assert torch.autograd.gradcheck(lambda x, w, b: F.layer_norm(x, (7,), w, b), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
+@pytest.mark.parametrize("rms", [False, True])
+def test_gradgradcheck_float64(backend, rms):
+    # Double backward (gradient penalties, Hessian-vector products) is torch's op's too.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    with fusedtech.use_backend(backend):
+        if rms:
+            assert torch.autograd.gradgradcheck(lambda x, w: F.rms_norm(x, (7,), w, 1e-6), (x, w))
+        else:
+            assert torch.autograd.gradgradcheck(lambda x, w, b: F.layer_norm(x, (7,), w, b), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_double_backward_matches_torch(backend, rms):
+    # A gradient penalty: d/d(x, w) of |d loss / dx|^2, against torch's op in float32.
+    x, w, b, _ = _case((4, 2, 9), torch.float32, True, not rms)
+
+    def penalty(fn, x, w, b):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(x, w, b)
+        (gx,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, w))
+
+    if rms:
+        ours_fn, torch_fn = (lambda x, w, b: F.rms_norm(x, (9,), w, 1e-5)), \
+            (lambda x, w, b: torch.nn.functional.rms_norm(x, (9,), w, 1e-5))
+    else:
+        ours_fn, torch_fn = (lambda x, w, b: F.layer_norm(x, (9,), w, b)), \
+            (lambda x, w, b: torch.nn.functional.layer_norm(x, (9,), w, b))
+    with fusedtech.use_backend(backend):
+        ours = penalty(ours_fn, x, w, b)
+    exact = penalty(torch_fn, x.double(), w.double(), b.double() if b is not None else None)
+    theirs = penalty(torch_fn, x, w, b)
+    _check(ours, theirs, exact, torch.float32)
+
+
+def test_memory_efficient_refuses_double_backward():
+    x, w = torch.randn(3, 8, requires_grad=True), torch.rand(8) + 0.5
+    y = F.layer_norm(x, (8,), w, memory_efficient=True)
+    with pytest.raises(RuntimeError, match="memory_efficient=True does not support double backward"):
+        torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+
+
 def test_modules_are_drop_ins():
     for torch_cls, ours_cls, kw in ((torch.nn.LayerNorm, fusedtech.nn.LayerNorm, dict(bias=False)),
                                     (torch.nn.RMSNorm, fusedtech.nn.RMSNorm, dict(eps=1e-5))):
@@ -206,9 +253,15 @@ def test_output_takes_in_place_ops_and_statistics_need_no_grad(backend, shape, n
         torch.testing.assert_close(a.grad, c.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_rms_norm_eps_none_is_finfo_eps():
-    x = torch.randn(5, 8, dtype=torch.float32)
-    torch.testing.assert_close(fusedtech.nn.RMSNorm(8)(x), torch.nn.RMSNorm(8)(x), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_rms_norm_eps_none_is_torchs(dtype):
+    # torch takes eps=None as the epsilon of the type it computes in: float32 for fp16/bf16 inputs
+    # (not the input's much larger finfo eps). Small inputs (mean square ~1e-6) show the difference.
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).mul(1e-3).to(dtype)
+    ours, theirs = fusedtech.nn.RMSNorm(64, dtype=dtype)(x), torch.nn.RMSNorm(64, dtype=dtype)(x)
+    exact = torch.nn.functional.rms_norm(x.double(), (64,), eps=torch.finfo(torch.float32).eps
+                                         if dtype != torch.float64 else None)
+    _check([ours.detach()], [theirs.detach()], [exact], dtype if dtype != torch.float64 else torch.float32)
 
 
 def test_errors_name_the_argument():

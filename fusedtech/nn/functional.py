@@ -67,9 +67,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, memory_efficient: bool = False):
-    """torch.nn.functional.rms_norm, fused; eps=None means torch.finfo(input.dtype).eps, as torch."""
+    """torch.nn.functional.rms_norm, fused; eps=None means the epsilon of the type the norm computes
+    in, as torch: float32's for fp16/bf16 inputs, the input's own for float32/float64."""
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     return _norm(input, normalized_shape, weight, None, eps, rms=True, memory_efficient=memory_efficient)
 
 

@@ -39,8 +39,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """Drop-in for torch.nn.RMSNorm (eps=None means torch.finfo(input.dtype).eps); memory_efficient
-    as for LayerNorm."""
+    """Drop-in for torch.nn.RMSNorm (eps=None means float32's epsilon, float64's for float64 input,
+    as torch computes it); memory_efficient as for LayerNorm."""
 
     memory_efficient = False
 

@@ -77,12 +77,30 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, rms = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.rms = rms
+    ctx.rms, ctx.eps = rms, eps
+
+
+def differentiable_grads(x, weight, bias, dy, eps: float, rms: bool):
+    """(dx, dweight, dbias) as a differentiable graph, for backward under create_graph=True (a gradient
+    penalty, a Hessian-vector product): the kernels' backward is not itself differentiable, so the
+    oracle's backward runs on statistics recomputed from x with torch ops, all recorded by autograd.
+    (Not autograd.grad of a recomputed forward: when x is a saved output, as dropout+add+LayerNorm's
+    sum, that would also differentiate through the op that made x, re-entering this backward.)"""
+    from ..reference.layer_norm import layer_norm_bwd as reference_bwd
+    from ..reference.layer_norm import layer_norm_fwd as reference_fwd
+    def f64(t):  # float64 throughout: a composition of torch ops rounds more than a fused kernel
+        return t.to(torch.float64) if t is not None else None
+
+    n = x.shape[-1]
+    x2 = f64(x.reshape(-1, n))
+    _, mean, rstd = reference_fwd(x2, None, None, eps, rms)
+    dx, dw, db = reference_bwd(f64(dy.reshape(-1, n)), x2, f64(weight), f64(bias), mean, rstd, rms, False)
+    return dx.to(x.dtype).view(x.shape), dw, db
 
 
 def _as_dtype_of(g, like):
     """g in like's dtype (None without like); no call when it already is (each is host time)."""
-    if like is None:
+    if like is None or g is None:
         return None
     return g if g.dtype == like.dtype else g.to(like.dtype)
 
@@ -94,6 +112,8 @@ def _grads(ctx, weight, bias, dx, dw, db):
 
 def _backward(ctx, dy, dmean, drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled() and is_eager(ctx):  # create_graph=True: double backward
+        return (*differentiable_grads(x, weight, bias, dy, ctx.eps, ctx.rms), None, None)
     bwd = _layer_norm_bwd if is_eager(ctx) else layer_norm_bwd
     return _grads(ctx, weight, bias, *bwd(dy, x, weight, bias, mean, rstd, ctx.rms, False))
 
@@ -134,6 +154,10 @@ def _recompute_setup_context(ctx, inputs, output):
 
 def _recompute_backward(ctx, dy, dmean, drstd):
     y, weight, bias, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled() and is_eager(ctx):
+        # Double backward needs the input, which this variant did not keep.
+        raise RuntimeError("fusedtech: LayerNorm with memory_efficient=True does not support double backward "
+                           "(create_graph=True); use memory_efficient=False")
     bwd = _layer_norm_bwd if is_eager(ctx) else layer_norm_bwd
     # mean is not read from the output: rstd stands in for it.
     return _grads(ctx, weight, bias, *bwd(dy, y, weight, bias, rstd, rstd, ctx.rms, True))
