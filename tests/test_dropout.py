@@ -126,7 +126,14 @@ def test_edge_cases_match_torch():
     x = torch.randn(3, 4)
     assert F.dropout(x, 0.0) is x
     assert F.dropout(x, 0.7, training=False) is x
-    assert torch.equal(F.dropout(x, 1.0), torch.zeros_like(x))
+    x[0, 0] = float("nan")
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, t1 = F.dropout(ours, 1.0), torch.nn.functional.dropout(theirs, 1.0)
+    assert torch.equal(y1.nan_to_num(7.0), t1.nan_to_num(7.0))  # zeros, NaN kept as torch keeps it
+    y1.sum().backward()
+    t1.sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)
+    x = torch.randn(3, 4)
     y = x.clone()
     out = F.dropout(y, 0.5, inplace=True)
     assert out is y
@@ -135,6 +142,23 @@ def test_edge_cases_match_torch():
         F.dropout(x, 1.5)
     nc = torch.randn(6, 8).t()
     assert F.dropout(nc, 0.5).shape == nc.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_dense_layouts_keep_their_strides(backend, layout):
+    # As torch's dropout: the output has the input's strides; the mask runs in storage order.
+    x = torch.rand(2, 6, 3, 5) + 0.5 if layout == "channels_last" else torch.rand(9, 14) + 0.5  # no zeros
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x.t()
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    with fusedtech.use_backend(backend):
+        y = F.dropout(x, 0.4)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    assert y.stride() == torch.nn.functional.dropout(x, 0.4).stride() == x.stride()
+    kept, scale = y != 0, torch.tensor(1 / 0.6, dtype=torch.float32)
+    assert torch.equal(y[kept], (x * scale)[kept])
+    assert torch.equal(dx, torch.where(kept, dy * scale, torch.zeros_like(dy)))
 
 
 def test_module_and_convert_model():
@@ -516,13 +540,80 @@ def test_drop_block_low_precision_scale_does_not_overflow(dtype):
     torch.testing.assert_close(y[y != 0].float(), torch.full((kept,), x.numel() / kept), rtol=1e-2, atol=0)
 
 
-def test_dropout_add_layer_norm_module():
-    m = fusedtech.nn.DropoutAddLayerNorm(32, p=0.1)
+@pytest.mark.parametrize("rms", [False, True])
+def test_dropout_add_layer_norm_module(rms):
+    m = fusedtech.nn.DropoutAddLayerNorm(32, p=0.1, rms=rms)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
     x, r = torch.randn(4, 32), torch.randn(4, 32)
+
+    def norm(t):
+        if rms:
+            return torch.nn.functional.rms_norm(t, (32,), m.weight, m.eps)
+        return torch.nn.functional.layer_norm(t, (32,), m.weight, m.bias, m.eps)
+
+    torch.manual_seed(2)
+    seed = fusedtech.ops.dropout.new_seed(torch.device("cpu"))
+    torch.manual_seed(2)
+    out, s = m(x, r, return_residual=True)  # training: the mask of the seed drawn here
+    dropped = dropout_apply(x, 0.1, seed)
+    torch.testing.assert_close(s, dropped + r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, norm(dropped + r), atol=1e-5, rtol=1e-5)
     m.eval()
-    torch.testing.assert_close(m(x, r), torch.nn.functional.layer_norm(x + r, (32,), m.weight, m.bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x, r), norm(x + r), atol=1e-5, rtol=1e-5)
     out, s = m(x, r, return_residual=True)
     torch.testing.assert_close(s, x + r)
+    assert repr(m) == f"DropoutAddLayerNorm(32, p=0.1, eps=1e-05, rms={rms})"
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fusedtech.nn.DropoutAddLayerNorm(8, p=1.5)
+    assert repr(fusedtech.nn.DropoutAddLayerNorm(8, elementwise_affine=False)).startswith("DropoutAddLayerNorm(8,")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_add_layer_norm_edges_match_the_composition(backend):
+    g = torch.Generator().manual_seed(4)
+    x, r, w, b = (torch.randn(*shape, generator=g) for shape in ((3, 8), (3, 8), (8,), (8,)))
+    with fusedtech.use_backend(backend):
+        # Eval (and p = 0) draws nothing from torch's generator, as torch's dropout.
+        state = torch.get_rng_state()
+        evaluated = F.dropout_add_layer_norm(x, r, w, b, 0.5, training=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.testing.assert_close(evaluated, torch.nn.functional.layer_norm(x + r, (8,), w, b), atol=1e-5, rtol=1e-5)
+        # p = 1 drops all of x: norm(residual); residual None: norm(dropout(x)) (here p = 0).
+        torch.testing.assert_close(F.dropout_add_layer_norm(x, r, w, b, 1.0),
+                                   torch.nn.functional.layer_norm(r, (8,), w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(F.dropout_add_layer_norm(x, None, w, b, 0.0),
+                                   torch.nn.functional.layer_norm(x, (8,), w, b), atol=1e-5, rtol=1e-5)
+        # A residual of another dtype: the sum in the promoted type, as dropout(x) + residual.
+        out, s = F.dropout_add_layer_norm(x.bfloat16(), r, w, b, 0.0, return_residual=True)
+        assert out.dtype == s.dtype == torch.float32
+        torch.testing.assert_close(s, x.bfloat16().float() + r)
+        for bad, match in (((torch.ones(3), b), "weight must have shape"), ((w, torch.zeros(16)), "bias must have shape"),
+                           ((w.view(1, 8), b), "weight must have shape")):
+            with pytest.raises(RuntimeError, match=match):
+                F.dropout_add_layer_norm(x, r, *bad, 0.1)
+        with pytest.raises(RuntimeError, match="normalises the last dimension"):
+            F.dropout_add_layer_norm(torch.randn(4, 0), torch.randn(4, 0), None, None, 0.1)
+        with pytest.raises(RuntimeError, match="normalises the last dimension"):
+            F.dropout_add_layer_norm(torch.tensor(1.0), torch.tensor(2.0), None, None, 0.1)
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            F.dropout_add_layer_norm(x, r, w, b, 1.5, training=False)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
+@pytest.mark.parametrize("rms", [False, True])
+def test_dropout_add_layer_norm_gradgradcheck(backend, rms):
+    # Double backward: the norm's backward is recorded with torch ops, the dropout's is itself.
+    g = torch.Generator().manual_seed(6)
+    leaves = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+              for shape in ((3, 8), (3, 8), (8,), (8,))]
+
+    def fn(x, r, w, b):
+        torch.manual_seed(9)
+        return F.dropout_add_layer_norm(x, r, w, b, 0.3, rms=rms, return_residual=True)
+
+    with fusedtech.use_backend(backend):
+        assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in cpu_backends()])

@@ -29,6 +29,9 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def __init__(self, hidden_size: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, rms: bool = False, device=None, dtype=None):
         super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.normalized_shape = (hidden_size,)
         self.p, self.eps, self.rms = p, eps, rms
         factory = dict(device=device, dtype=dtype)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, **factory)) if elementwise_affine else None
@@ -39,7 +42,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
                                         self.rms, return_residual)
 
     def extra_repr(self):
-        return f"{self.weight.shape[0] if self.weight is not None else '?'}, p={self.p}, eps={self.eps}, rms={self.rms}"
+        return f"{self.normalized_shape[0]}, p={self.p}, eps={self.eps}, rms={self.rms}"
 
 
 class DropBlock2d(torch.nn.Module):

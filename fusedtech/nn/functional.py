@@ -81,12 +81,28 @@ def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False)
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return input
-    if p == 1.0:
-        return input.zero_() if inplace else torch.zeros_like(input)
-    out = dropout_apply(input, float(p), new_seed(input.device)).view(input.shape)
+    if p == 1.0:  # as torch: input * 0, so the output has a gradient (zeros) and NaN stays NaN
+        return input.mul_(0) if inplace else input * 0
+    # A dense layout other than row-major (channels_last, a transpose) runs in its storage order
+    # and keeps its strides, as torch's dropout does: a permuted view, no copy.
+    order = _storage_order(input)
+    x = input if order is None else input.permute(order)
+    out = dropout_apply(x, float(p), new_seed(input.device)).view(x.shape)
+    if order is not None:
+        out = out.permute(sorted(range(len(order)), key=order.__getitem__))
     if inplace:
         return input.copy_(out)
     return out
+
+
+def _storage_order(t: torch.Tensor):
+    """The permutation that makes a non-contiguous but dense tensor contiguous, or None (contiguous,
+    or not dense: then the op copies)."""
+    if t.is_contiguous() or t.dim() < 2:
+        return None
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    permuted = t.permute(order)
+    return order if permuted.is_contiguous() else None
 
 
 _warned_native_bn = set()
@@ -157,19 +173,44 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
 def dropout_add_layer_norm(x, residual, weight=None, bias=None, p: float = 0.1, eps: float = 1e-5,
                            training: bool = True, rms: bool = False, return_residual: bool = False):
     """norm(dropout(x) + residual) over the last dimension, in one kernel on the Triton backend
-    (LayerNorm, or RMSNorm with rms=True). With return_residual, also returns the pre-norm sum (the
-    next block's residual). Backward regenerates the dropout mask; only the sum and the row
-    statistics are saved."""
+    (LayerNorm, or RMSNorm with rms=True; a bias given with rms=True is added after the scaling).
+    With return_residual, also returns the pre-norm sum (the next block's residual). residual=None
+    normalises dropout(x); a residual of another dtype gives the sum and output in the promoted
+    type, as dropout(x) + residual would. Backward regenerates the dropout mask; only the sum and
+    the row statistics are saved."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if residual is None:  # a first block: norm(dropout(x)); the kernels take a residual of zeros
+        residual = torch.zeros_like(x)
     if x.shape != residual.shape:
         raise RuntimeError(f"fusedtech: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"fusedtech: dropout probability has to be in [0, 1), got {p}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise RuntimeError(f"fusedtech: dropout_add_layer_norm normalises the last dimension of x, which has "
+                           f"shape {tuple(x.shape)}")
     n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (n,) or t.device != x.device):
+            raise RuntimeError(f"fusedtech: {name} must have shape ({n},) on {x.device}, got shape "
+                               f"{tuple(t.shape)} on {t.device}")
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    if x.dtype != residual.dtype:  # as dropout(x) + residual: the sum (and the output) in the promoted type
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     p = float(p) if training else 0.0
+    if p == 1.0:  # every element of x dropped: x * 0, as torch's dropout (NaN stays NaN)
+        x, p = x * 0, 0.0
+    # No draw from the generator when nothing is dropped (eval, p = 0), as torch's dropout.
+    seed = new_seed(x.device) if p > 0.0 else _no_seed(x.device)
     x2, r2 = x.reshape(-1, n).contiguous(), residual.reshape(-1, n).contiguous()
-    out, s, _, _ = dropout_add_norm(x2, r2, weight, bias, p, float(eps), rms, new_seed(x.device))
+    out, s, _, _ = dropout_add_norm(x2, r2, weight, bias, p, float(eps), rms, seed)
     out, s = out.view(x.shape), s.view(x.shape)
     return (out, s) if return_residual else out
+
+
+def _no_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument where no mask is drawn (never read by the kernels at p = 0)."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: float = 1e-6, training: bool = True,

@@ -81,19 +81,24 @@ def _(x, residual, weight, bias, p, eps, rms, seed):
 
 
 def _dan_setup_context(ctx, inputs, output):
-    _, _, weight, bias, p, _, rms, seed = inputs
+    _, _, weight, bias, p, eps, rms, seed = inputs
     _, s, mean, rstd = output
     ctx.save_for_backward(s, weight, bias, mean, rstd, seed)
-    ctx.p, ctx.rms = p, rms
+    ctx.p, ctx.rms, ctx.eps = p, rms, eps
 
 
 def _dan_backward(ctx, dout, dsum, dmean, drstd):
-    from .layer_norm import _as_dtype_of, _layer_norm_bwd, layer_norm_bwd
+    from .layer_norm import _as_dtype_of, _layer_norm_bwd, differentiable_grads, layer_norm_bwd
     s, weight, bias, mean, rstd, seed = ctx.saved_tensors
     eager = is_eager(ctx)
     if dout is None:  # only the sum was used (eager gradients are not materialised)
         dout = torch.zeros_like(s)
-    ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, bias, mean, rstd, ctx.rms, False)
+    if eager and torch.is_grad_enabled():  # create_graph=True: the norm's backward as a graph
+        ds, dw, db = differentiable_grads(s, weight, bias, dout, ctx.eps, ctx.rms)
+        ds = torch.zeros_like(s) if ds is None else ds
+    else:
+        ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, bias, mean, rstd, ctx.rms,
+                                                                    False)
     if dsum is not None:  # the sum is also an output (the next residual)
         ds = ds + dsum
     if not eager:
