@@ -193,10 +193,11 @@ RESET_INFOS = INFOS + [(torch.optim.Adam, optim.Adam, [dict(), dict(lr=1e-2, ams
 
 
 @pytest.mark.parametrize("info", RESET_INFOS, ids=[i[0].__name__ for i in RESET_INFOS])
-@pytest.mark.parametrize("reset", ["clear", "replace"])
+@pytest.mark.parametrize("reset", ["clear", "replace", "one-parameter", "one-tensor"])
 def test_state_reset_by_the_user_starts_over(info, reset):
     # Steady-state steps reuse buckets that hold the state; clearing optimizer.state or assigning a
-    # new mapping (a common "reset the optimizer") must start from fresh state, as torch does.
+    # new mapping (a common "reset the optimizer"), or resetting one parameter's state or one state
+    # tensor, must take effect as it does for torch.
     from collections import defaultdict
     torch_cls, fused_cls, configs = info
     g = torch.Generator().manual_seed(1)
@@ -211,11 +212,42 @@ def test_state_reset_by_the_user_starts_over(info, reset):
         opt.step(), ref_opt.step()
         if step == 2:
             for o in (opt, ref_opt):
+                first = o.param_groups[0]["params"][0]
                 if reset == "clear":
                     o.state.clear()
-                else:
+                elif reset == "replace":
                     o.state = defaultdict(dict)
+                elif reset == "one-parameter":
+                    o.state[first] = {}
+                else:  # a new tensor of the same values: later steps must update it, not the old one
+                    key = next(k for k in sorted(o.state[first]) if k != "step")
+                    o.state[first][key] = o.state[first][key].clone()
     assert_close_params_and_state(ref_opt, ref, opt, params, **FP32_TOL)
+    assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("info", RESET_INFOS, ids=[i[0].__name__ for i in RESET_INFOS])
+def test_add_param_group_and_stateless_parameters_as_torch(info):
+    # A group added after construction gets its state as torch makes it (Adagrad's initial
+    # accumulator value included); SGD without momentum keeps no state entry at all.
+    torch_cls, fused_cls, configs = info
+    config = dict(initial_accumulator_value=0.5) if torch_cls is torch.optim.Adagrad else configs[-1]
+    g = torch.Generator().manual_seed(2)
+    first, second = [torch.nn.Parameter(torch.randn(5, generator=g))], [torch.nn.Parameter(torch.randn(3, 2, generator=g))]
+    ref_first, ref_second = clone(first), clone(second)
+    opt, ref_opt = fused_cls(first, **config), torch_cls(ref_first, **config)
+    for step in range(4):
+        if step == 2:
+            opt.add_param_group({"params": second}), ref_opt.add_param_group({"params": ref_second})
+        for p, r in zip(first + second, ref_first + ref_second):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        opt.step(), ref_opt.step()
+    assert_close_params_and_state(ref_opt, ref_first + ref_second, opt, first + second, **FP32_TOL)
+    assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+    plain = optim.SGD(first, lr=0.1)
+    plain.step()
+    assert plain.state_dict()["state"] == {} and len(plain.state) == 0
 
 
 @pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])

@@ -47,8 +47,8 @@ class Bucket:
     strides: list = field(default_factory=list)  # of params, kept when the bucket is reused across steps
     momentum_buffers: Optional[list] = None  # SGD: the buffers of every parameter, once all exist
     distributed: bool = False  # some parameter is a DTensor: take local shards (else skip the calls)
-    state_dicts: list = field(default_factory=list)  # optimizer.state[p] of each parameter (hashing a
-    # tensor to look it up costs a Python call per parameter and step)
+    state_dicts: list = field(default_factory=list)  # optimizer.state[p] of each parameter
+    state_refs: dict = field(default_factory=dict)  # key -> the state objects the bucket was built on
 
 
 def check_param(name: str, p: torch.Tensor) -> None:
@@ -77,6 +77,14 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         buckets = plan[1]
         ok = True
         for (device, dtype, _), b in buckets.items():
+            # The state is still what the bucket holds: no parameter's state dict was replaced
+            # (optimizer.state[p] = {}) and no state tensor in it (a reset of one parameter).
+            # About 0.1 us per parameter and key; map() keeps the loops in C.
+            if not (all(map(operator.is_, map(optimizer.state.get, b.originals), b.state_dicts))
+                    and all(all(map(operator.is_, map(operator.methodcaller("get", k), b.state_dicts), refs))
+                            for k, refs in b.state_refs.items())):
+                ok = False
+                break
             grads = [local(p.grad) for p in b.originals] if b.distributed else list(map(_grad, b.originals))
             # Each gradient still laid out as its parameter: map() keeps the per-parameter loop in C.
             if (list(map(_stride, grads)) != b.strides or set(map(_dtype, grads)) != {dtype}
@@ -125,8 +133,9 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         if p.grad is None:
             continue
         check_param(name, p)
-        state = optimizer.state[p]
         use_master = master_weights and p.dtype in LOW_PRECISION
+        # No entry for a parameter that keeps no state (SGD without momentum), as torch.
+        state = optimizer.state[p] if state_keys or with_step or use_master else optimizer.state.get(p, {})
         state_dtype = torch.float32 if use_master else p.dtype
         if len(state) == 0:
             if with_step:
@@ -166,6 +175,9 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
                 # torch keeps non-fused steps on the CPU; our kernels read them on the device.
                 step = state["step"] = step.to(device=p.device, dtype=torch.float32)
             b.steps.append(step)
+    keys = state_keys + ("step",) * with_step + ("master_param",) * master_weights
+    for b in buckets.values():
+        b.state_refs = {k: [sd.get(k) for sd in b.state_dicts] for k in keys}
     return buckets
 
 
