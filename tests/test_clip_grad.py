@@ -105,6 +105,36 @@ def test_no_gradients_and_other_norm_orders():
                                torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float64,), (torch.float32, torch.float64), (torch.complex64,)], ids=str)
+def test_float64_and_complex_gradients_as_torch(backend, dtypes):
+    # The kernels accumulate in fp32: float64 and complex gradients take torch's own path, so the
+    # result is torch's to the last bit (an fp32 norm would be off by ~1e-8 relative).
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(7, 5, generator=g).to(dtypes[i % len(dtypes)])) for i in range(4)]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype) * 3
+    qs = twin(ps)
+    expected = torch.nn.utils.clip_grad_norm_(ps, 1.0)
+    with fusedtech.use_backend(backend):
+        total = clip_grad_norm_(qs, 1.0)
+    assert total.dtype == expected.dtype and torch.equal(total, expected)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+
+
+def test_clip_grads_with_norm_and_the_other_names_as_torch():
+    from fusedtech.nn import utils
+    ps = params_with_grads()
+    qs, rs = twin(ps), twin(ps)
+    total = torch.nn.utils.get_total_norm([p.grad for p in ps])
+    torch.nn.utils.clip_grads_with_norm_(ps, 2.0, total)
+    utils.clip_grads_with_norm_(qs, 2.0, total)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+    torch.testing.assert_close(utils.clip_grad_norm(rs, 2.0), total, rtol=1e-5, atol=0)
+    for p, r in zip(ps, rs):
+        torch.testing.assert_close(r.grad, p.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_clip_grad_value_matches_torch():
     ps = params_with_grads()
     qs = twin(ps)
