@@ -271,6 +271,15 @@ def test_errors_name_the_argument():
         F.layer_norm(torch.randn(3, 5), (5,), torch.randn(4))
     with fusedtech.use_backend("cuda"), pytest.raises(fusedtech.BackendUnavailableError):
         F.layer_norm(torch.randn(3, 5), (5,))
+    for backend in BACKENDS:
+        with fusedtech.use_backend(backend):
+            with pytest.raises(RuntimeError, match="normalized_shape must have at least one dimension"):
+                F.layer_norm(torch.randn(2, 6), ())
+            with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence of ints"):
+                F.layer_norm(torch.randn(2, 6), None)
+            for fn in (F.layer_norm, F.rms_norm):
+                with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+                    fn(torch.arange(12).view(2, 6), (6,))
 
 
 @pytest.mark.parametrize("rms", [False, True])

@@ -34,7 +34,15 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
         input = input.to(dtype)
         weight = weight.to(dtype) if weight is not None and weight.dtype in _LOW_PRECISION else weight
         bias = bias.to(dtype) if bias is not None and bias.dtype in _LOW_PRECISION else bias
-    shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
+    try:
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    except TypeError:
+        raise TypeError(f"fusedtech: normalized_shape must be an int or a sequence of ints, got "
+                        f"{normalized_shape!r}") from None
+    if not shape:
+        raise RuntimeError("fusedtech: normalized_shape must have at least one dimension, got ()")
+    if not (input.is_floating_point() and not input.is_complex()):
+        raise TypeError(f"fusedtech: the norms take a floating-point input, got {input.dtype}")
     if input.shape[input.dim() - len(shape):] != shape:
         raise RuntimeError(f"fusedtech: input of shape {tuple(input.shape)} does not end in normalized_shape {shape}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -69,7 +77,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, memory_efficient: bool = False):
     """torch.nn.functional.rms_norm, fused; eps=None means the epsilon of the type the norm computes
     in, as torch: float32's for fp16/bf16 inputs, the input's own for float32/float64."""
-    if eps is None:
+    if eps is None:  # (an integer input is refused by name in _norm)
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     return _norm(input, normalized_shape, weight, None, eps, rms=True, memory_efficient=memory_efficient)
 
