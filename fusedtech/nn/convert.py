@@ -23,6 +23,25 @@ _REPLACEMENTS = (
 _ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.GELU: "gelu", torch.nn.SiLU: "silu"}
 
 
+class FoldedActivation(torch.nn.Identity):
+    """What stands where an activation was folded into the BatchNormAct2d before it: the identity
+    while that module is still there; the activation again if it was swapped out since (as
+    nn.SyncBatchNorm.convert_sync_batchnorm swaps every BatchNorm for a plain SyncBatchNorm), so
+    the model computes the same function either way."""
+
+    def __init__(self, activation: torch.nn.Module, parent: torch.nn.Module, bn_name: str):
+        super().__init__()
+        self.activation = activation  # a child: moves with .to(), prints in repr; it has no state
+        # The parent is not a child (that would be a cycle of modules): kept outside _modules.
+        self.__dict__["_parent"], self._bn_name = parent, bn_name
+        self.__dict__["_fused_into"] = parent._modules[bn_name]
+
+    def forward(self, input):
+        if self.__dict__["_parent"]._modules.get(self._bn_name) is self.__dict__["_fused_into"]:
+            return input
+        return self.activation(input)
+
+
 def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: bool = False, verbose: bool = False):
     """Replace, in place, every module with a fused drop-in (exact type match, so subclasses and
     already-fused modules stay); `include` limits it to some torch classes (e.g. {nn.LayerNorm}).
@@ -30,7 +49,11 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
     the fused module sharing its parameters and buffers); report counts replaced modules per type and lists the torch module
     types seen that have no fused version yet. With fuse_activations, a BatchNorm2d followed by
     ReLU, GELU (tanh approximation excluded) or SiLU in an nn.Sequential becomes one
-    BatchNormAct2d and the activation an Identity (state_dict keys stay the same)."""
+    BatchNormAct2d and the activation a FoldedActivation (an nn.Identity; state_dict keys stay the
+    same), which applies the activation again should the BatchNormAct2d be swapped out later (by
+    nn.SyncBatchNorm.convert_sync_batchnorm, say: it makes a plain SyncBatchNorm of it; convert to
+    SyncBatchNorm first to keep a sync norm, which convert_model leaves alone). `include`, when
+    given, must name nn.BatchNorm2d for the folding."""
     from .. import nn as fnn
     replaced: Counter = Counter()
     missing: set = set()
@@ -44,7 +67,7 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
                 return cls
         return None
 
-    if fuse_activations:
+    if fuse_activations and (include is None or torch.nn.BatchNorm2d in include):
         for parent in list(model.modules()):
             if not isinstance(parent, torch.nn.Sequential):
                 continue
@@ -54,7 +77,7 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
                 kind = _ACTIVATIONS.get(type(act))
                 if type(bn) in (torch.nn.BatchNorm2d, fnn.BatchNorm2d) and kind and getattr(act, "approximate", "none") == "none":
                     parent._modules[a] = fnn.BatchNormAct2d.from_batch_norm(bn, kind)
-                    parent._modules[b] = torch.nn.Identity()
+                    parent._modules[b] = FoldedActivation(act, parent, a)
                     replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):

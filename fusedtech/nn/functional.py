@@ -122,7 +122,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics updated exactly as torch does). On CUDA tensors the automatic choice is torch's own
     (cuDNN) batch_norm, with one warning, until fusedtech's Triton kernels (use_backend("triton"))
     are measured faster on a GPU: they take one program per channel for the statistics."""
-    _check_batch(input, training)
+    _check_batch(input, training, running_mean, running_var)
     if input.device.type != "cpu" and _backend.requested_backend() is None:
         if input.device.type not in _warned_native_bn:
             _warned_native_bn.add(input.device.type)
@@ -135,28 +135,39 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def _check_batch(input, training):
+def _check_batch(input, training, running_mean, running_var):
+    """torch's checks and words."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
         size = input.size()
-        count = input.numel() // size[1] if input.dim() > 1 and size[1] else 0
-        if count == 1:
+        values = size[0] * math.prod(size[2:]) if input.dim() > 1 else 0  # per channel, whatever C is
+        if values == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation=None,
                 residual=None):
+    if not input.is_floating_point():
+        raise TypeError(f"fusedtech: batch_norm takes a floating-point input, got {input.dtype}")
     if not training and (running_mean is None or running_var is None):
-        raise ValueError("fusedtech: batch_norm in eval mode needs running_mean and running_var")
+        raise RuntimeError("running_mean must be defined in evaluation mode")
     c = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != c:  # torch's check and words; the kernels index by channel
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    # The kernels index per-channel vectors densely: a strided weight (w[::2], an expand) is copied.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     rm, rv = (None, None) if training else (running_mean, running_var)
     if activation is None:
         y, mean, _, var = batch_norm_fwd(input, weight, bias, rm, rv, training, float(eps))
     else:
         if residual is not None and residual.shape != input.shape:
             raise RuntimeError(f"fusedtech: residual has shape {tuple(residual.shape)} but input has {tuple(input.shape)}")
+        if residual is not None and residual.dtype != input.dtype:  # as bn(input) + residual: the promoted type
+            dtype = torch.promote_types(input.dtype, residual.dtype)
+            input, residual = input.to(dtype), residual.to(dtype)
         y, mean, _, var, _ = batch_norm_act_fwd(input, weight, bias, rm, rv, residual, training, float(eps), activation)
     # An empty batch has no statistics: torch leaves the running ones as they are.
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
@@ -170,7 +181,7 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     (nothing but what BatchNorm needs, and the residual, is saved). activation: relu, gelu, silu, none."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusedtech: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_batch(input, training)
+    _check_batch(input, training, running_mean, running_var)
     if input.device.type != "cpu" and _backend.requested_backend() is None:
         y = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         from ..ops.batch_norm import _activate

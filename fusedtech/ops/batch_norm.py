@@ -79,16 +79,38 @@ def _(dy, x, weight, mean, invstd, training):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, training, _ = inputs
+    x, weight, bias, _, _, training, eps = inputs
     _, mean, invstd, _ = output
     ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.training = training
+    ctx.training, ctx.eps = training, eps
     ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _differentiable_grads(ctx, dy, x, weight, bias, mean, invstd, extra, has_residual, activation):
+    """(dx, dweight, dbias, dresidual) as a differentiable graph, for backward under create_graph=True:
+    the oracle's backward, in float64, on batch statistics recomputed from x with torch ops (in eval
+    the running statistics are constants), so autograd records how the gradients depend on x."""
+    from ..reference import batch_norm as reference
+
+    def f64(t):
+        return t.to(torch.float64) if t is not None else None
+
+    xd = f64(x)
+    if ctx.training:
+        mean, invstd, _ = reference.batch_norm_stats(xd, ctx.eps)
+    extra = extra if activation == 1 else f64(extra)  # ReLU's mask, or the residual
+    dx, dw, db, dres = reference.batch_norm_act_bwd(f64(dy), xd, f64(weight), f64(bias), f64(mean), f64(invstd),
+                                                    extra, has_residual, activation, ctx.training)
+    return dx.to(x.dtype), dw, db, dres.to(x.dtype) if dres is not None else None
 
 
 def _backward(ctx, dy, dmean, dinvstd, dvar):
     x, weight, mean, invstd = ctx.saved_tensors
-    dx, dw, db = (_batch_norm_bwd if is_eager(ctx) else batch_norm_bwd)(dy, x, weight, mean, invstd, ctx.training)
+    if is_eager(ctx) and torch.is_grad_enabled():  # create_graph=True: double backward
+        dx, dw, db, _ = _differentiable_grads(ctx, dy, x, weight, None, mean, invstd, None, False, 0)
+    else:
+        dx, dw, db = (_batch_norm_bwd if is_eager(ctx) else batch_norm_bwd)(dy, x, weight, mean, invstd,
+                                                                            ctx.training)
     wdt, bdt = ctx.dtypes
     return (dx, None if wdt is None else dw if dw.dtype == wdt else dw.to(wdt),
             None if bdt is None else db if db.dtype == bdt else db.to(bdt), None, None, None, None)
@@ -162,16 +184,21 @@ def _(dy, x, weight, bias, mean, invstd, extra, has_residual, activation, traini
 
 
 def _act_setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, residual, training, _, activation = inputs
+    x, weight, bias, _, _, residual, training, eps, activation = inputs
     _, mean, invstd, _, bits = output
     ctx.training, ctx.activation, ctx.has_residual = training, ACTIVATION_CODES[activation], residual is not None
+    ctx.eps = eps
     ctx.save_for_backward(x, weight, bias, mean, invstd, bits if activation == "relu" else residual)
 
 
 def _act_backward(ctx, dy, dmean, dinvstd, dvar, dbits):
     x, weight, bias, mean, invstd, extra = ctx.saved_tensors
-    dx, dw, db, dres = (_batch_norm_act_bwd if is_eager(ctx) else batch_norm_act_bwd)(
-        dy, x, weight, bias, mean, invstd, extra, ctx.has_residual, ctx.activation, ctx.training)
+    if is_eager(ctx) and torch.is_grad_enabled():  # create_graph=True: double backward
+        dx, dw, db, dres = _differentiable_grads(ctx, dy, x, weight, bias, mean, invstd, extra, ctx.has_residual,
+                                                 ctx.activation)
+    else:
+        dx, dw, db, dres = (_batch_norm_act_bwd if is_eager(ctx) else batch_norm_act_bwd)(
+            dy, x, weight, bias, mean, invstd, extra, ctx.has_residual, ctx.activation, ctx.training)
     return (dx, _as_dtype_of(dw, weight), _as_dtype_of(db, bias), None, None, dres if ctx.has_residual else None,
             None, None, None)
 

@@ -91,6 +91,11 @@ def batch_norm_act_bwd(dy, x, weight, bias, mean, invstd, extra, has_residual: b
         g = torch.where(unpack_bits(extra, dy), g, torch.zeros_like(g))
     elif activation >= 2:
         pre = _pre_activation(x, mean, invstd, weight, bias, extra)
-        g = (torch.ops.aten.gelu_backward if activation == 2 else torch.ops.aten.silu_backward)(g, pre)
+        if activation == 2:
+            g = torch.ops.aten.gelu_backward(g, pre)
+        else:  # aten's silu_backward formula, in ops that autograd differentiates (it has no double backward)
+            sig = torch.sigmoid(pre)
+            g = g * sig * (1 + pre * (1 - sig))
     dx, dw, db = batch_norm_bwd(g, x, weight, mean, invstd, training)
-    return dx, dw, db, g.to(x.dtype) if has_residual else None
+    # A copy even where g is dy (no activation, x's dtype): an op's outputs may not alias its inputs.
+    return dx, dw, db, g.to(x.dtype, copy=True) if has_residual else None
