@@ -250,6 +250,71 @@ def test_add_param_group_and_stateless_parameters_as_torch(info):
     assert plain.state_dict()["state"] == {} and len(plain.state) == 0
 
 
+def _mixed_model(sparse: bool):
+    """An embedding (sparse gradients if asked), a float64 Linear, an fp32 vector, a complex one."""
+    torch.manual_seed(0)
+    return (torch.nn.Embedding(10, 4, sparse=sparse), torch.nn.Linear(4, 3).double(),
+            torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, dtype=torch.complex64)))
+
+
+def _mixed_steps(opt_cls, config, sparse, steps=4, scale=None, found_inf=None):
+    emb, lin, w, c = _mixed_model(sparse)
+    params = [emb.weight, lin.weight, lin.bias, w, c]
+    opt = opt_cls(params, **config)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = lin(emb(torch.tensor([1, 3, 3, 7])).double()).sum() + w.square().sum() + c.abs().square().sum()
+        (loss * (scale or 1.0)).backward()
+        if scale is not None:  # what GradScaler hands a fused step: scaled gradients, scale and inf flag
+            opt.grad_scale, opt.found_inf = torch.tensor(float(scale)), torch.tensor(float(found_inf))
+        opt.step()
+        opt.__dict__.pop("grad_scale", None), opt.__dict__.pop("found_inf", None)
+    return params, opt
+
+
+@pytest.mark.parametrize("info", RESET_INFOS, ids=[i[0].__name__ for i in RESET_INFOS])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_float64_complex_and_sparse_parameters_are_stepped_as_torch(info, scaled):
+    # What the kernels do not take (float64, complex, sparse gradients where torch takes them) is
+    # stepped by the torch class itself, after the fused buckets: the same results, state and
+    # state_dict as torch; under GradScaler unscaled first (and skipped with the step).
+    torch_cls, fused_cls, configs = info
+    sparse = torch_cls in (torch.optim.SGD, torch.optim.Adagrad)
+    # The richest config torch runs here (its weight decay refuses sparse gradients).
+    config = next(c for c in reversed(configs) if not any(map(torch.is_tensor, c.values()))
+                  and not (sparse and c.get("weight_decay")))
+    ref_params, ref_opt = _mixed_steps(torch_cls, config, sparse)
+    params, opt = _mixed_steps(fused_cls, config, sparse, scale=8.0 if scaled else None, found_inf=0)
+    assert_close_params_and_state(ref_opt, ref_params, opt, params, atol=1e-5, rtol=1e-5)
+    assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+    if scaled:  # inf steps change nothing, the torch-stepped parameters included
+        skipped, _ = _mixed_steps(fused_cls, config, sparse, steps=2, scale=8.0, found_inf=1)
+        emb, lin, w, c = _mixed_model(sparse)
+        assert all(torch.equal(a, b) for a, b in zip(skipped, (emb.weight, lin.weight, lin.bias, w, c)))
+
+
+def test_torch_step_hooks_run_once_with_torch_stepped_parameters():
+    # A torch.optim.Adam instance puts torch's hook wrapper on torch.optim.Adam.step; handing
+    # parameters to that step must not run the fused optimizer's hooks a second time.
+    torch.optim.Adam([torch.nn.Parameter(torch.randn(2))])
+    calls = []
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = optim.Adam([p, torch.nn.Parameter(torch.randn(3))])
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    for q in opt.param_groups[0]["params"]:
+        q.grad = torch.ones_like(q)
+    opt.step()
+    assert calls == ["pre", "post"] and opt.state[p]["step"].item() == 1
+
+
+def test_lamb_refuses_what_its_kernels_do_not_take():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    p.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="LAMB supports float32, float16 and bfloat16 parameters"):
+        optim.LAMB([p]).step()
+
+
 @pytest.mark.parametrize("info", INFOS, ids=[i[0].__name__ for i in INFOS])
 def test_defaults_repr_and_validation_match_torch(info):
     torch_cls, fused_cls, _ = info
@@ -264,10 +329,11 @@ def test_defaults_repr_and_validation_match_torch(info):
             fused_cls(make_params(), **bad)
     with pytest.raises(ValueError, match="differentiable"):
         fused_cls(make_params(), differentiable=True)
-    p = torch.nn.Parameter(torch.randn(3, 2))
-    p.grad = torch.randn(3, 2).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        fused_cls([p]).step()
+    if torch_cls is torch.optim.RMSprop:  # torch's RMSprop refuses sparse gradients; its words
+        p = torch.nn.Parameter(torch.randn(3, 2))
+        p.grad = torch.randn(3, 2).to_sparse()
+        with pytest.raises(RuntimeError, match="sparse"):
+            fused_cls([p]).step()
 
 
 def test_aliases_and_namespace():

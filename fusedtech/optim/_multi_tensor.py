@@ -51,6 +51,11 @@ class Bucket:
     state_refs: dict = field(default_factory=dict)  # key -> the state objects the bucket was built on
 
 
+def fusable(p: torch.Tensor) -> bool:
+    """The kernels take p: a float32/float16/bfloat16 parameter with a dense gradient."""
+    return p.dtype in SUPPORTED and not p.grad.is_sparse
+
+
 def check_param(name: str, p: torch.Tensor) -> None:
     if p.grad.is_sparse:
         raise RuntimeError(f"{name} does not support sparse gradients")
@@ -74,7 +79,7 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     plans = optimizer.__dict__.setdefault("_fusedtech_plans", {})
     plan = plans.get(id(group))
     if plan is not None and plan[0] == key:
-        buckets = plan[1]
+        buckets, unfused = plan[1], plan[2]
         ok = True
         for (device, dtype, _), b in buckets.items():
             # The state is still what the bucket holds: no parameter's state dict was replaced
@@ -93,16 +98,25 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
                 break
             b.grads = grads
         if ok:
+            _defer(optimizer, unfused)
             return buckets
+    unfused: list = []
     buckets = _collect(optimizer, group, state_keys, name=name, initial_state=initial_state,
-                       master_weights=master_weights, with_step=with_step)
+                       master_weights=master_weights, with_step=with_step, unfused=unfused)
+    _defer(optimizer, unfused)
     if all(not b.writeback for b in buckets.values()):
         for b in buckets.values():
             b.strides = [p.stride() for p in b.params]  # a parameter's layout does not change
-        plans[id(group)] = (key, buckets)
+        plans[id(group)] = (key, buckets, unfused)
     else:
         plans.pop(id(group), None)
     return buckets
+
+
+def _defer(optimizer, unfused: list) -> None:
+    """Leave these parameters to torch's step (FusedStepMixin._step_unfused), after the kernels."""
+    if unfused:
+        optimizer.__dict__.setdefault("_fusedtech_unfused", []).extend(unfused)
 
 
 _grad, _dtype, _device, _layout = (operator.attrgetter(name) for name in ("grad", "dtype", "device", "layout"))
@@ -121,8 +135,10 @@ def forget_plans(optimizer) -> None:
 
 
 def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
-             initial_state=None, master_weights: bool = False, with_step: bool = True) -> dict:
-    """Buckets of the group's parameters that have a gradient, keyed by (device, dtype).
+             initial_state=None, master_weights: bool = False, with_step: bool = True, unfused=None) -> dict:
+    """Buckets of the group's parameters that have a gradient, keyed by (device, dtype). Those the
+    kernels do not take go to `unfused` when the optimizer can hand them to torch's step, else
+    raise.
 
     state_keys name the per-parameter state tensors, created on first use as zeros shaped and
     laid out like the parameter (initial_state(p, key) may give another start value). With
@@ -131,6 +147,9 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     buckets: dict = defaultdict(Bucket)
     for p in group["params"]:
         if p.grad is None:
+            continue
+        if unfused is not None and optimizer._torch_fallback and not fusable(p):
+            unfused.append(p)
             continue
         check_param(name, p)
         use_master = master_weights and p.dtype in LOW_PRECISION
@@ -251,6 +270,9 @@ class FusedStepMixin:
     """
 
     _fused_state: tuple[str, ...] = ()
+    # Parameters the kernels do not take (float64, complex, sparse gradients) are stepped by the
+    # torch class this one subclasses; False where there is none (LAMB): they are refused.
+    _torch_fallback = True
 
     def _fused_setup(self, name: str, master_weights: bool, differentiable: bool) -> None:
         if differentiable:
@@ -263,6 +285,36 @@ class FusedStepMixin:
             self.defaults["master_weights"] = True
         # GradScaler then hands us grad_scale/found_inf instead of unscaling .grad itself.
         self._step_supports_amp_scaling = True
+
+    def _step_unfused(self) -> None:
+        """After the kernels: torch's own step for the parameters collect() left to it (rare, so
+        simple: every other gradient is hidden from torch's step for the call)."""
+        unfused = self.__dict__.pop("_fusedtech_unfused", None)
+        if not unfused:
+            return
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            return  # GradScaler skips this step (the one host sync, for these parameters only)
+        if grad_scale is not None:  # GradScaler left the gradients scaled for the kernels to unscale
+            inverse = grad_scale.double().reciprocal()
+            for p in unfused:
+                p.grad.mul_(inverse.to(p.grad.device, p.grad.dtype if not p.grad.is_complex() else torch.float64))
+        keep = {id(p) for p in unfused}
+        hidden = [(p, p.grad) for g in self.param_groups for p in g["params"]
+                  if p.grad is not None and id(p) not in keep]
+        scaler = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        try:
+            for p, _ in hidden:
+                p.grad = None
+            step = next(c.__dict__["step"] for c in type(self).__mro__[type(self).__mro__.index(FusedStepMixin) + 1:]
+                        if "step" in c.__dict__)
+            # Not through torch's hook wrapper, if a torch instance put one on its class: our
+            # step already ran the hooks.
+            (step.__wrapped__ if getattr(step, "hooked", False) else step)(self)
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+            self.__dict__.update(scaler)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

@@ -10,7 +10,8 @@ from . import _multi_tensor as mt
 
 class Adagrad(mt.FusedStepMixin, torch.optim.Adagrad):
     """Drop-in for torch.optim.Adagrad. Extra keyword: ``master_weights``. ``foreach`` and
-    ``fused`` are accepted and ignored. Sparse gradients are refused (use torch.optim.Adagrad)."""
+    ``fused`` are accepted and ignored. Sparse gradients (and float64 or complex parameters) are
+    stepped by torch.optim.Adagrad itself."""
 
     _fused_state = ("sum",)
 
@@ -45,6 +46,7 @@ class Adagrad(mt.FusedStepMixin, torch.optim.Adagrad):
                               bool(group["maximize"]), grad_scale, found_inf)
                 mt.undo_skipped_steps(b.steps, found_inf)
                 mt.finish(b)
+        self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
         return loss
 
 

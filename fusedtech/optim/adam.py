@@ -43,6 +43,7 @@ class _FusedAdamStep(mt.FusedStepMixin):
                            bool(group["maximize"]), grad_scale, found_inf)
                 mt.undo_skipped_steps(b.steps, found_inf)
                 mt.finish(b)
+        self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
         return loss
 
 

@@ -29,6 +29,7 @@ _STATE = ("exp_avg", "exp_avg_sq")
 
 class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
     _fused_state = _STATE
+    _torch_fallback = False  # no torch LAMB to hand float64/complex/sparse to: refused by name
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0, clamp_value=10,
                  adam=False, debias=False, *, trust_clamp=None, exclude_bias_and_norm=False, max_grad_norm=None,

@@ -73,6 +73,7 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                         for i in idx:
                             del self.state[b.originals[i]]["momentum_buffer"]
                 mt.finish(b)
+        self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
         return loss
 
 
