@@ -152,6 +152,20 @@ def test_double_backward_matches_torch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_matches_torch(backend):
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(4, 3, 2, 3, generator=g), torch.randn(3, generator=g)
+    F = fusedtech.nn.functional
+    with fusedtech.use_backend(backend):
+        ours = torch.func.grad(lambda x, w: F.batch_norm_act(x, None, None, w, None, True, activation="gelu")
+                               .pow(2).sum(), argnums=(0, 1))(x, w)
+    theirs = torch.func.grad(lambda x, w: torch.nn.functional.gelu(torch.nn.functional.batch_norm(
+        x, None, None, w, None, True)).pow(2).sum(), argnums=(0, 1))(x, w)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_weight_and_bias(backend):
     # Per-channel vectors that are views (w[::2], an expanded scalar) are read by their strides.
     g = torch.Generator().manual_seed(5)

@@ -161,6 +161,19 @@ def test_dense_layouts_keep_their_strides(backend, layout):
     assert torch.equal(dx, torch.where(kept, dy * scale, torch.zeros_like(dy)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_uses_the_forward_mask(backend):
+    x = torch.rand(6, 7) + 0.5
+    with fusedtech.use_backend(backend):
+        torch.manual_seed(3)
+        dx = torch.func.grad(lambda t: (F.dropout(t, 0.3) * t).sum())(x)  # d/dt (mask * t^2 / 0.7)
+        torch.manual_seed(3)
+        y = F.dropout(x, 0.3)
+    scale = torch.tensor(1 / 0.7, dtype=torch.float32)
+    assert torch.equal(dx != 0, y != 0)
+    torch.testing.assert_close(dx, torch.where(y != 0, x * scale + y, 0.0))
+
+
 def test_module_and_convert_model():
     t = torch.nn.Dropout(0.3)
     f = fusedtech.nn.Dropout(0.3)

@@ -209,6 +209,19 @@ def test_double_backward_matches_torch(backend, rms):
     _check(ours, theirs, exact, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_matches_torch(backend):
+    # torch.func.grad of a function using the norm (functorch refuses the custom op's own autograd).
+    x, w, b, _ = _case((3, 2, 9), torch.float32, True, True)
+    with fusedtech.use_backend(backend):
+        ours = torch.func.grad(lambda x, w: F.layer_norm(x, (9,), w, b).pow(3).sum(), argnums=(0, 1))(x, w)
+    exact = torch.func.grad(lambda x, w: torch.nn.functional.layer_norm(x, (9,), w, b.double()).pow(3).sum(),
+                            argnums=(0, 1))(x.double(), w.double())
+    theirs = torch.func.grad(lambda x, w: torch.nn.functional.layer_norm(x, (9,), w, b).pow(3).sum(),
+                             argnums=(0, 1))(x, w)
+    _check(ours, theirs, exact, torch.float32)
+
+
 def test_memory_efficient_refuses_double_backward():
     x, w = torch.randn(3, 8, requires_grad=True), torch.rand(8) + 0.5
     y = F.layer_norm(x, (8,), w, memory_efficient=True)

@@ -15,14 +15,17 @@ def eager_fast_path(name: str, op, impl, setup_context, backward, differentiable
     masks) are marked non-differentiable, and no zero gradients are made for them: backward gets
     None there (the engine would otherwise allocate and fill a zero tensor per output per call)."""
 
-    def forward(ctx, *args):
-        out = impl(*args)
+    def setup(ctx, inputs, out):
         ctx.eager = True
-        setup_context(ctx, args, out)
+        setup_context(ctx, inputs, out)
         if isinstance(out, tuple) and len(out) > differentiable:
             ctx.mark_non_differentiable(*out[differentiable:])
         ctx.set_materialize_grads(False)
-        ctx.inputs = len(args)
+        ctx.inputs = len(inputs)
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup(ctx, args, out)
         return out
 
     def eager_backward(ctx, *grads):
@@ -35,9 +38,19 @@ def eager_fast_path(name: str, op, impl, setup_context, backward, differentiable
     _Eager = type(f"{name}_eager", (torch.autograd.Function,),
                   {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
 
+    # Under torch.func transforms (torch.func.grad of a model using these ops) a Function must take
+    # no ctx in forward and have a setup_context: the same steps in that form. Not the default: its
+    # apply costs ~17 us more per call (measured on a small LayerNorm, 35 -> 52 us forward+backward).
+    _Functorch = type(f"{name}_eager", (torch.autograd.Function,),
+                      {"forward": staticmethod(impl), "setup_context": staticmethod(setup),
+                       "backward": staticmethod(eager_backward)})
+    in_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
+        if in_transform() is not None:
+            return _Functorch.apply(*args)
         return _Eager.apply(*args)
 
     call.__name__ = name
