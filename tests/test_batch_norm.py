@@ -97,8 +97,15 @@ def test_one_value_per_channel_in_training_is_refused_like_torch():
         torch.nn.BatchNorm1d(3)(x)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         fusedtech.nn.BatchNorm1d(3)(x)
-    m = fusedtech.nn.BatchNorm2d(3).eval()  # N*H*W = 1 is fine in eval
-    torch.testing.assert_close(m(torch.randn(1, 3, 1, 1)).shape, torch.Size([1, 3, 1, 1]))
+    for backend in BACKENDS:  # N*H*W = 1 is fine in eval: the running statistics normalise
+        t = torch.nn.BatchNorm2d(3).eval()
+        with torch.no_grad():
+            t.running_mean.uniform_(-1, 1), t.running_var.uniform_(0.5, 2), t.weight.uniform_(0.5, 2)
+        m = fusedtech.nn.BatchNorm2d(3).eval()
+        m.load_state_dict(t.state_dict())
+        one = torch.randn(1, 3, 1, 1)
+        with fusedtech.use_backend(backend):
+            torch.testing.assert_close(m(one), t(one), **TOL32)
     assert "Expected more than 1 value per channel" in str(expected.value)
 
 
