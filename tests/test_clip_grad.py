@@ -122,6 +122,18 @@ def test_float64_and_complex_gradients_as_torch(backend, dtypes):
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_norm_past_float_range_is_inf_as_torch(backend):
+    ps = [torch.nn.Parameter(torch.zeros(2))]
+    ps[0].grad = torch.full((2,), 3e38)
+    qs = twin(ps)
+    expected = torch.nn.utils.clip_grad_norm_(ps, 1.0)
+    with fusedtech.use_backend(backend):
+        total = clip_grad_norm_(qs, 1.0)
+    assert torch.isinf(expected) and torch.isinf(total)
+    assert torch.equal(qs[0].grad, ps[0].grad)
+
+
 def test_clip_grads_with_norm_and_the_other_names_as_torch():
     from fusedtech.nn import utils
     ps = params_with_grads()

@@ -222,6 +222,24 @@ def test_torch_func_grad_matches_torch(backend):
     _check(ours, theirs, exact, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_strided_weight_and_bias(backend, rms):
+    # Views as parameters (an expanded scalar, every other element) are read by their strides.
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, generator=g, requires_grad=True)
+    for w, b in ((torch.tensor([2.0]).expand(4), torch.tensor([0.5]).expand(4)),
+                 (torch.randn(8, generator=g)[::2], torch.randn(8, generator=g)[1::2])):
+        fn = (lambda m, x: m.rms_norm(x, (4,), w, 1e-5)) if rms else (lambda m, x: m.layer_norm(x, (4,), w, b))
+        with fusedtech.use_backend(backend):
+            ours = fn(F, x)
+            (dx,) = torch.autograd.grad(ours.pow(2).sum(), x)
+        theirs = fn(torch.nn.functional, x)
+        (tdx,) = torch.autograd.grad(theirs.pow(2).sum(), x)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dx, tdx, atol=1e-4, rtol=1e-4)
+
+
 def test_memory_efficient_refuses_double_backward():
     x, w = torch.randn(3, 8, requires_grad=True), torch.rand(8) + 0.5
     y = F.layer_norm(x, (8,), w, memory_efficient=True)

@@ -294,6 +294,42 @@ def test_sparse_gradient_refused():
         optim.Adam([p]).step()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amsgrad_keeps_nan_in_the_running_maximum_as_torch(backend):
+    p = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    p.grad = torch.tensor([float("nan"), 1.0, -2.0])
+    (ref,) = [torch.nn.Parameter(p.detach().clone())]
+    ref.grad = p.grad.clone()
+    opt = optim.Adam([p], amsgrad=True)
+    with fusedtech.use_backend(backend):
+        opt.step()
+    ref_opt = torch.optim.Adam([ref], amsgrad=True)
+    ref_opt.step()
+    ours, theirs = opt.state[p]["max_exp_avg_sq"], ref_opt.state[ref]["max_exp_avg_sq"]
+    assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan()[0]
+    torch.testing.assert_close(ours[1:], theirs[1:])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
+def test_op_lists_are_checked_before_a_kernel_reads_them(backend):
+    # The ops index every list with the parameters' offsets: a short or missing list, or another
+    # dtype, would be read out of bounds (the Triton launcher crashed the process on grads=[]).
+    from fusedtech.ops.adam import adam_step_
+    from fusedtech.ops.grad_norm import multi_tensor_norm
+    p, step = [torch.randn(6)], [torch.zeros(())]
+    bad = {"grads has 0 tensors": ([], [torch.zeros(6)]),
+           "exp_avgs": ([torch.randn(6)], [torch.zeros(2)]),
+           "grads": ([torch.randn(6).bfloat16()], [torch.zeros(6)])}
+    for match, (grads, exp_avgs) in bad.items():
+        with fusedtech.use_backend(backend), pytest.raises(RuntimeError, match=match):
+            adam_step_(p, grads, exp_avgs, [torch.zeros(6)], [], [], step, 1e-3, None, 0.9, 0.999, 1e-8, 0.0,
+                       False, False, False, None, None)
+    assert torch.isfinite(p[0]).all()
+    if backend == "triton":  # the cpu op takes each tensor's own dtype
+        with fusedtech.use_backend(backend), pytest.raises(RuntimeError, match="one dtype"):
+            multi_tensor_norm([torch.randn(3, 4), torch.randn(12).bfloat16()], 2.0)
+
+
 def test_sparse_gradient_refused_by_torchs_words():
     # Handed to torch.optim.Adam's step, which refuses sparse gradients as it always does.
     p = torch.nn.Parameter(torch.randn(4, 3))

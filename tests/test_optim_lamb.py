@@ -123,6 +123,20 @@ def test_trust_ratio_edge_cases(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_weight_makes_the_tensors_step_nan_as_torch_optimizer(backend):
+    # torch.clamp keeps a NaN norm, so the trust ratio and the whole tensor's step are NaN; a
+    # min/max clamp dropped it (ratio 1: only the NaN element stayed NaN).
+    w = torch.nn.Parameter(torch.tensor([float("nan"), 0.5, -0.2, 0.8]))
+    w.grad = torch.tensor([0.1, -0.3, 0.2, 0.4])
+    (ref_w,) = clone([w])
+    ref_w.grad = w.grad.clone()
+    with fusedtech.use_backend(backend):
+        optim.LAMB([w], lr=0.1).step()
+    torch_optimizer.Lamb([ref_w], lr=0.1).step()
+    assert torch.isnan(ref_w).all() and torch.isnan(w).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_round_trip_with_torch_optimizer(backend):
     p_theirs = make_params()
     theirs = run(torch_optimizer.Lamb, p_theirs, steps=5, lr=1e-2, weight_decay=0.1)

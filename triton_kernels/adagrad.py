@@ -51,7 +51,8 @@ def adagrad_step_(params, grads, state_sums, master_params, steps, lr, lr_tensor
     if not params:
         return
     device = params[0].device
-    ptrs = pointer_table([params, grads, state_sums, master_params, steps], len(params), device)
+    ptrs = pointer_table([params, grads, state_sums, master_params, steps], len(params), device,
+                         ("params", "grads", "state_sums", "master_params?", "steps"))
     chunks = chunk_table([p.numel() for p in params], chunk, device)
     lr_ptr, gs_ptr, fi_ptr = launch_scalars(params[0], lr_tensor, grad_scale, found_inf)
     _adagrad_kernel[(chunks.shape[0],)](

@@ -74,7 +74,9 @@ def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
         second = v
         if AMSGRAD:
             vmax_ptr = tl.load(base + 4).to(tl.pointer_type(STATE))
-            vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
+            # NaN propagates into the running maximum, as torch.maximum does.
+            vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v,
+                              propagate_nan=tl.PropagateNan.ALL)
             tl.store(vmax_ptr + offs, round_to(vmax, STATE), mask=mask)
             second = vmax
         # IEEE sqrt and division (Triton's defaults are approximate) to agree with torch to rounding.
@@ -105,7 +107,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
     device = params[0].device
     n = len(params)
     ptrs = pointer_table([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
-                          master_params, steps], n, device)
+                          master_params, steps], n, device,
+                         ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs?", "master_params?", "steps"))
     chunks = chunk_table([p.numel() for p in params], chunk, device)
     state_dtype = exp_avgs[0].dtype
     block = min(chunk, 1024)

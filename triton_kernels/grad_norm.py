@@ -40,7 +40,7 @@ def multi_tensor_norm(tensors, norm_type: float, *, chunk: int = CHUNK) -> torch
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     device = tensors[0].device
     inf = norm_type == float("inf")
-    ptrs = pointer_table([tensors], len(tensors), device)
+    ptrs = pointer_table([tensors], len(tensors), device, ("tensors",))
     chunks = chunk_table([t.numel() for t in tensors], chunk, device)
     partials = torch.zeros(chunks.shape[0], device=device, dtype=torch.float32)
     _norm_partials_kernel[(chunks.shape[0],)](ptrs, chunks, partials, DTYPE=tl_dtype(tensors[0].dtype), INF=inf,

@@ -71,7 +71,10 @@ def _lamb_ratio_kernel(ptrs, ranges, partials, neg_steps, lr, lr_ptr, log_betas,
         mask = k < count
         wsq += tl.load(partials + (first + k) * 2, mask=mask, other=0.0)
         usq += tl.load(partials + (first + k) * 2 + 1, mask=mask, other=0.0)
-    w = tl.minimum(tl.maximum(tl.sqrt_rn(tl.sum(wsq, axis=0)), clamp_lower), clamp_upper)
+    # A NaN norm stays NaN through the clamp (torch.clamp's rule): the whole tensor's step is NaN,
+    # as torch_optimizer's.
+    w = tl.minimum(tl.maximum(tl.sqrt_rn(tl.sum(wsq, axis=0)), clamp_lower, propagate_nan=tl.PropagateNan.ALL),
+                   clamp_upper, propagate_nan=tl.PropagateNan.ALL)
     un = tl.sqrt_rn(tl.sum(usq, axis=0))
     if HAS_LR_PTR:
         lr = tl.load(lr_ptr)
@@ -117,7 +120,8 @@ def lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, l
         return
     device = params[0].device
     numels = [p.numel() for p in params]
-    ptrs = pointer_table([params, grads, exp_avgs, exp_avg_sqs, master_params, steps], len(params), device)
+    ptrs = pointer_table([params, grads, exp_avgs, exp_avg_sqs, master_params, steps], len(params), device,
+                         ("params", "grads", "exp_avgs", "exp_avg_sqs", "master_params?", "steps"))
     chunks = chunk_table(numels, chunk, device)
     ranges = tensor_chunk_ranges(numels, chunk, device)
     lr_ptr, gs_ptr, fi_ptr = launch_scalars(params[0], lr_tensor, grad_scale, found_inf)

@@ -35,15 +35,50 @@ def _upload(rows, device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True)
 
 
-def pointer_table(lists: list[list[torch.Tensor]], n: int, device: torch.device) -> torch.Tensor:
-    """[n, len(lists)] int64 addresses; an empty list gives a column of zeros (an unused operand)."""
+def pointer_table(lists: list[list[torch.Tensor]], n: int, device: torch.device, names: tuple) -> torch.Tensor:
+    """[n, len(lists)] int64 addresses; an empty list gives a column of zeros (an unused operand,
+    allowed where its name in `names` ends in '?'). The first list holds the parameters (or the
+    tensors); the kernels read every other list (but 'steps', one-element) element for element
+    with it, so a new table is checked for that first: a wrong list would be read out of bounds."""
+    for lst, name in zip(lists, names):
+        if len(lst) != n and (lst or not name.endswith("?")):
+            raise RuntimeError(f"fusedtech: {name.rstrip('?')} has {len(lst)} tensors, expected {n}")
     cols = [[t.data_ptr() for t in lst] if lst else [0] * n for lst in lists]
     key = (device, tuple(tuple(c) for c in cols))
     hit = _ptr_cache.get(key)
     if hit is not None:
         _ptr_cache.move_to_end(key)
         return hit
+    _check_lists(lists, names, device)
     return _remember(_ptr_cache, key, _upload(list(map(list, zip(*cols))), device))
+
+
+def _check_lists(lists, names, device) -> None:
+    """One dtype per list (the kernel takes one), on `device`; every list but steps laid out as the
+    first (same numels and strides: the kernels index them with one flat offset); grads of the
+    parameters' dtype, master_params float32, steps one float32 element."""
+    first = lists[0]
+    numels, strides = list(map(torch.Tensor.numel, first)), list(map(torch.Tensor.stride, first))
+    for lst, name in zip(lists, names):
+        name = name.rstrip("?")
+        if not lst:
+            continue
+        dtypes, devices = set(map(_dtype, lst)), set(map(_device, lst))
+        if len(dtypes) != 1 or devices != {device}:
+            raise RuntimeError(f"fusedtech: {name} must hold tensors of one dtype on {device}, got "
+                             f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+        dtype = dtypes.pop()
+        expected = {"grads": first[0].dtype, "master_params": torch.float32, "steps": torch.float32}.get(name)
+        if expected is not None and dtype != expected:
+            raise RuntimeError(f"fusedtech: {name} must be {expected}, got {dtype}")
+        if name == "steps":
+            if set(map(torch.Tensor.numel, lst)) != {1}:
+                raise RuntimeError("fusedtech: steps must hold one-element tensors")
+        elif list(map(torch.Tensor.numel, lst)) != numels or list(map(torch.Tensor.stride, lst)) != strides:
+            raise RuntimeError(f"fusedtech: {name} must match {names[0]} tensor for tensor in shape and strides")
+
+
+_dtype, _device = (lambda t: t.dtype), (lambda t: t.device)
 
 
 def chunk_table(numels: list[int], chunk: int, device: torch.device) -> torch.Tensor:

@@ -67,7 +67,8 @@ def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, maste
     if not params:
         return
     device = params[0].device
-    ptrs = pointer_table([params, grads, square_avgs, grad_avgs, momentum_buffers, master_params], len(params), device)
+    ptrs = pointer_table([params, grads, square_avgs, grad_avgs, momentum_buffers, master_params], len(params), device,
+                         ("params", "grads", "square_avgs", "grad_avgs?", "momentum_buffers?", "master_params?"))
     chunks = chunk_table([p.numel() for p in params], chunk, device)
     lr_ptr, gs_ptr, fi_ptr = launch_scalars(params[0], lr_tensor, grad_scale, found_inf)
     _rmsprop_kernel[(chunks.shape[0],)](

@@ -56,7 +56,8 @@ def sgd_step_(params, grads, momentum_buffers, master_params, lr, lr_tensor, mom
     if not params:
         return
     device = params[0].device
-    ptrs = pointer_table([params, grads, momentum_buffers, master_params], len(params), device)
+    ptrs = pointer_table([params, grads, momentum_buffers, master_params], len(params), device,
+                         ("params", "grads", "momentum_buffers?", "master_params?"))
     chunks = chunk_table([p.numel() for p in params], chunk, device)
     lr_ptr, gs_ptr, fi_ptr = launch_scalars(params[0], lr_tensor, grad_scale, found_inf)
     state_dtype = momentum_buffers[0].dtype if momentum_buffers else params[0].dtype

@@ -65,7 +65,9 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   });
   double total = 0.0;
   for (double p : partial) total = inf ? static_cast<double>(norm_combine_inf(total, p)) : total + p;
-  return at::scalar_tensor(inf ? total : std::sqrt(total), at::TensorOptions().dtype(at::kFloat));
+  // Rounded to float here: a norm past float's range is inf (at::scalar_tensor would refuse to convert it).
+  const float norm = static_cast<float>(inf ? total : std::sqrt(total));
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(at::kFloat));
 }
 
 }  // namespace

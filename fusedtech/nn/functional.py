@@ -52,6 +52,9 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
             raise RuntimeError(f"fusedtech: {name} has shape {tuple(t.shape)}, expected normalized_shape {shape}")
         if t.device != input.device:
             raise RuntimeError(f"fusedtech: {name} is on {t.device} but input is on {input.device}")
+    # The kernels read the weight and bias densely: a strided one (an expand, w[::2]) is copied.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     n = math.prod(shape)
     if n == 0:  # rows of no elements: nothing to normalise, torch's op gives the empty result and grads
         if rms:

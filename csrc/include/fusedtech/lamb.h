@@ -40,7 +40,8 @@ FT_HD void lamb_moments(float grad, float& exp_avg, float& exp_avg_sq, const Lam
 // its tensor arithmetic; the step's scalar is fp32(-step_size) * ratio, as torch_optimizer's alpha.
 FT_HD float lamb_neg_step(float weight_norm, float update_norm, float clamp_lower, float clamp_upper,
                           bool adam, double step_size) {
-  const float w = fminf(fmaxf(weight_norm, clamp_lower), clamp_upper);
+  // fminf/fmaxf drop a NaN; torch.clamp keeps it (the whole tensor's step is then NaN, as torch_optimizer's).
+  const float w = weight_norm != weight_norm ? weight_norm : fminf(fmaxf(weight_norm, clamp_lower), clamp_upper);
   const float ratio = (adam || w == 0.0f || update_norm == 0.0f) ? 1.0f : w / update_norm;
   return static_cast<float>(-step_size) * ratio;
 }
