@@ -293,6 +293,52 @@ def test_float64_complex_and_sparse_parameters_are_stepped_as_torch(info, scaled
         assert all(torch.equal(a, b) for a, b in zip(skipped, (emb.weight, lin.weight, lin.bias, w, c)))
 
 
+ALL_FUSED = [(fused_cls, configs[-1]) for _, fused_cls, configs in RESET_INFOS] + [(optim.LAMB, dict(
+    lr=1e-2, weight_decay=0.1, trust_clamp=(0.5, 4.0), max_grad_norm=5.0, exclude_bias_and_norm=True))]
+
+
+def _plain_config(config):
+    return {k: v for k, v in config.items() if not torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("fused_cls,config", ALL_FUSED, ids=[c.__name__ + str(i) for i, (c, _) in enumerate(ALL_FUSED)])
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_optimizer_trains_on_as_the_original(fused_cls, config, how):
+    # torch's Optimizer pickles only defaults, state and param_groups: the fused step's own
+    # attributes (and LAMB's options) must survive a deepcopy or torch.save of the optimizer.
+    params = make_params()
+    opt = run(fused_cls, params, steps=3, **_plain_config(config))
+    if how == "deepcopy":
+        params2, opt2 = copy.deepcopy((params, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((params, opt), buffer)
+        buffer.seek(0)
+        params2, opt2 = torch.load(buffer, weights_only=False)
+    _steps(opt, params, 3, start=3)
+    _steps(opt2, params2, 3, start=3)
+    assert_close_params_and_state(opt, params, opt2, params2, atol=0, rtol=0)
+    assert opt2._step_supports_amp_scaling and repr(opt2) == repr(opt)
+
+
+@pytest.mark.parametrize("fused_cls,config", ALL_FUSED, ids=[c.__name__ + str(i) for i, (c, _) in enumerate(ALL_FUSED)])
+def test_grad_scaler_leaves_gradients_unscaled_as_torch(fused_cls, config):
+    # After scaler.step(opt), .grad holds the unscaled gradient with torch's optimizers (GradScaler
+    # unscales first, or torch's fused kernels unscale in place): code that reads it then (logging)
+    # must see the same.
+    g = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+    x = torch.randn(7, 5, generator=g)
+    opt = fused_cls([p], **_plain_config(config))
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    scaler.scale((x @ p).square().sum()).backward()
+    q = p.detach().clone().requires_grad_()
+    (x @ q).square().sum().backward()
+    scaler.step(opt)
+    scaler.update()
+    torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_step_hooks_run_once_with_torch_stepped_parameters():
     # A torch.optim.Adam instance puts torch's hook wrapper on torch.optim.Adam.step; handing
     # parameters to that step must not run the fused optimizer's hooks a second time.

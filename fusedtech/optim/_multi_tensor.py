@@ -231,9 +231,17 @@ def undo_skipped_steps(steps: list, found_inf) -> None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
-def finish(bucket: Bucket) -> None:
+def finish(bucket: Bucket, optimizer) -> None:
+    """After a bucket's kernel: copies written back to their parameters; and under GradScaler, the
+    gradients left unscaled, as torch's optimizers leave them (its fused kernels unscale them in
+    place; otherwise GradScaler unscales before the step): the kernel read them scaled."""
     for p, work in bucket.writeback:
         p.detach().copy_(work)
+    grad_scale = optimizer.__dict__.get("grad_scale")
+    if grad_scale is not None:
+        grads = [local(p.grad) for p in bucket.originals]
+        inverse = grad_scale.double().reciprocal().float()  # GradScaler's own inverse
+        torch._foreach_mul_(grads, inverse.to(grads[0].device))
 
 
 def lr_args(lr, device):
@@ -293,12 +301,12 @@ class FusedStepMixin:
         if not unfused:
             return
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item():
-            return  # GradScaler skips this step (the one host sync, for these parameters only)
         if grad_scale is not None:  # GradScaler left the gradients scaled for the kernels to unscale
             inverse = grad_scale.double().reciprocal()
             for p in unfused:
                 p.grad.mul_(inverse.to(p.grad.device, p.grad.dtype if not p.grad.is_complex() else torch.float64))
+        if found_inf is not None and found_inf.item():
+            return  # GradScaler skips this step (the one host sync, for these parameters only)
         keep = {id(p) for p in unfused}
         hidden = [(p, p.grad) for g in self.param_groups for p in g["params"]
                   if p.grad is not None and id(p) not in keep]
@@ -315,6 +323,24 @@ class FusedStepMixin:
             for p, grad in hidden:
                 p.grad = grad
             self.__dict__.update(scaler)
+
+    # Options an optimizer keeps as attributes (LAMB, as torch_optimizer): pickled with it.
+    _fusedtech_attributes: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        # torch's Optimizer pickles only defaults, state and param_groups: a deepcopy, pickle or
+        # torch.save of the optimizer would lose what the fused step reads.
+        state = super().__getstate__()
+        state["_fusedtech"] = {k: self.__dict__[k] for k in ("_fusedtech_name",) + self._fusedtech_attributes
+                               if k in self.__dict__}
+        return state
+
+    def __setstate__(self, state):
+        extra = state.pop("_fusedtech", {})
+        super().__setstate__(state)
+        self.__dict__.update(extra)
+        self.__dict__.setdefault("_fusedtech_name", type(self).__name__)
+        self._step_supports_amp_scaling = True
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

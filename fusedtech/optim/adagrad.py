@@ -45,7 +45,7 @@ class Adagrad(mt.FusedStepMixin, torch.optim.Adagrad):
                               float(group["lr_decay"]), float(group["weight_decay"]), float(group["eps"]),
                               bool(group["maximize"]), grad_scale, found_inf)
                 mt.undo_skipped_steps(b.steps, found_inf)
-                mt.finish(b)
+                mt.finish(b, self)
         self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
         return loss
 

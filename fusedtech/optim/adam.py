@@ -42,7 +42,7 @@ class _FusedAdamStep(mt.FusedStepMixin):
                            bool(group.get("decoupled_weight_decay", decoupled_default)), amsgrad,
                            bool(group["maximize"]), grad_scale, found_inf)
                 mt.undo_skipped_steps(b.steps, found_inf)
-                mt.finish(b)
+                mt.finish(b, self)
         self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
         return loss
 

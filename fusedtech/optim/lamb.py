@@ -30,6 +30,8 @@ _STATE = ("exp_avg", "exp_avg_sq")
 class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
     _fused_state = _STATE
     _torch_fallback = False  # no torch LAMB to hand float64/complex/sparse to: refused by name
+    _fusedtech_attributes = ("clamp_value", "adam", "debias", "trust_clamp", "exclude_bias_and_norm", "max_grad_norm",
+                             "grad_averaging")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0, clamp_value=10,
                  adam=False, debias=False, *, trust_clamp=None, exclude_bias_and_norm=False, max_grad_norm=None,
@@ -111,7 +113,7 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
                                float(group["eps"]), weight_decay, self.trust_clamp[0], self.trust_clamp[1],
                                bool(self.debias), bool(adam), bool(self.grad_averaging), grad_scale, found_inf)
                 mt.undo_skipped_steps(b.steps, found_inf)
-                mt.finish(b)
+                mt.finish(b, self)
         return loss
 
 

@@ -40,7 +40,7 @@ class RMSprop(mt.FusedStepMixin, torch.optim.RMSprop):
                               float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]), momentum,
                               bool(group["maximize"]), grad_scale, found_inf)
                 mt.undo_skipped_steps(b.steps, found_inf)
-                mt.finish(b)
+                mt.finish(b, self)
         self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
         return loss
 

@@ -72,7 +72,7 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                         # the one host sync of this optimizer, on buffer-creating steps only.
                         for i in idx:
                             del self.state[b.originals[i]]["momentum_buffer"]
-                mt.finish(b)
+                mt.finish(b, self)
         self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
         return loss
 
