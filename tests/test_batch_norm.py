@@ -639,6 +639,13 @@ def test_folded_activation_survives_a_later_swap_of_the_norm():
     torch.testing.assert_close(model(x), ref(x), **TOL32)
     for clone in (copy.deepcopy(model), torch.nn.Sequential(*model)):
         torch.testing.assert_close(clone(x), ref(x), **TOL32)
+    # Replacing the placeholder (by the identity, another activation): the norm stops activating.
+    for act in (torch.nn.Identity(), torch.nn.Tanh()):
+        swapped = copy.deepcopy(ref)
+        fusedtech.nn.convert_model(swapped, fuse_activations=True)
+        swapped.eval()
+        swapped[2], ref_swapped = act, torch.nn.Sequential(ref[0], ref[1], act)
+        torch.testing.assert_close(swapped(x), ref_swapped(x), **TOL32)
     # include names the classes to convert: folding is BatchNorm2d's.
     other = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.LayerNorm(6))
     _, report = fusedtech.nn.convert_model(other, include={torch.nn.LayerNorm}, fuse_activations=True)

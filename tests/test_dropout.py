@@ -174,6 +174,17 @@ def test_torch_func_grad_uses_the_forward_mask(backend):
     torch.testing.assert_close(dx, torch.where(y != 0, x * scale + y, 0.0))
 
 
+def test_convert_model_keeps_a_dropouts_hooks_and_attributes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model[1].tag = "kept"
+    fusedtech.nn.convert_model(model)
+    assert isinstance(model[1], fusedtech.nn.Dropout) and model[1].tag == "kept"
+    model(torch.randn(2, 4))
+    assert seen == [torch.Size([2, 4])]
+
+
 def test_module_and_convert_model():
     t = torch.nn.Dropout(0.3)
     f = fusedtech.nn.Dropout(0.3)

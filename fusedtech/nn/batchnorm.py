@@ -53,8 +53,12 @@ class BatchNormAct2d(_FusedBatchNorm, torch.nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         factor, use_batch, rm, rv = self._bookkeeping(input)
+        activation = self.activation
+        folded = self.__dict__.get("_folded_from")  # set by convert_model(fuse_activations=True)
+        if folded is not None and folded[0]._modules.get(folded[1]) is not folded[2]:
+            activation = "none"  # the activation folded in here was since replaced where it stood
         return F.batch_norm_act(input, rm, rv, self.weight, self.bias, use_batch, factor, self.eps,
-                                self.activation, residual)
+                                activation, residual)
 
     def extra_repr(self):
         return super().extra_repr() + f", activation={self.activation}"

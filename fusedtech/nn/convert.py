@@ -52,8 +52,10 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
     BatchNormAct2d and the activation a FoldedActivation (an nn.Identity; state_dict keys stay the
     same), which applies the activation again should the BatchNormAct2d be swapped out later (by
     nn.SyncBatchNorm.convert_sync_batchnorm, say: it makes a plain SyncBatchNorm of it; convert to
-    SyncBatchNorm first to keep a sync norm, which convert_model leaves alone). `include`, when
-    given, must name nn.BatchNorm2d for the folding."""
+    SyncBatchNorm first to keep a sync norm, which convert_model leaves alone); the BatchNormAct2d
+    stops activating if the placeholder is replaced. Folding moves a module boundary: hooks on the
+    BatchNorm see the activated output, and a slice of the Sequential that ends at the BatchNorm
+    (model[:k]) still activates. `include`, when given, must name nn.BatchNorm2d for the folding."""
     from .. import nn as fnn
     replaced: Counter = Counter()
     missing: set = set()
@@ -76,8 +78,11 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
                 bn, act = parent._modules[a], parent._modules[b]
                 kind = _ACTIVATIONS.get(type(act))
                 if type(bn) in (torch.nn.BatchNorm2d, fnn.BatchNorm2d) and kind and getattr(act, "approximate", "none") == "none":
-                    parent._modules[a] = fnn.BatchNormAct2d.from_batch_norm(bn, kind)
-                    parent._modules[b] = FoldedActivation(act, parent, a)
+                    fused = parent._modules[a] = fnn.BatchNormAct2d.from_batch_norm(bn, kind)
+                    placeholder = parent._modules[b] = FoldedActivation(act, parent, a)
+                    # Not a submodule (a cycle): the BatchNormAct2d stops activating should the
+                    # placeholder be replaced (parent[b] = nn.Identity(), another activation).
+                    fused.__dict__["_folded_from"] = (parent, b, placeholder)
                     replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):

@@ -14,9 +14,9 @@ class Dropout(torch.nn.Dropout):
 
     @classmethod
     def from_torch(cls, module: torch.nn.Dropout) -> "Dropout":
-        new = cls(module.p, module.inplace)
-        new.train(module.training)
-        return new
+        """The fused module sharing module's state, hooks and attributes (as the norms convert)."""
+        from .normalization import share_state
+        return share_state(cls, module)
 
 
 FusedDropout = Dropout
