@@ -39,7 +39,9 @@ def _md5(path: str) -> str:
 def read_batch(path: str, expected_md5: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickled batch -> (uint8 [N, 3, 32, 32], int64 [N]). Checks size, MD5 and contents."""
     if not os.path.isfile(path):
-        raise DatasetError(f"missing CIFAR-10 file {path}")
+        raise DatasetError(f"missing CIFAR-10 file {path}: its folder needs data_batch_1 ... data_batch_5 and "
+                           f"test_batch, extracted from cifar-10-python.tar.gz "
+                           f"(https://www.cs.toronto.edu/~kriz/cifar.html); or run with --synthetic")
     size = os.path.getsize(path)
     if expected_md5 is not None and size < IMAGES_PER_FILE * PIXELS:
         raise DatasetError(f"{path} has {size} bytes, less than its {IMAGES_PER_FILE} images need: a truncated download?")

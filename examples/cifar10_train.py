@@ -27,6 +27,17 @@ import cifar10_models as models  # noqa: E402
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lamb")
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= low (the error names the argument)."""
+    def check(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    check.__name__ = f"integer >= {low}"
+    return check
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", choices=("torch", "fused"), default="torch")
@@ -44,11 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--norm", choices=("none", "batch", "layer"), default="batch")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=_at_least(1), default=10)
+    p.add_argument("--batch-size", type=_at_least(1), default=256)
     p.add_argument("--scheduler", choices=("none", "step", "cosine", "onecycle"), default="none")
     p.add_argument("--clip-grad-norm", type=float, default=None)
-    p.add_argument("--early-stop-patience", type=int, default=None, help="epochs without val-loss improvement")
+    p.add_argument("--early-stop-patience", type=_at_least(0), default=None, help="epochs without val-loss improvement")
     p.add_argument("--label-smoothing", type=float, default=None, help="default 0.2 for airbench, else 0")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
     p.add_argument("--channels-last", action="store_true")
@@ -56,14 +67,14 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (for comparisons)")
     p.add_argument("--data", default="data", help="folder holding cifar-10-batches-py/")
     p.add_argument("--synthetic", action="store_true", help="generated CIFAR-shaped data (outputs say so)")
-    p.add_argument("--synthetic-size", type=int, default=50000)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--synthetic-size", type=_at_least(1), default=50000)
+    p.add_argument("--max-steps-per-epoch", type=_at_least(1), default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checkpoint", default=None, help="save model/optimizer/scheduler state here after each epoch")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
-    p.add_argument("--stop-after", type=int, default=None, help="end this invocation after N epochs (resume later)")
+    p.add_argument("--stop-after", type=_at_least(1), default=None, help="end this invocation after N epochs (resume later)")
     p.add_argument("--plot", default=None, help="write learning curves to this PNG")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return p.parse_args(argv)
 
 
@@ -101,7 +112,11 @@ def make_scheduler(args, opt, steps_per_epoch):
     if args.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=total)
+        # Momentum is cycled only where the optimizer has some: plain SGD would otherwise train with
+        # momentum 0.95, and Adagrad / RMSprop without momentum are refused by OneCycleLR.
+        cycle = args.optimizer in ("momentum", "nesterov", "adam", "adamw", "lamb")
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=total,
+                                                   cycle_momentum=cycle)
     return None
 
 
@@ -187,6 +202,11 @@ def train(args) -> dict:
     start_epoch, best, stale = 0, math.inf, 0
     if args.resume:
         ck = torch.load(args.resume, weights_only=False, map_location=dev)
+        planned = ck.get("schedule_steps")
+        if sched is not None and planned is not None and planned != args.epochs * steps_per_epoch:
+            raise SystemExit(f"--resume: the checkpoint's {args.scheduler} schedule spans {planned} steps, this run's "
+                             f"{args.epochs * steps_per_epoch}: resume with the same --epochs, --batch-size and "
+                             f"--max-steps-per-epoch")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler"):
@@ -194,6 +214,10 @@ def train(args) -> dict:
         scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng_cpu"])
         history, start_epoch, best, stale = ck["history"], ck["epoch"] + 1, ck["best"], ck["stale"]
+        if history["impl"] != args.impl:  # a torch checkpoint continued with fusedtech, or the reverse
+            history["impl"] = f"{history['impl']}, then {args.impl}"
+        if "early_stopped_at_epoch" in history:  # the run had ended: nothing more to train
+            start_epoch = args.epochs
     if not args.resume:
         history["initial_train_loss"] = evaluate(model, train_x[:len(test_x)], train_y[:len(test_x)], args, scale)[0]
     from tqdm import tqdm
@@ -235,17 +259,17 @@ def train(args) -> dict:
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.3f} | val loss {val_loss:.4f} "
                   f"acc {val_acc:.3f} | {seconds:.1f}s{' [synthetic data]' if args.synthetic else ''}")
         best, stale = (val_loss, 0) if val_loss < best else (best, stale + 1)
+        early_stop = args.early_stop_patience is not None and stale >= args.early_stop_patience
+        if early_stop:  # recorded before the checkpoint, so that a resumed run knows it has ended
+            history["early_stopped_at_epoch"] = epoch
+            if not args.quiet:
+                print(f"early stop: no val-loss improvement for {stale} epochs")
         if args.checkpoint:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
                         "rng_cpu": torch.get_rng_state(), "history": history, "epoch": epoch, "best": best,
-                        "stale": stale}, args.checkpoint)
-        if args.stop_after is not None and epoch + 1 - start_epoch >= args.stop_after:
-            break
-        if args.early_stop_patience is not None and stale >= args.early_stop_patience:
-            history["early_stopped_at_epoch"] = epoch
-            if not args.quiet:
-                print(f"early stop: no val-loss improvement for {stale} epochs")
+                        "stale": stale, "schedule_steps": args.epochs * steps_per_epoch}, args.checkpoint)
+        if early_stop or (args.stop_after is not None and epoch + 1 - start_epoch >= args.stop_after):
             break
     if args.plot:
         plot_curves(history, args.plot)
@@ -256,10 +280,14 @@ def plot_curves(history: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(15, 4))
     ep = [e["epoch"] + 1 for e in history["epochs"]]
     a.plot(history["step_loss"], lw=0.7)
     a.set(title="training loss per step", xlabel="step")
+    c.plot(ep, [e["train_loss"] for e in history["epochs"]], "o-", label="train")
+    c.plot(ep, [e["val_loss"] for e in history["epochs"]], "o-", label="validation")  # what early stopping watches
+    c.set(title="loss", xlabel="epoch")
+    c.legend()
     b.plot(ep, [e["train_acc"] for e in history["epochs"]], "o-", label="train")
     b.plot(ep, [e["val_acc"] for e in history["epochs"]], "o-", label="validation")
     b.set(title="accuracy", xlabel="epoch")

@@ -56,6 +56,20 @@ def test_md5_mismatch_and_truncation_are_reported(tmp_path):
         data.read_batch(str(path), data.FILES["data_batch_1"])
 
 
+def test_bad_contents_and_a_missing_file_are_reported(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for labels, rows, match in (([3, 10], 3072, "outside 0..9"), ([3, -1], 3072, "outside 0..9"),
+                                ([3, 4, 5], 3072, "labels do not match"), ([3, 4], 3000, "expected \\(N, 3072\\)")):
+        with open(folder / "data_batch_1", "wb") as f:
+            pickle.dump({b"data": torch.zeros(2, rows, dtype=torch.uint8).numpy(), b"labels": labels}, f)
+        with pytest.raises(data.DatasetError, match=match):
+            data.read_batch(str(folder / "data_batch_1"))
+    _write_batch(folder / "data_batch_1", 4, 0)  # a good first file; the second is missing
+    with pytest.raises(data.DatasetError, match="missing CIFAR-10 file .*data_batch_2.*--synthetic"):
+        data.load_cifar10(str(tmp_path), check_md5=False)
+
+
 def test_missing_directory_says_where_to_put_the_files(tmp_path):
     with pytest.raises(data.DatasetError, match="cifar-10-batches-py.*--synthetic") as e:
         data.load_cifar10(str(tmp_path / "nowhere"))
@@ -126,9 +140,11 @@ def test_fused_dropout_trains():
 
 
 def test_resnet18_and_airbench_run_a_step():
-    for model in ("resnet18", "airbench"):
-        h = trainer.train(_args(model=model, impl="fused", optimizer="nesterov", max_steps_per_epoch=2, batch_size=16,
-                                synthetic_size=64))
+    # ResNet-18 with the channel LayerNorm too: its 1x1 conv weights get gradients strided
+    # unlike the parameters on size-1 dims (the fused optimizers refused them).
+    for model, norm in (("resnet18", "batch"), ("airbench", "batch"), ("resnet18", "layer")):
+        h = trainer.train(_args(model=model, norm=norm, impl="fused", optimizer="nesterov", max_steps_per_epoch=2,
+                                batch_size=16, synthetic_size=64))
         assert len(h["step_loss"]) == 2 and all(torch.isfinite(torch.tensor(h["step_loss"])))
 
 
@@ -141,11 +157,38 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path):
     assert resumed["step_loss"] == full["step_loss"]
 
 
-def test_early_stop_and_plot(tmp_path):
+def test_early_stop_on_a_plateau_and_plot(tmp_path):
+    # lr 0: the validation loss never improves after the first epoch, so patience 2 stops after
+    # epoch index 2 (a patience that counted wrongly would stop elsewhere or never).
     png = str(tmp_path / "curves.png")
-    h = trainer.train(_args(epochs=5, early_stop_patience=0, plot=png))
-    assert h["early_stopped_at_epoch"] == 0 and len(h["epochs"]) == 1
+    h = trainer.train(_args(epochs=6, early_stop_patience=2, lr=0.0, max_steps_per_epoch=3, plot=png))
+    assert h["early_stopped_at_epoch"] == 2 and len(h["epochs"]) == 3
     assert os.path.getsize(png) > 1000
+    # Stopped early on the epoch a --stop-after invocation ends with: resuming trains no more.
+    ck = str(tmp_path / "ck.pt")
+    first = trainer.train(_args(epochs=6, early_stop_patience=2, lr=0.0, max_steps_per_epoch=3, checkpoint=ck,
+                                stop_after=3))
+    resumed = trainer.train(_args(epochs=6, early_stop_patience=2, lr=0.0, max_steps_per_epoch=3, resume=ck))
+    assert first["early_stopped_at_epoch"] == 2 and resumed["step_loss"] == h["step_loss"]
+
+
+def test_schedules_and_arguments_are_checked(tmp_path):
+    # onecycle cycles momentum only where the optimizer has some (plain SGD stays at 0; Adagrad runs).
+    for optimizer in ("sgd", "adagrad", "rmsprop"):
+        args = _args(optimizer=optimizer, scheduler="onecycle")
+        opt = trainer.make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])
+        trainer.make_scheduler(args, opt, 4)
+        assert opt.param_groups[0].get("momentum", 0) == 0
+    # Resuming a schedule with another length is refused by name, not a crash mid-epoch.
+    ck = str(tmp_path / "ck.pt")
+    trainer.train(_args(epochs=1, scheduler="onecycle", optimizer="adamw", checkpoint=ck))
+    with pytest.raises(SystemExit, match="resume with the same --epochs"):
+        trainer.train(_args(epochs=2, scheduler="onecycle", optimizer="adamw", resume=ck))
+    for flag in ("--batch-size", "--synthetic-size", "--max-steps-per-epoch", "--epochs"):
+        with pytest.raises(SystemExit):
+            trainer.parse_args([flag, "0"])
+    with pytest.raises(SystemExit):
+        trainer.parse_args(["--early-stop-patience", "-1"])
 
 
 def test_cli_reports_missing_data(tmp_path, capsys):
