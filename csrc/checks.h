@@ -12,6 +12,16 @@ inline void check_same_length(at::TensorList a, const char* a_name, at::TensorLi
               a_name, " has ", a.size());
 }
 
+// The same element order in memory: strides agree on every dim of size > 1 (a size-1 dim's stride
+// never moves an element; autograd may give a gradient any stride there, as a 1x1 conv's after a
+// permute).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 // Every tensor at index i of `list` must match params[i] in device, shape and memory layout,
 // because kernels walk them as flat buffers in lockstep.
 inline void check_like_params(at::TensorList params, at::TensorList list, const char* name,
@@ -26,7 +36,7 @@ inline void check_like_params(at::TensorList params, at::TensorList list, const 
                 "] is sparse; fused optimizers support dense gradients only");
     TORCH_CHECK(t.sizes() == p.sizes(), "fusedtech: ", name, "[", i, "] has shape ", t.sizes(),
                 " but params[", i, "] has shape ", p.sizes());
-    TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == p.strides()),
+    TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && same_layout(t, p)),
                 "fusedtech: ", name, "[", i,
                 "] must be dense with the same strides as params[", i, "]");
     if (dtype) {

@@ -339,6 +339,27 @@ def test_grad_scaler_leaves_gradients_unscaled_as_torch(fused_cls, config):
     torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", RESET_INFOS, ids=[i[0].__name__ for i in RESET_INFOS])
+def test_gradient_strides_may_differ_on_size_one_dims(backend, info):
+    # A 1x1 conv's weight gradient after a permuted input comes back strided (64, 1, 64, 64) for a
+    # parameter strided (64, 1, 1, 1): the same memory order, which torch's optimizers take.
+    torch_cls, fused_cls, configs = info
+    config = _plain_config(configs[-1])
+    g = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(128, 64, 1, 1, generator=g))
+    (ref,) = clone([w])
+    opt, ref_opt = fused_cls([w], **config), torch_cls([ref], **config)
+    for _ in range(3):
+        grad = torch.randn(8192, generator=g)
+        w.grad = grad.clone().as_strided((128, 64, 1, 1), (64, 1, 64, 64))
+        ref.grad = grad.clone().view(128, 64, 1, 1)
+        with fusedtech.use_backend(backend):
+            opt.step()
+        ref_opt.step()
+    assert_close_params_and_state(ref_opt, [ref], opt, [w], **FP32_TOL)
+
+
 def test_torch_step_hooks_run_once_with_torch_stepped_parameters():
     # A torch.optim.Adam instance puts torch's hook wrapper on torch.optim.Adam.step; handing
     # parameters to that step must not run the fused optimizer's hooks a second time.

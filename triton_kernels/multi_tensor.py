@@ -58,7 +58,7 @@ def _check_lists(lists, names, device) -> None:
     first (same numels and strides: the kernels index them with one flat offset); grads of the
     parameters' dtype, master_params float32, steps one float32 element."""
     first = lists[0]
-    numels, strides = list(map(torch.Tensor.numel, first)), list(map(torch.Tensor.stride, first))
+    numels = list(map(torch.Tensor.numel, first))
     for lst, name in zip(lists, names):
         name = name.rstrip("?")
         if not lst:
@@ -74,11 +74,16 @@ def _check_lists(lists, names, device) -> None:
         if name == "steps":
             if set(map(torch.Tensor.numel, lst)) != {1}:
                 raise RuntimeError("fusedtech: steps must hold one-element tensors")
-        elif list(map(torch.Tensor.numel, lst)) != numels or list(map(torch.Tensor.stride, lst)) != strides:
+        elif list(map(torch.Tensor.numel, lst)) != numels or not all(map(_same_order, lst, first)):
             raise RuntimeError(f"fusedtech: {name} must match {names[0]} tensor for tensor in shape and strides")
 
 
 _dtype, _device = (lambda t: t.dtype), (lambda t: t.device)
+
+
+def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Elements in the same memory order: strides agree wherever a dim has more than one element."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
 def chunk_table(numels: list[int], chunk: int, device: torch.device) -> torch.Tensor:

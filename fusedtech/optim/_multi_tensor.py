@@ -33,6 +33,13 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same element order in memory (tensors of one shape): strides agree on every dim of size
+    > 1. Autograd may give a gradient any stride on a size-1 dim (a 1x1 conv's weight after a
+    permuted input: (64, 1, 64, 64) for a (128, 64, 1, 1) parameter strided (64, 1, 1, 1))."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
 @dataclass
 class Bucket:
     params: list = field(default_factory=list)
@@ -44,7 +51,7 @@ class Bucket:
     # (param, working copy) pairs for parameters that are not dense or whose gradient has other
     # strides: the kernel updates the copy and the copy is written back after it.
     writeback: list = field(default_factory=list)
-    strides: list = field(default_factory=list)  # of params, kept when the bucket is reused across steps
+    strides: list = field(default_factory=list)  # of the grads: a step with the same ones reuses the bucket
     momentum_buffers: Optional[list] = None  # SGD: the buffers of every parameter, once all exist
     distributed: bool = False  # some parameter is a DTensor: take local shards (else skip the calls)
     state_dicts: list = field(default_factory=list)  # optimizer.state[p] of each parameter
@@ -106,7 +113,7 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     _defer(optimizer, unfused)
     if all(not b.writeback for b in buckets.values()):
         for b in buckets.values():
-            b.strides = [p.stride() for p in b.params]  # a parameter's layout does not change
+            b.strides = [g.stride() for g in b.grads]
         plans[id(group)] = (key, buckets, unfused)
     else:
         plans.pop(id(group), None)
@@ -168,7 +175,7 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
 
         shard = local(p)
         work, grad = shard, local(p.grad)
-        if (not dense(shard) or grad.stride() != shard.stride()
+        if (not dense(shard) or not same_layout(grad, shard)
                 or (use_master and local(state["master_param"]).stride() != shard.stride())):
             work = shard.detach().contiguous()
             grad = grad.contiguous()
