@@ -360,6 +360,29 @@ def test_gradient_strides_may_differ_on_size_one_dims(backend, info):
     assert_close_params_and_state(ref_opt, [ref], opt, [w], **FP32_TOL)
 
 
+@pytest.mark.parametrize("info", RESET_INFOS, ids=[i[0].__name__ for i in RESET_INFOS])
+def test_steady_steps_reuse_the_buckets(info, monkeypatch):
+    # The checks that let a step reuse last step's buckets (state, strides) must pass in steady
+    # state, or every step would rebuild them (plain SGD, which keeps no state, included).
+    from fusedtech.optim import _multi_tensor as mt
+    torch_cls, fused_cls, configs = info
+    builds = []
+    real = mt._collect
+    monkeypatch.setattr(mt, "_collect", lambda *a, **k: builds.append(1) or real(*a, **k))
+    for config in configs[:2]:
+        # Dense parameters (a non-dense one is stepped through a copy, and rebuilds by design).
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(6, 4).t()),
+                  torch.nn.Parameter(torch.randn(7))]
+        opt = fused_cls(params, **_plain_config(config))
+        for step in range(6):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            if step == 2:
+                builds.clear()
+        assert not builds, (config, len(builds))
+
+
 def test_torch_step_hooks_run_once_with_torch_stepped_parameters():
     # A torch.optim.Adam instance puts torch's hook wrapper on torch.optim.Adam.step; handing
     # parameters to that step must not run the fused optimizer's hooks a second time.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import types
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +19,7 @@ import torch
 from .._distributed import is_distributed, local  # noqa: F401 - used as mt.local / mt.is_distributed
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+NO_STATE = types.MappingProxyType({})  # the state of a parameter that has none (read-only, shared)
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -92,7 +94,8 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
             # The state is still what the bucket holds: no parameter's state dict was replaced
             # (optimizer.state[p] = {}) and no state tensor in it (a reset of one parameter).
             # About 0.1 us per parameter and key; map() keeps the loops in C.
-            if not (all(map(operator.is_, map(optimizer.state.get, b.originals), b.state_dicts))
+            if not (all(map(operator.is_, map(optimizer.state.get, b.originals, itertools.repeat(NO_STATE)),
+                            b.state_dicts))
                     and all(all(map(operator.is_, map(operator.methodcaller("get", k), b.state_dicts), refs))
                             for k, refs in b.state_refs.items())):
                 ok = False
@@ -161,7 +164,7 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         check_param(name, p)
         use_master = master_weights and p.dtype in LOW_PRECISION
         # No entry for a parameter that keeps no state (SGD without momentum), as torch.
-        state = optimizer.state[p] if state_keys or with_step or use_master else optimizer.state.get(p, {})
+        state = optimizer.state[p] if state_keys or with_step or use_master else optimizer.state.get(p, NO_STATE)
         state_dtype = torch.float32 if use_master else p.dtype
         if len(state) == 0:
             if with_step:
