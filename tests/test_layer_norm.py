@@ -157,31 +157,18 @@ def test_backward_is_bitwise_deterministic(backend):
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
 @pytest.mark.parametrize("rms", [False, True])
-def test_gradcheck_float64(backend, rms):
+# Double backward (gradient penalties, Hessian-vector products) is torch's op's too.
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=lambda c: c.__name__)
+def test_gradcheck_and_gradgradcheck_float64(backend, rms, check):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
     with fusedtech.use_backend(backend):
         if rms:
-            assert torch.autograd.gradcheck(lambda x, w: F.rms_norm(x, (7,), w, 1e-6), (x, w))
+            assert check(lambda x, w: F.rms_norm(x, (7,), w, 1e-6), (x, w))
         else:
-            assert torch.autograd.gradcheck(lambda x, w, b: F.layer_norm(x, (7,), w, b), (x, w, b))
-
-
-@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
-@pytest.mark.parametrize("rms", [False, True])
-def test_gradgradcheck_float64(backend, rms):
-    # Double backward (gradient penalties, Hessian-vector products) is torch's op's too.
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
-    with fusedtech.use_backend(backend):
-        if rms:
-            assert torch.autograd.gradgradcheck(lambda x, w: F.rms_norm(x, (7,), w, 1e-6), (x, w))
-        else:
-            assert torch.autograd.gradgradcheck(lambda x, w, b: F.layer_norm(x, (7,), w, b), (x, w, b))
+            assert check(lambda x, w, b: F.layer_norm(x, (7,), w, b), (x, w, b))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
