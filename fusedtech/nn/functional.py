@@ -26,6 +26,12 @@ _AUTOCAST_NORM_DTYPE = {"cuda": torch.float32}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)  # what autocast casts (float64 is not eligible)
 
 
+def _dense(t):
+    """t contiguous (no copy when it is): the kernels read weights and biases densely, so a strided
+    one (an expanded scalar, w[::2]) would be read wrongly."""
+    return t.contiguous() if t is not None else None
+
+
 def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=False):
     dtype = _AUTOCAST_NORM_DTYPE.get(input.device.type)
     if dtype is not None and input.dtype in _LOW_PRECISION and torch.is_autocast_enabled(input.device.type):
@@ -52,9 +58,7 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
             raise RuntimeError(f"fusedtech: {name} has shape {tuple(t.shape)}, expected normalized_shape {shape}")
         if t.device != input.device:
             raise RuntimeError(f"fusedtech: {name} is on {t.device} but input is on {input.device}")
-    # The kernels read the weight and bias densely: a strided one (an expand, w[::2]) is copied.
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
+    weight, bias = _dense(weight), _dense(bias)
     n = math.prod(shape)
     if n == 0:  # rows of no elements: nothing to normalise, torch's op gives the empty result and grads
         if rms:
@@ -159,9 +163,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != c:  # torch's check and words; the kernels index by channel
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
-    # The kernels index per-channel vectors densely: a strided weight (w[::2], an expand) is copied.
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
+    weight, bias = _dense(weight), _dense(bias)
     rm, rv = (None, None) if training else (running_mean, running_var)
     if activation is None:
         y, mean, _, var = batch_norm_fwd(input, weight, bias, rm, rv, training, float(eps))
@@ -214,8 +216,7 @@ def dropout_add_layer_norm(x, residual, weight=None, bias=None, p: float = 0.1, 
         if t is not None and (t.shape != (n,) or t.device != x.device):
             raise RuntimeError(f"fusedtech: {name} must have shape ({n},) on {x.device}, got shape "
                                f"{tuple(t.shape)} on {t.device}")
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
+    weight, bias = _dense(weight), _dense(bias)
     if x.dtype != residual.dtype:  # as dropout(x) + residual: the sum (and the output) in the promoted type
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)

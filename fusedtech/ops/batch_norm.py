@@ -12,7 +12,7 @@ import torch
 
 from .. import _backend
 from ._eager import eager_fast_path, is_eager
-from .layer_norm import _as_dtype_of
+from .layer_norm import _as_dtype_of, as_float64
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
@@ -91,10 +91,7 @@ def _differentiable_grads(ctx, dy, x, weight, bias, mean, invstd, extra, has_res
     the oracle's backward, in float64, on batch statistics recomputed from x with torch ops (in eval
     the running statistics are constants), so autograd records how the gradients depend on x."""
     from ..reference import batch_norm as reference
-
-    def f64(t):
-        return t.to(torch.float64) if t is not None else None
-
+    f64 = as_float64
     xd = f64(x)
     if ctx.training:
         mean, invstd, _ = reference.batch_norm_stats(xd, ctx.eps)

@@ -95,7 +95,6 @@ def _dan_backward(ctx, dout, dsum, dmean, drstd):
         dout = torch.zeros_like(s)
     if eager and torch.is_grad_enabled():  # create_graph=True: the norm's backward as a graph
         ds, dw, db = differentiable_grads(s, weight, bias, dout, ctx.eps, ctx.rms)
-        ds = torch.zeros_like(s) if ds is None else ds
     else:
         ds, dw, db = (_layer_norm_bwd if eager else layer_norm_bwd)(dout, s, weight, bias, mean, rstd, ctx.rms,
                                                                     False)

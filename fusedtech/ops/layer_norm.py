@@ -80,6 +80,11 @@ def _setup_context(ctx, inputs, output):
     ctx.rms, ctx.eps = rms, eps
 
 
+def as_float64(t):
+    """t in float64 (None stays None): the double-backward compositions compute in it."""
+    return t.to(torch.float64) if t is not None else None
+
+
 def differentiable_grads(x, weight, bias, dy, eps: float, rms: bool):
     """(dx, dweight, dbias) as a differentiable graph, for backward under create_graph=True (a gradient
     penalty, a Hessian-vector product): the kernels' backward is not itself differentiable, so the
@@ -88,9 +93,7 @@ def differentiable_grads(x, weight, bias, dy, eps: float, rms: bool):
     sum, that would also differentiate through the op that made x, re-entering this backward.)"""
     from ..reference.layer_norm import layer_norm_bwd as reference_bwd
     from ..reference.layer_norm import layer_norm_fwd as reference_fwd
-    def f64(t):  # float64 throughout: a composition of torch ops rounds more than a fused kernel
-        return t.to(torch.float64) if t is not None else None
-
+    f64 = as_float64  # float64 throughout: a composition of torch ops rounds more than a fused kernel
     n = x.shape[-1]
     x2 = f64(x.reshape(-1, n))
     _, mean, rstd = reference_fwd(x2, None, None, eps, rms)
