@@ -64,13 +64,24 @@ def resnet18(norm="batch", dropout=0.0):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, 10))
 
 
+def airbench_norm(kind: str, c: int) -> nn.Module:
+    """airbench94's BatchNorm: running statistics kept with momentum 0.6 (torch's momentum 0.4),
+    eps 1e-12, the scale frozen at one (only the shift trains). Other norms as norm2d."""
+    if kind != "batch":
+        return norm2d(kind, c)
+    bn = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
 def airbench(norm="batch", dropout=0.0, widths=(64, 256, 256)):
     """airbench94's network: a 2x2 whitening convolution (24 channels; initialised from the data
     with `init_whitening`), then three groups of conv -> max-pool -> norm -> GELU -> conv -> norm ->
     GELU, no residuals, a final max-pool and a linear head scaled by 1/9."""
     def group(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding="same", bias=False), nn.MaxPool2d(2), norm2d(norm, cout),
-                             nn.GELU(), nn.Conv2d(cout, cout, 3, padding="same", bias=False), norm2d(norm, cout), nn.GELU())
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding="same", bias=False), nn.MaxPool2d(2),
+                             airbench_norm(norm, cout), nn.GELU(), nn.Conv2d(cout, cout, 3, padding="same", bias=False),
+                             airbench_norm(norm, cout), nn.GELU())
     whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
     net = nn.Sequential(whiten, nn.GELU(), group(24, widths[0]), group(widths[0], widths[1]), group(widths[1], widths[2]),
                         nn.MaxPool2d(3), nn.Flatten(), nn.Dropout(dropout), nn.Linear(widths[2], 10, bias=False))
