@@ -624,6 +624,18 @@ def test_dropout_add_layer_norm_edges_match_the_composition(backend):
             F.dropout_add_layer_norm(x, r, w, b, 1.5, training=False)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,n", [(300, 3), (2, 300)])  # a tile of short rows; one row a program
+def test_dropout_add_layer_norm_constant_rows_give_the_bias(backend, rows, n):
+    # The shifted mean (as layer_norm's): a constant sum of large magnitude normalises to 0, not to
+    # its mean's rounding error over sqrt(eps).
+    w, b = torch.rand(n) + 0.5, torch.randn(n)
+    x, r = torch.full((rows, n), 20000.25), torch.full((rows, n), 10000.05)
+    with fusedtech.use_backend(backend):
+        out = F.dropout_add_layer_norm(x, r, w, b, 0.0)
+    assert torch.equal(out, b.expand(rows, n))
+
+
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
 @pytest.mark.parametrize("rms", [False, True])
 def test_dropout_add_layer_norm_gradgradcheck(backend, rms):

@@ -227,6 +227,17 @@ def test_strided_weight_and_bias(backend, rms):
         torch.testing.assert_close(dx, tdx, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(600, 3), (2, 300), (1, 70000)], ids=str)  # row tiles, one row, split rows
+def test_constant_rows_with_a_large_offset_give_the_bias(backend, shape):
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    x = torch.full(shape, 30000.3)
+    with fusedtech.use_backend(backend):
+        y = F.layer_norm(x, (shape[1],), w, b)
+    assert torch.equal(torch.nn.functional.layer_norm(x, (shape[1],), w, b), b.expand(shape))
+    assert torch.equal(y, b.expand(shape))
+
+
 def test_memory_efficient_refuses_double_backward():
     x, w = torch.randn(3, 8, requires_grad=True), torch.rand(8) + 0.5
     y = F.layer_norm(x, (8,), w, memory_efficient=True)
@@ -601,18 +612,22 @@ def test_gpu_autocast_output_dtype_is_torchs(backend, rms):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["large_mean", "outlier_first", "constant_rows"])
+@pytest.mark.parametrize("case", ["large_mean", "outlier_first", "constant_rows", "constant_rows_large"])
 def test_statistics_of_hard_rows(backend, case):
     # Rows whose variance a one-pass sum of squares would lose to cancellation (mean 1e4, std 1e-2),
-    # whose first element (the CPU kernel's shift) is an outlier, or that are constant (variance 0).
+    # whose first element (the kernels' shift) is an outlier, or that are constant (variance 0):
+    # 7.25 sums exactly; 30000.3 does not, and sum / n would leave x - mean = its rounding error,
+    # normalised to +-0.5 by 1 / sqrt(eps) where torch gives the bias.
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 300, generator=g, dtype=torch.float64)
     if case == "large_mean":
         x = 1e4 + 1e-2 * x
     elif case == "outlier_first":
         x[:, 0] = 1e4
-    else:
+    elif case == "constant_rows":
         x = torch.full((6, 300), 7.25, dtype=torch.float64)
+    else:
+        x = torch.full((6, 300), 30000.3, dtype=torch.float64)
     x = x.float()
     w, b, dy = torch.randn(300, generator=g), torch.randn(300, generator=g), torch.randn(6, 300, generator=g)
     torch_fn = lambda x, w, b: torch.nn.functional.layer_norm(x, (300,), w, b)  # noqa: E731

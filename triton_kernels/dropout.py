@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .indexing import cdiv, next_power_of_2
-from .layer_norm import ROW_TILE, SHORT_ROW, _normalize_rows, row_warps
+from .layer_norm import ROW_TILE, SHORT_ROW, _normalize_rows, _shifted_mean, row_warps
 from .multi_tensor import tl_dtype
 from .rounding import round_to
 
@@ -60,6 +60,17 @@ def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor
 
 
 @triton.jit
+def _dropped_sum(x_ptr, res_ptr, idx, mask, seed, threshold, scale, DTYPE: tl.constexpr):
+    """dropout(x) + residual at elements idx, in fp32 as stored: rounded as torch's composition
+    rounds, the dropout output to x's dtype, then the sum (the next residual, what is normalised)."""
+    keep = draws_for(seed, idx) >= threshold
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dropped = round_to(tl.where(keep, x * scale, 0.0), DTYPE).to(tl.float32)
+    s = dropped + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    return round_to(s, DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _dropout_add_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mean_ptr, rstd_ptr, seed_ptr, n, eps,
                              threshold, scale, DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
@@ -70,17 +81,12 @@ def _dropout_add_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, mea
     mask = cols < n
     idx = row * n + cols
     seed = tl.load(seed_ptr)
-    keep = draws_for(seed, idx) >= threshold
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    # Rounded as torch's dropout(x) + residual rounds: the dropout output to x's dtype, then the sum.
-    dropped = round_to(tl.where(keep, x * scale, 0.0), DTYPE).to(tl.float32)
-    s = dropped + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    s = round_to(s, DTYPE).to(tl.float32)  # the sum as stored (the next residual) is what is normalised
+    s = _dropped_sum(x_ptr, res_ptr, idx, mask, seed, threshold, scale, DTYPE)
     tl.store(sum_ptr + idx, round_to(s, DTYPE), mask=mask)
     if RMS:
         mean = 0.0
-    else:
-        mean = tl.sum(tl.where(mask, s, 0.0), axis=0) / n
+    else:  # the shifted mean (layer_norm's _shifted_mean), the row's first sum computed again alone
+        mean = _shifted_mean(s, _dropped_sum(x_ptr, res_ptr, row * n, True, seed, threshold, scale, DTYPE), mask, n)
     d = tl.where(mask, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / n + eps)
     y = d * rstd
@@ -106,13 +112,11 @@ def _dropout_add_norm_rows_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr
     cmask = cols < n
     mask = rmask[:, None] & cmask[None, :]
     idx = r[:, None] * n + cols[None, :]
-    keep = draws_for(tl.load(seed_ptr), idx) >= threshold
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    dropped = round_to(tl.where(keep, x * scale, 0.0), DTYPE).to(tl.float32)
-    s = dropped + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    s = round_to(s, DTYPE).to(tl.float32)
+    seed = tl.load(seed_ptr)
+    s = _dropped_sum(x_ptr, res_ptr, idx, mask, seed, threshold, scale, DTYPE)
     tl.store(sum_ptr + idx, round_to(s, DTYPE), mask=mask)
-    _normalize_rows(s, r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, DTYPE, RMS,
+    s0 = _dropped_sum(x_ptr, res_ptr, r * n, rmask, seed, threshold, scale, DTYPE)  # each row's first sum
+    _normalize_rows(s, s0, r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, DTYPE, RMS,
                     HAS_WEIGHT, HAS_BIAS, ROWS)
 
 

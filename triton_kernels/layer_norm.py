@@ -30,11 +30,12 @@ def _row_stats(x_row, n, eps, RMS: tl.constexpr, BLOCK: tl.constexpr):
     if RMS:
         mean = 0.0
     else:
+        x0 = tl.load(x_row).to(tl.float32)  # the sum is of x - x[0] (see _shifted_mean)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            acc += tl.load(x_row + cols, mask=cols < n, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / n
+            acc += tl.where(cols < n, tl.load(x_row + cols, mask=cols < n, other=0.0).to(tl.float32) - x0, 0.0)
+        mean = x0 + tl.sum(acc, axis=0) / n
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -43,6 +44,14 @@ def _row_stats(x_row, n, eps, RMS: tl.constexpr, BLOCK: tl.constexpr):
         acc2 += d * d
     rstd = 1.0 / tl.sqrt_rn(tl.sum(acc2, axis=0) / n + eps)
     return mean, rstd
+
+
+@triton.jit
+def _shifted_mean(x, x0, mask, n):
+    """x0 + mean(x - x0) of a row, x0 its first element (as the cpu kernel's shifted sums):
+    a constant row's mean comes out exact, where sum(x) / n rounds and x - mean is that rounding,
+    which 1 / sqrt(var + eps) magnifies (a row of 30000.3 normalised to +-0.5 instead of 0)."""
+    return x0 + tl.sum(tl.where(mask, x - x0, 0.0), axis=0) / n
 
 
 @triton.jit
@@ -68,7 +77,7 @@ def _fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, eps, DTYPE: t
         if RMS:
             mean = 0.0
         else:
-            mean = tl.sum(x, axis=0) / n
+            mean = _shifted_mean(x, tl.load(x_row).to(tl.float32), mask, n)
         d = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / n + eps)
         y = _normalize(x, mean, rstd, w_ptr, b_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
@@ -93,15 +102,17 @@ ROW_TILE = 2048
 
 
 @triton.jit
-def _normalize_rows(x, r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, DTYPE: tl.constexpr,
-                    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
-    """Normalises a [ROWS, BLOCK] tile of rows r (masked elements of x zero) along axis 1 and stores
-    y, mean and rstd: the short-row kernels' shared tail (this one's and dropout + add + norm's)."""
+def _normalize_rows(x, x0, r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+                    DTYPE: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ROWS: tl.constexpr):
+    """Normalises a [ROWS, BLOCK] tile of rows r (masked elements of x zero; x0 each row's first
+    element) along axis 1 and stores y, mean and rstd: the short-row kernels' shared tail (this
+    one's and dropout + add + norm's)."""
     mask = rmask[:, None] & cmask[None, :]
     if RMS:
         mean = tl.zeros([ROWS], dtype=tl.float32)
     else:
-        mean = tl.sum(x, axis=1) / n
+        mean = x0 + tl.sum(tl.where(mask, x - x0[:, None], 0.0), axis=1) / n  # _shifted_mean, row by row
     d = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=1) / n + eps)
     y = d * rstd[:, None]
@@ -124,8 +135,9 @@ def _fwd_rows_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, rows, n, ep
     rmask = r < rows
     cmask = cols < n
     x = tl.load(x_ptr + r[:, None] * n + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-    _normalize_rows(x.to(tl.float32), r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, DTYPE,
-                    RMS, HAS_WEIGHT, HAS_BIAS, ROWS)
+    x0 = tl.load(x_ptr + r * n, mask=rmask, other=0.0).to(tl.float32)
+    _normalize_rows(x.to(tl.float32), x0, r, cols, rmask, cmask, n, eps, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+                    DTYPE, RMS, HAS_WEIGHT, HAS_BIAS, ROWS)
 
 
 @triton.jit

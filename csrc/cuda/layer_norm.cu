@@ -52,11 +52,14 @@ __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(const T* __restrict__ 
   __shared__ float shared[kThreads];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // a grid of at most kMaxRowBlocks
     const T* xr = x + row * n;
+    // The sum of x - x[0], plus x[0] (the cpu kernel's and Triton's shifted mean): a constant row's
+    // mean is exact, where sum / n rounds and 1 / sqrt(var + eps) magnifies x - mean.
+    const float shift = rms ? 0.0f : static_cast<float>(xr[0]);
     float sum = 0.0f;
     if (!rms) {
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += static_cast<float>(xr[j]);
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += static_cast<float>(xr[j]) - shift;
     }
-    const float mean = rms ? 0.0f : block_sum(sum, shared) / n;
+    const float mean = rms ? 0.0f : shift + block_sum(sum, shared) / n;
     float m2 = 0.0f;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       const float d = static_cast<float>(xr[j]) - mean;
@@ -125,18 +128,23 @@ __global__ void __launch_bounds__(kThreads) dropout_add_norm_kernel(
     const int64_t* __restrict__ seed, int64_t rows, int64_t n, float eps, bool rms, uint32_t threshold, float scale) {
   __shared__ float shared[kThreads];
   const uint64_t key = static_cast<uint64_t>(*seed);
+  const auto dropped_sum = [&](int64_t i) {  // dropout(x) + residual at element i, as stored
+    uint32_t draw[4];
+    philox4(key, static_cast<uint64_t>(i) / 4, draw);
+    const T dropped = static_cast<T>(dropout_keep<float>(static_cast<float>(x[i]), draw[i % 4], threshold, scale));
+    return static_cast<T>(static_cast<float>(dropped) + static_cast<float>(residual[i]));
+  };
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // a grid of at most kMaxRowBlocks
+    // The shifted mean (ln_fwd_kernel's): every thread computes the row's first sum itself.
+    const float shift = rms ? 0.0f : static_cast<float>(dropped_sum(row * n));
     float acc = 0.0f;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {  // each thread later reads back only its own
       const int64_t i = row * n + j;
-      uint32_t draw[4];
-      philox4(key, static_cast<uint64_t>(i) / 4, draw);
-      const T dropped = static_cast<T>(dropout_keep<float>(static_cast<float>(x[i]), draw[i % 4], threshold, scale));
-      const T s = static_cast<T>(static_cast<float>(dropped) + static_cast<float>(residual[i]));
+      const T s = dropped_sum(i);
       sum[i] = s;
-      acc += static_cast<float>(s);
+      acc += static_cast<float>(s) - shift;
     }
-    const float mean = rms ? 0.0f : block_sum(acc, shared) / n;
+    const float mean = rms ? 0.0f : shift + block_sum(acc, shared) / n;
     float m2 = 0.0f;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       const float d = static_cast<float>(sum[row * n + j]) - mean;

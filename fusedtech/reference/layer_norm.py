@@ -14,7 +14,10 @@ def layer_norm_fwd(x, weight, bias, eps: float, rms: bool):
         rstd = torch.rsqrt(xf.square().mean(dim=1) + eps)
         xhat = xf * rstd[:, None]
     else:
-        mean = xf.mean(dim=1)
+        # The mean of x - x[0], plus x[0] (the kernels' shifted sum): exact for a constant row,
+        # whose plain sum / n rounds (x - mean is then that rounding, times 1 / sqrt(eps)).
+        shift = xf[:, :1]
+        mean = shift[:, 0] + (xf - shift).mean(dim=1)
         var = (xf - mean[:, None]).square().mean(dim=1)
         rstd = torch.rsqrt(var + eps)
         xhat = (xf - mean[:, None]) * rstd[:, None]
