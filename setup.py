@@ -163,10 +163,12 @@ setup(
     ext_modules=extensions,
     cmdclass={"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=False)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "tqdm"],
+    install_requires=["torch>=2.6", "triton>=3.6,<3.10; platform_system=='Linux'", "tqdm"],
     extras_require={
-        # torch-optimizer: torch_optimizer.Lamb, the reference our LAMB is a drop-in for.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "torch-optimizer"],
+        # torch-optimizer: torch_optimizer.Lamb, the reference our LAMB is a drop-in for; matplotlib: the
+        # tests draw the CIFAR example's and the suite's plots; hypothesis: the property-based fuzz suite.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "torch-optimizer", "matplotlib", "tqdm",
+                 "hypothesis>=6"],
         # deepspeed: DeepSpeedCPUAdam, the CPU bar the optimizer benchmark reports beside torch.
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "deepspeed"],
     },
