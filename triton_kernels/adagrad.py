@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .multi_tensor import (chunk_of, chunk_table, launch_scalars, load_param, pointer_table, step_is_live,
+from .multi_tensor import (chunk_of, chunk_table, launch_scalars, load_param, pointer_table, live_end,
                            store_param, tl_dtype)
 from .rounding import round_to
 
@@ -27,12 +27,12 @@ def _adagrad_kernel(ptrs, chunks, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, lr_
         lr = tl.load(lr_ptr)
     # -lr / (1 + (step - 1) * lr_decay) in float64, as torch computes it in Python floats.
     neg_clr = (-(tl.cast(lr, tl.float64) / (1.0 + (step.to(tl.float64) - 1.0) * tl.cast(lr_decay, tl.float64)))).to(tl.float32)
-    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
+    stop = live_end(begin, end, found_inf_ptr, HAS_FOUND_INF)
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = (offs < end) & live
+        mask = offs < stop
         p = load_param(base, 0, 3, offs, mask, PARAM, HAS_MASTER)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:

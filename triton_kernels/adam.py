@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import chunk_of, chunk_table, load_param, pointer_table, step_is_live, store_param, tl_dtype
+from .multi_tensor import chunk_of, chunk_table, load_param, pointer_table, live_end, store_param, tl_dtype
 from .rounding import round_to
 
 CHUNK = 2048  # elements per program
@@ -45,13 +45,13 @@ def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
     decay_factor = (1.0 - lr64 * tl.load(hyper + 2)).to(tl.float32)  # hyper[2] = weight_decay
 
-    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
+    stop = live_end(begin, end, found_inf_ptr, HAS_FOUND_INF)
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
 
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = (offs < end) & live
+        mask = offs < stop
         p = load_param(base, 0, 5, offs, mask, PARAM, HAS_MASTER)  # columns P and MASTER
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)

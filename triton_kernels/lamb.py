@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (chunk_of, chunk_table, launch_scalars, load_param, pointer_table, step_is_live,
+from .multi_tensor import (chunk_of, chunk_table, launch_scalars, load_param, pointer_table, live_end,
                            store_param, tensor_chunk_ranges, tl_dtype)
 from .rounding import round_to
 
@@ -29,14 +29,14 @@ def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, 
     g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
     m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
-    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
+    stop = live_end(begin, end, found_inf_ptr, HAS_FOUND_INF)
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
     wsq = tl.zeros([BLOCK], dtype=tl.float32)
     usq = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = (offs < end) & live
+        mask = offs < stop
         p = load_param(base, 0, 4, offs, mask, PARAM, HAS_MASTER)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:
@@ -100,10 +100,10 @@ def _lamb_update_kernel(ptrs, chunks, neg_steps, found_inf_ptr, eps, weight_deca
     m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
     neg_step = tl.load(neg_steps + row)
-    live = step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF)
+    stop = live_end(begin, end, found_inf_ptr, HAS_FOUND_INF)
     for start in range(0, tl.cdiv(end - begin, BLOCK)):
         offs = begin + start * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = (offs < end) & live
+        mask = offs < stop
         p = load_param(base, 0, 4, offs, mask, PARAM, HAS_MASTER)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)

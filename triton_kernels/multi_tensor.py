@@ -130,12 +130,14 @@ def chunk_of(chunks, pid):
 
 
 @triton.jit
-def step_is_live(begin, end, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
-    """False when the chunk is empty or GradScaler found inf/nan (then the step changes nothing)."""
-    live = end > begin
+def live_end(begin, end, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """Where the chunk's live elements end: `end`, or `begin` when GradScaler found inf/nan (then the
+    step changes nothing). A bound rather than a scalar flag and-ed into the block mask: the same
+    instructions on a GPU, and Triton 3.9's interpreter refuses a mask made by and-ing a block with a
+    scalar (it widens the bools to integers)."""
     if HAS_FOUND_INF:
-        live = live & (tl.load(found_inf_ptr) == 0)
-    return live
+        end = tl.where(tl.load(found_inf_ptr) == 0, end, begin)
+    return end
 
 
 @triton.jit
