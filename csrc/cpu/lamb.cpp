@@ -103,15 +103,13 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     with_bool(has_master, [&](auto mas) {
       constexpr bool kMaster = decltype(mas)::value;
       using S = std::conditional_t<kMaster, float, P>;
-      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t k = lo; k < hi; ++k) {
+      for_each_chunk_index(chunks, [&](int64_t k) {
           const int64_t t = chunks[k].tensor;
           partial[k] = lamb_pass1<P, S, kMaster>(chunks[k], params[t].const_data_ptr<P>(),
                                                  grads[t].const_data_ptr<P>(), exp_avgs[t].data_ptr<S>(),
                                                  exp_avg_sqs[t].data_ptr<S>(),
                                                  kMaster ? master_params[t].const_data_ptr<float>() : nullptr,
                                                  st.inv_grad_scale, h);
-        }
       });
       // Pass 2: per-tensor norms, summed in chunk order (deterministic), and the step scalars.
       std::vector<Partial> norms(params.size(), Partial{0.0, 0.0});
