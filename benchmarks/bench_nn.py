@@ -70,7 +70,7 @@ def _liger_norm(op: str, h: int):
 
 
 def _fused(mod):
-    fused, report = fusedtech.nn.convert_model(mod)
+    fused = fusedtech.nn.convert_model(mod)
     assert type(fused).__module__.startswith("fusedtech."), f"convert_model left {type(fused).__name__} unconverted"
     return fused
 
@@ -118,7 +118,7 @@ def _case(label, impl, backend, dtype, shape, direction, benchmark):
         act = BN_ACT_OPS[op]
         mod = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), ACT_MODULES[act]()).to(DEV, dtype)
         if impl not in ("torch", "torch-compile"):
-            mod, _ = fusedtech.nn.convert_model(mod, fuse_activations=True)
+            mod = fusedtech.nn.convert_model(mod, fuse_activations=True)
             assert type(mod[0]).__name__ == "BatchNormAct2d"
         if "_add_" in op:
             res = torch.randn_like(x, requires_grad=x.requires_grad)

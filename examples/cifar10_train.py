@@ -132,7 +132,8 @@ def build(args, train_x):
         # Only the module kinds asked for; convert_model skips kinds with no fused class yet.
         keep = {torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d} if args.fused_norm else set()
         keep |= {torch.nn.Dropout} if args.fused_dropout else set()
-        model, report = fusedtech.nn.convert_model(model, include=keep, fuse_activations=args.fuse_activations)
+        model, report = fusedtech.nn.convert_model(model, include=keep, fuse_activations=args.fuse_activations,
+                                                   return_report=True)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, report

@@ -271,7 +271,7 @@ def test_convert_model_on_a_small_cnn():
                                 torch.nn.Linear(8 * 6 * 6, 10), torch.nn.BatchNorm1d(10), torch.nn.Dropout(0.0))
     reference = copy.deepcopy(model)  # the torch modules, kept unconverted
     keys = model.state_dict().keys()
-    _, report = fusedtech.nn.convert_model(model)
+    _, report = fusedtech.nn.convert_model(model, return_report=True)
     assert report["replaced"] == {"BatchNorm2d": 1, "BatchNorm1d": 1, "Dropout": 1}
     assert model.state_dict().keys() == keys
     x = torch.randn(4, 3, 8, 8)
@@ -295,7 +295,7 @@ def test_convert_model_on_a_small_cnn():
 def test_convert_model_replaces_a_bare_module(make):
     # The model may itself be the module to replace: it comes back fused, sharing its parameters.
     module = make()
-    converted, report = fusedtech.nn.convert_model(module)
+    converted, report = fusedtech.nn.convert_model(module, return_report=True)
     assert converted is not module and type(converted).__module__.startswith("fusedtech.nn")
     assert report["replaced"] == {type(module).__name__: 1}
     assert converted.state_dict().keys() == module.state_dict().keys()
@@ -611,7 +611,7 @@ def test_convert_model_fuses_activations_and_keeps_keys():
                                 torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.SiLU())
     ref = copy.deepcopy(model)
     keys = model.state_dict().keys()
-    _, report = fusedtech.nn.convert_model(model, fuse_activations=True)
+    _, report = fusedtech.nn.convert_model(model, fuse_activations=True, return_report=True)
     assert report["replaced"] == {"BatchNorm2d+GELU": 1, "BatchNorm2d+SiLU": 1}
     assert isinstance(model[1], fusedtech.nn.BatchNormAct2d) and isinstance(model[2], torch.nn.Identity)
     assert model.state_dict().keys() == keys
@@ -648,7 +648,8 @@ def test_folded_activation_survives_a_later_swap_of_the_norm():
         torch.testing.assert_close(swapped(x), ref_swapped(x), **TOL32)
     # include names the classes to convert: folding is BatchNorm2d's.
     other = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.LayerNorm(6))
-    _, report = fusedtech.nn.convert_model(other, include={torch.nn.LayerNorm}, fuse_activations=True)
+    _, report = fusedtech.nn.convert_model(other, include={torch.nn.LayerNorm}, fuse_activations=True,
+                                          return_report=True)
     assert report["replaced"] == {"LayerNorm": 1} and type(other[0]) is torch.nn.BatchNorm2d
 
 
@@ -817,3 +818,58 @@ def test_a_size_one_last_dim_with_any_stride(backend, device, make):
         y.backward(dy)
     torch.testing.assert_close(y, ref, **TOL32)
     torch.testing.assert_close(x.grad, ref_x.grad, **TOL32)
+
+
+def test_convert_model_returns_the_model_so_it_chains_like_torchs_converters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    converted = fusedtech.nn.convert_model(model)
+    assert converted is model and type(model[1]) is fusedtech.nn.BatchNorm2d
+    # The habit from apex and nn.SyncBatchNorm.convert_sync_batchnorm: the result is a module.
+    assert fusedtech.nn.convert_model(model)(torch.randn(1, 3, 5, 5)).shape == (1, 4, 3, 3)
+
+
+class _ScaledLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _PlainLayerNormSubclass(torch.nn.LayerNorm):
+    pass
+
+
+class CustomRMSNorm(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def test_convert_model_reports_each_norm_it_leaves_alone_with_the_reason(capsys):
+    model = torch.nn.Sequential(torch.nn.LayerNorm(6), _ScaledLayerNorm(6), _PlainLayerNormSubclass(6), CustomRMSNorm(6),
+                                torch.nn.BatchNorm2d(6), torch.nn.Linear(6, 6))
+    x = torch.randn(2, 6)
+    before = model[1:4](x)
+    _, report = fusedtech.nn.convert_model(model, include={torch.nn.LayerNorm}, verbose=True, return_report=True)
+    assert report["replaced"] == {"LayerNorm": 1}
+    reasons = {s["module"]: (s["type"], s["reason"]) for s in report["skipped"]}
+    assert set(reasons) == {"1", "2", "3", "4"}  # the Linear is no norm: not listed
+    assert "overriding forward" in reasons["1"][1] and "exact torch class" in reasons["2"][1]
+    assert reasons["3"] == ("CustomRMSNorm", "no fused drop-in for this class")
+    assert reasons["4"] == ("BatchNorm2d", "not in include")
+    # Skipped modules are untouched.
+    assert type(model[1]) is _ScaledLayerNorm and type(model[3]) is CustomRMSNorm
+    torch.testing.assert_close(model[1:4](x), before, rtol=0, atol=0)
+    table = capsys.readouterr().out
+    for name, (cls, reason) in reasons.items():
+        assert f"{name} ({cls})" in table and reason in table
+    assert "LayerNorm" in table and "replaced" in table
+
+
+def test_convert_model_reports_a_gelu_it_cannot_fold():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GELU(approximate="tanh"))
+    _, report = fusedtech.nn.convert_model(model, fuse_activations=True, return_report=True)
+    assert report["replaced"] == {"BatchNorm2d": 1} and type(model[2]) is torch.nn.GELU
+    assert [(s["module"], s["type"]) for s in report["skipped"]] == [("2", "GELU")]
+    assert "tanh" in report["skipped"][0]["reason"]

@@ -524,7 +524,7 @@ def test_convert_model_swaps_norms_in_place():
                                 torch.nn.BatchNorm1d(8)).eval()
     x = torch.randn(5, 6)
     before, keys = model(x), model.state_dict().keys()
-    converted, report = fusedtech.nn.convert_model(model)
+    converted, report = fusedtech.nn.convert_model(model, return_report=True)
     assert converted is model
     assert type(model[1]) is fusedtech.nn.LayerNorm and type(model[2][0]) is fusedtech.nn.RMSNorm
     assert type(model[3]) is fusedtech.nn.BatchNorm1d
