@@ -25,7 +25,7 @@ status=0
 step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
 
 step "install the carried wheels"
-site=$(mktemp -d)
+site=$(mktemp -d) scratch=""
 trap 'rm -rf "$site" "$scratch"' EXIT
 if [ "$REHEARSE" = 1 ] && ! compgen -G ".whl/fusedtech-*.whl" > /dev/null; then
   # No device wheel here: build one for this machine's Python and torch (CPU kernels only), so the
