@@ -873,3 +873,32 @@ def test_convert_model_reports_a_gelu_it_cannot_fold():
     assert report["replaced"] == {"BatchNorm2d": 1} and type(model[2]) is torch.nn.GELU
     assert [(s["module"], s["type"]) for s in report["skipped"]] == [("2", "GELU")]
     assert "tanh" in report["skipped"][0]["reason"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_with_a_non_finite_channel_gives_nan_as_torch(backend):
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 0, 2, 2] = float("inf")
+    x[2, 1, 0, 3] = float("nan")
+    ref, ours = torch.nn.BatchNorm2d(3), fusedtech.nn.BatchNorm2d(3)
+    with fusedtech.use_backend(backend):
+        y = ours(x)
+    yr = ref(x)
+    assert torch.equal(y.isnan(), yr.isnan())
+    torch.testing.assert_close(y[:, 2], yr[:, 2], **TOL32)
+    assert torch.equal(ours.running_var.isnan(), ref.running_var.isnan())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_input_gradient_does_not_read_the_input(backend):
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 0, 2, 2] = float("inf")
+    x[2, 1, 0, 3] = float("nan")
+    ref, ours = torch.nn.BatchNorm2d(3).eval(), fusedtech.nn.BatchNorm2d(3).eval()
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    ref(xr).backward(g)
+    with fusedtech.use_backend(backend):
+        ours(xo).backward(g)
+    assert xr.grad.isfinite().all()
+    torch.testing.assert_close(xo.grad, xr.grad, **TOL32)

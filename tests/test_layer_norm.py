@@ -635,3 +635,16 @@ def test_statistics_of_hard_rows(backend, case):
         ours = _run(lambda x, w, b: F.layer_norm(x, (300,), w, b), x, w, b, dy)
     exact = _run(torch_fn, x.double(), w.double(), b.double(), dy.double())
     _check(ours, _run(torch_fn, x, w, b, dy), exact, torch.float32)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_a_row_holding_inf_or_nan_normalizes_to_nan_as_torch(backend):
+    x = torch.randn(4, 9)
+    x[1, 3] = float("inf")
+    x[2, 5] = float("nan")
+    ours = fusedtech.nn.LayerNorm(9)
+    with fusedtech.use_backend(backend):
+        y = ours(x)
+    yr = torch.nn.functional.layer_norm(x, (9,), ours.weight, ours.bias)
+    assert torch.equal(y.isnan(), yr.isnan())
+    torch.testing.assert_close(y[[0, 3]], yr[[0, 3]], atol=1e-5, rtol=1e-5)

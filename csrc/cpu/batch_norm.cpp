@@ -449,6 +449,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_impl(const at::Ten
       mu[c] = static_cast<mt>(mp[c]);
     }
     const mt *a = k1.data(), *bq = k2.data(), *cq = k3.data(), *up = mu.data();
+    if (!training) {  // eval: dx = weight invstd dy does not read x (no 0 * inf where x is NaN/inf)
+      channel_map<scalar_t>(gp, xp, dx.data_ptr<scalar_t>(), v, [=](int64_t c, scalar_t g, scalar_t) {
+        return static_cast<scalar_t>(a[c] * static_cast<mt>(g));
+      });
+      return;
+    }
     channel_map<scalar_t>(gp, xp, dx.data_ptr<scalar_t>(), v, [=](int64_t c, scalar_t g, scalar_t xv) {
       return static_cast<scalar_t>(a[c] * static_cast<mt>(g) - bq[c] - cq[c] * (static_cast<mt>(xv) - up[c]));
     });

@@ -36,7 +36,9 @@ struct Moments {
 FT_HD Moments shifted_moments(double shift, double s1, double s2, double count) {
   const double d = s1 / count;
   const double m2 = s2 - s1 * d;
-  return {shift + d, m2 > 0.0 ? m2 : 0.0};
+  // Only a negative rounding residue is clamped; a NaN (a row holding NaN or +-inf) must stay NaN
+  // so the outputs and running statistics are NaN as torch's.
+  return {shift + d, m2 < 0.0 ? 0.0 : m2};
 }
 
 }  // namespace fusedtech
