@@ -708,3 +708,110 @@ def test_gpu_dropout_add_norm_matches_the_oracle(backend, dtype, n):
     torch.testing.assert_close(rstd.cpu(), ref_rstd, atol=1e-5, rtol=1e-5)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out.cpu().float(), ref_out.float(), atol=tol, rtol=tol)
+
+
+# ---- non-finite values at dropped positions: a product with the mask, as torch -----------------
+
+def _non_finite(shape):
+    """NaN, +inf and -inf in turn: a dropped element is NaN (0 * inf) for torch, never 0."""
+    x = torch.full(shape, float("nan"))
+    x.view(-1)[1::3] = float("inf")
+    x.view(-1)[2::3] = -float("inf")
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dropped_nan_and_inf_come_out_nan_forward_and_backward_as_torch(backend, dtype):
+    x = _non_finite((3, 257)).to(dtype).requires_grad_()
+    dy = _non_finite((3, 257)).to(dtype)
+    expected_y = torch.nn.functional.dropout(x, 0.5)
+    (expected_dx,) = torch.autograd.grad(expected_y, x, dy)
+    assert not (expected_y == 0).any() and not (expected_dx == 0).any()  # torch's contract
+    with fusedtech.use_backend(backend):
+        y = F.dropout(x, 0.5)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    dropped = torch.isnan(y) & ~torch.isnan(x)
+    assert dropped.any()  # some infinities were dropped
+    assert not (y == 0).any() and not (dx == 0).any()
+    kept = ~torch.isnan(y)
+    assert torch.equal(y[kept], x[kept]) and torch.equal(torch.isnan(dx), torch.isnan(y) | torch.isnan(dy))
+
+
+def _first_dropped(p, shape, seed_from):
+    """The index of the first dropped element of each row for the seed dropout draws after
+    torch.manual_seed(seed_from) (new_seed: one randint from torch's generator)."""
+    from fusedtech.reference.dropout import keep_mask
+    torch.manual_seed(seed_from)
+    seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+    keep = keep_mask(shape, p, seed, "cpu")
+    return [int((~keep[r]).nonzero()[0]) for r in range(shape[0])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_dropout_add_norm_row_with_a_dropped_nan_is_nan_as_torchs_composition(backend, rms):
+    shape, p = (4, 40), 0.3
+    x, res = torch.randn(shape), torch.randn(shape)
+    cols = _first_dropped(p, shape, 7)
+    x[0, cols[0]], x[1, cols[1]] = float("nan"), float("nan")  # only at dropped positions
+    w, b = torch.rand(40) + 0.5, torch.randn(40)
+    torch.manual_seed(7)
+    with fusedtech.use_backend(backend):
+        out = F.dropout_add_layer_norm(x, res, w, None if rms else b, p=p, rms=rms)
+    s = torch.nn.functional.dropout(x, p) + res  # torch's composition (its own mask): rows 0 and 1 NaN
+    ref = (torch.nn.functional.rms_norm(s, (40,), w) if rms else torch.nn.functional.layer_norm(s, (40,), w, b))
+    assert torch.isnan(ref[:2]).all() and torch.isnan(out[:2]).all()
+    assert torch.isfinite(out[2:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_block_keeps_nan_at_dropped_positions_as_torchvision(backend):
+    x = _non_finite((2, 3, 9, 9)).requires_grad_()
+    dy = _non_finite((2, 3, 9, 9))
+    with fusedtech.use_backend(backend):
+        y = F.drop_block2d(x, 0.3, 3)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    assert torch.isnan(y).sum() > torch.isnan(x).sum()  # dropped infinities are NaN, not 0
+    assert not (y == 0).any() and not (dx == 0).any()
+    # The explicit-mask path (torch's composition) agrees: both are products with the mask.
+    mask = (~(torch.isnan(y) & ~torch.isnan(x))).float()
+    explicit = F.drop_block2d(x.detach(), 0.3, 3, block_mask=mask)
+    assert torch.equal(torch.isnan(explicit), torch.isnan(y))
+
+
+# ---- DropBlock's cpu scratch: bounded by a tile, not by the plane ----------------------------------
+
+@pytest.mark.parametrize("shape,b", [((1, 2, 259, 1030), 5), ((1, 1, 130, 2050), 7), ((2, 1, 300, 40), 11)], ids=str)
+def test_drop_block_tiles_of_a_large_plane_match_the_oracle(shape, b):
+    # Planes larger than one cpu tile (128 x 1024): blocks that straddle tile edges.
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu extension not built")
+    from fusedtech.reference import drop_block as oracle
+    fusedtech._backend.cpu_extension()
+    x, seed, gamma = torch.randn(shape), torch.tensor([99]), 0.02
+    keep, kept = oracle.drop_block_keep(x, seed, gamma, b)
+    got_keep, got_kept = torch.ops.fusedtech_C.drop_block_keep(x, seed, gamma, b)
+    assert torch.equal(got_keep.bool(), keep) and int(got_kept) == int(kept)
+
+
+def test_drop_block_cpu_peak_memory_is_the_mask_not_seven_bytes_per_element_per_thread():
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu extension not built")
+    import subprocess
+    import sys
+    code = """
+import resource, torch, fusedtech
+fusedtech._backend.cpu_extension()  # loads the kernels (the ops load them on first use)
+torch.set_num_threads(2)
+x, seed = torch.randn(1, 1, 4096, 4096), torch.tensor([5])
+torch.ops.fusedtech_C.drop_block_keep(x[:, :, :64, :64].contiguous(), seed, 0.05, 7)  # first-call allocations
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+keep, kept = torch.ops.fusedtech_C.drop_block_keep(x, seed, 0.05, 7)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, keep.numel())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    grown, mask_bytes = int(out[0]), int(out[1])
+    # The uint8 mask itself plus 16 MiB (allocator, tiles); the whole-plane scratch was 7 bytes per
+    # element per thread (224 MiB here).
+    assert grown <= mask_bytes + 16 * 2 ** 20, (grown, mask_bytes)

@@ -65,7 +65,7 @@ def _apply_kernel(x_ptr, keep_ptr, scale_ptr, y_ptr, n, DTYPE: tl.constexpr, BLO
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     keep = tl.load(keep_ptr + offs, mask=mask, other=0) != 0
-    y = tl.where(keep, x * tl.load(scale_ptr), 0.0)
+    y = x * tl.where(keep, tl.load(scale_ptr), 0.0)  # a dropped NaN stays NaN, as torchvision's x * mask
     tl.store(y_ptr + offs, round_to(y, DTYPE), mask=mask)
 
 

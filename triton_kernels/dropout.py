@@ -41,7 +41,7 @@ def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, threshold, scale, DTYPE: tl.const
     mask = offs < n
     r = block_draws(tl.load(seed_ptr), pid * BLOCK, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.where(r >= threshold, x * scale, 0.0)
+    y = x * tl.where(r >= threshold, scale, 0.0)  # a product, not a select: a dropped NaN stays NaN, as torch's
     tl.store(y_ptr + offs, round_to(y, DTYPE), mask=mask)
 
 
@@ -65,7 +65,7 @@ def _dropped_sum(x_ptr, res_ptr, idx, mask, seed, threshold, scale, DTYPE: tl.co
     rounds, the dropout output to x's dtype, then the sum (the next residual, what is normalised)."""
     keep = draws_for(seed, idx) >= threshold
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    dropped = round_to(tl.where(keep, x * scale, 0.0), DTYPE).to(tl.float32)
+    dropped = round_to(x * tl.where(keep, scale, 0.0), DTYPE).to(tl.float32)
     s = dropped + tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     return round_to(s, DTYPE).to(tl.float32)
 

@@ -1,7 +1,7 @@
 // DropBlock on CPU tensors (the oracle, fusedtech/reference/drop_block.py, states the mask). Per
-// (n, c) plane: the centres' Philox draws, then the block growth as two one-dimensional passes (a
-// window OR along each row, then down each column), O(block_size) per element instead of
-// block_size^2. The keep mask is written with the tensor's strides, so NCHW and channels_last
+// tile of each (n, c) plane: the centres' Philox draws, then the block growth as two
+// one-dimensional passes (a window OR along each row, then down each column), O(block_size) per
+// element instead of block_size^2. The keep mask is written with the tensor's strides, so NCHW and channels_last
 // inputs are applied in storage order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -19,20 +19,26 @@
 namespace fusedtech::cpu {
 namespace {
 
-// One plane's scratch, rows of padded_w = W + b - 1 bytes laid end to end. Each row of centres is
-// stored shifted right by b - 1 between zero borders, and row_or has b - 1 zero rows above and
-// below; then both window ORs run over the whole flat plane at once (long loops that vectorise
-// even when rows are short): row_or[k] = OR_d centres[k + d], dropped[k] = OR_d row_or[k + d *
-// padded_w]. Columns w >= W of a row only ever see zero borders, so they come out kept: exactly
-// H * (b - 1) extra.
-struct PlaneScratch {
-  PlaneScratch(int64_t H, int64_t W, int64_t b)
-      : draws((H - b + 1) * (W - b + 1)),
-        centres((H - b + 1) * (W + b - 1) + b, 0),
-        row_or((H + 2 * (b - 1)) * (W + b - 1), 0),
-        keep(H * (W + b - 1)) {}
+// The keep mask is made in output tiles of at most kTileRows x kTileCols elements, each from the
+// centres of its block windows, (rows + b - 1) x (cols + b - 1): the scratch of a thread is bounded
+// by the tile and b, not by the plane (whole-plane scratch was 7 bytes per element of a plane per
+// thread: a 4 GiB input needed more than 19 GiB). Halo centres are drawn again by each tile that
+// reads them, (b - 1) / kTileRows more draws at most.
+constexpr int64_t kTileRows = 128, kTileCols = 1024;
+
+// A tile's scratch, rows of padded = cols + b - 1 bytes laid end to end: centres (zero outside the
+// plane's centre grid, b - 1 zero bytes of slack at the end), row_or[k] = OR_d centres[k + d],
+// dropped[k] = OR_d row_or[k + d * padded]; both window ORs run over the whole flat tile at once
+// (long loops that vectorise even when rows are short). The last b - 1 bytes of each row mix in the
+// next row and are never read back.
+struct TileScratch {
+  TileScratch(int64_t H, int64_t W, int64_t b)
+      : draws(std::min(W, kTileCols) + b - 1),
+        centres((std::min(H, kTileRows) + b - 1) * (std::min(W, kTileCols) + b - 1) + b, 0),
+        row_or((std::min(H, kTileRows) + b - 1) * (std::min(W, kTileCols) + b - 1)),
+        dropped(std::min(H, kTileRows) * (std::min(W, kTileCols) + b - 1)) {}
   std::vector<uint32_t> draws;
-  std::vector<uint8_t> centres, row_or, keep;
+  std::vector<uint8_t> centres, row_or, dropped;
 };
 
 // out[k] = in[k] | in[k + step] | ... (count terms): restrict on parameters (GCC ignores it on
@@ -43,37 +49,43 @@ inline void window_or(uint8_t* __restrict__ out, const uint8_t* __restrict__ in,
     for (int64_t k = 0; k < n; ++k) out[k] |= in[k + d * step];
 }
 
-// p[k] = !p[k]; returns how many are set.
-inline int64_t negate_count(uint8_t* __restrict__ p, int64_t n) {
-  int64_t set = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    p[k] = !p[k];
-    set += p[k];
+// Writes the keep mask of the tile of rows [h0, h0 + rows) and columns [w0, w0 + cols) of a plane
+// (keep points at the plane, element strides sh, sw) and returns how many it keeps. Sizes come by
+// value: behind references every uint8 store could alias them and nothing would vectorise.
+int64_t keep_tile(uint64_t seed, uint64_t threshold, int64_t plane, int64_t H, int64_t W, int64_t b, int64_t h0,
+                  int64_t rows, int64_t w0, int64_t cols, uint8_t* keep, int64_t sh, int64_t sw, TileScratch& scratch) {
+  const int64_t centre_h = H - b + 1, centre_w = W - b + 1, padded = cols + b - 1;
+  // Centre (ci, cj) sits at tile row ci - (h0 - b + 1), column cj - (w0 - b + 1).
+  const int64_t top = h0 - b + 1, left = w0 - b + 1;
+  const int64_t cj_lo = std::max<int64_t>(left, 0), cj_hi = std::min(w0 + cols, centre_w);
+  uint8_t* centres = scratch.centres.data();
+  std::fill(centres, centres + (rows + b - 1) * padded + b, uint8_t(0));
+  for (int64_t r = 0; r < rows + b - 1; ++r) {
+    const int64_t ci = top + r;
+    if (ci < 0 || ci >= centre_h || cj_hi <= cj_lo) continue;
+    philox_draws(seed, (plane * centre_h + ci) * centre_w + cj_lo, cj_hi - cj_lo, scratch.draws.data());
+    uint8_t* out = centres + r * padded + (cj_lo - left);
+    const uint32_t* draw = scratch.draws.data();
+    for (int64_t j = 0; j < cj_hi - cj_lo; ++j) out[j] = draw[j] < threshold;
   }
-  return set;
-}
-
-// Writes one plane's keep mask (element strides sh, sw) and returns how many it keeps. Sizes come
-// by value: behind references every uint8 store could alias them and nothing would vectorise.
-int64_t keep_plane(uint64_t seed, uint64_t threshold, int64_t plane, int64_t H, int64_t W, int64_t b, uint8_t* keep,
-                   int64_t sh, int64_t sw, PlaneScratch& scratch) {
-  const int64_t centre_h = H - b + 1, centre_w = W - b + 1, padded_w = W + b - 1;
-  philox_draws(seed, plane * centre_h * centre_w, centre_h * centre_w, scratch.draws.data());
-  for (int64_t i = 0; i < centre_h; ++i) {
-    uint8_t* out = scratch.centres.data() + i * padded_w + (b - 1);
-    const uint32_t* draw = scratch.draws.data() + i * centre_w;
-    for (int64_t j = 0; j < centre_w; ++j) out[j] = draw[j] < threshold;
-  }
-  uint8_t* row_or = scratch.row_or.data() + (b - 1) * padded_w;
-  window_or(row_or, scratch.centres.data(), centre_h * padded_w, 1, b);
-  window_or(scratch.keep.data(), scratch.row_or.data(), H * padded_w, padded_w, b);
-  const int64_t kept = negate_count(scratch.keep.data(), H * padded_w) - H * (b - 1);
-  for (int64_t h = 0; h < H; ++h) {
-    const uint8_t* row = scratch.keep.data() + h * padded_w;
-    if (sw == 1) {
-      std::copy(row, row + W, keep + h * sh);
+  window_or(scratch.row_or.data(), centres, (rows + b - 1) * padded, 1, b);
+  window_or(scratch.dropped.data(), scratch.row_or.data(), rows * padded, padded, b);
+  int64_t kept = 0;
+  for (int64_t h = 0; h < rows; ++h) {
+    const uint8_t* row = scratch.dropped.data() + h * padded;
+    uint8_t* dst = keep + (h0 + h) * sh + w0 * sw;
+    if (sw == 1) {  // NCHW: a row of the mask is contiguous
+      for (int64_t w = 0; w < cols; ++w) {
+        const uint8_t k = !row[w];
+        dst[w] = k;
+        kept += k;
+      }
     } else {
-      for (int64_t w = 0; w < W; ++w) keep[h * sh + w * sw] = row[w];
+      for (int64_t w = 0; w < cols; ++w) {
+        const uint8_t k = !row[w];
+        dst[w * sw] = k;
+        kept += k;
+      }
     }
   }
   return kept;
@@ -91,18 +103,27 @@ std::tuple<at::Tensor, at::Tensor> drop_block_keep_cpu(const at::Tensor& x, cons
   const uint64_t threshold = static_cast<uint64_t>(std::floor(gamma * 4294967296.0));  // 2^32: every centre
   const int64_t sn = keep.stride(0), sc = keep.stride(1), sh = keep.stride(2), sw = keep.stride(3);
   uint8_t* kp = keep.data_ptr<uint8_t>();
-  std::vector<int64_t> kept_per_plane(N * C);
-  at::parallel_for(0, N * C, 1, [&](int64_t lo, int64_t hi) {
-    PlaneScratch scratch(H, W, b);
-    for (int64_t plane = lo; plane < hi; ++plane)
-      kept_per_plane[plane] = keep_plane(s, threshold, plane, H, W, b, kp + (plane / C) * sn + (plane % C) * sc, sh, sw, scratch);
+  // One task per (plane, tile): a single large plane still spreads over the threads.
+  const int64_t tile_rows = (H + kTileRows - 1) / kTileRows, tile_cols = (W + kTileCols - 1) / kTileCols;
+  const int64_t tiles = tile_rows * tile_cols;
+  std::vector<int64_t> kept_per_task(N * C * tiles);
+  at::parallel_for(0, N * C * tiles, 1, [&](int64_t lo, int64_t hi) {
+    TileScratch scratch(H, W, b);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t plane = task / tiles, tile = task % tiles;
+      const int64_t h0 = (tile / tile_cols) * kTileRows, w0 = (tile % tile_cols) * kTileCols;
+      kept_per_task[task] = keep_tile(s, threshold, plane, H, W, b, h0, std::min(kTileRows, H - h0), w0,
+                                      std::min(kTileCols, W - w0), kp + (plane / C) * sn + (plane % C) * sc, sh, sw,
+                                      scratch);
+    }
   });
   int64_t kept = 0;
-  for (int64_t k : kept_per_plane) kept += k;
+  for (int64_t k : kept_per_task) kept += k;
   return {keep, at::scalar_tensor(kept, x.options().dtype(at::kLong))};
 }
 
-// x * scale where keep, else 0, over the storage of x and keep (dense, the same strides).
+// x * (scale where keep, else 0) over the storage of x and keep (dense, the same strides): a product, so a
+// dropped NaN or inf is NaN, as torchvision's x * mask * scale.
 at::Tensor drop_block_apply_cpu(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu(), "fusedtech: drop_block2d (cpu) got input on ", x.device());
   check_drop_block_apply(x, keep, scale);
@@ -114,7 +135,7 @@ at::Tensor drop_block_apply_cpu(const at::Tensor& x, const at::Tensor& keep, con
     scalar_t* yp = y.data_ptr<scalar_t>();
     const opmath_t sc = static_cast<opmath_t>(scale.item<double>());  // exact: the scale's own value
     at::parallel_for(0, x.numel(), 16384, [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k) yp[k] = static_cast<scalar_t>(kp[k] ? static_cast<opmath_t>(xp[k]) * sc : opmath_t(0));
+      for (int64_t k = lo; k < hi; ++k) yp[k] = static_cast<scalar_t>(static_cast<opmath_t>(xp[k]) * (kp[k] ? sc : opmath_t(0)));
     });
   });
   return y;

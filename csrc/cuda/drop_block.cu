@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) keep_kernel(const uint8_t* __restric
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// y = x * scale where keep, else 0, over storage (x and keep share their strides); S the scale's type.
+// y = x * (scale where keep, else 0) over storage (x and keep share their strides); S the scale's type.
 template <typename T, typename S>
 __global__ void apply_kernel(const T* __restrict__ x, const uint8_t* __restrict__ keep, const S* __restrict__ scale,
                              T* __restrict__ y, int64_t n) {
@@ -82,7 +82,7 @@ __global__ void apply_kernel(const T* __restrict__ x, const uint8_t* __restrict_
   const M sc = static_cast<M>(*scale);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y[i] = static_cast<T>(keep[i] ? static_cast<M>(x[i]) * sc : M(0));
+    y[i] = static_cast<T>(static_cast<M>(x[i]) * (keep[i] ? sc : M(0)));  // a dropped NaN stays NaN
 }
 
 // keep (uint8 with x's shape and strides, 1 = kept) and the number kept (int64, 0-d, on the device).

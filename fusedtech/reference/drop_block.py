@@ -31,9 +31,10 @@ def drop_block_keep(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_siz
 
 
 def drop_block_apply(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * scale where keep, else 0: the product in fp32 (fp64 for fp64 x), rounded once to x's dtype."""
+    """x * (scale where keep, else 0): the product in fp32 (fp64 for fp64 x), rounded once to x's
+    dtype; a product, as torchvision's x * mask * scale, so a dropped NaN or inf is NaN."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.where(keep.bool(), xf * scale.to(xf.dtype), 0.0).to(x.dtype)
+    return (xf * torch.where(keep.bool(), scale.to(xf.dtype), 0.0)).to(x.dtype)
 
 
 def drop_block_mask(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int) -> torch.Tensor:

@@ -51,7 +51,8 @@ def dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor
     mask = keep_mask(x.shape, p, int(seed.item()), x.device)
     acc = _math_dtype(x.dtype)
     scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)
-    return torch.where(mask, x.to(acc) * scale, 0.0).to(x.dtype)
+    # A product with the mask (not a select), as torch's input * mask / (1 - p): a dropped NaN or inf is NaN.
+    return (x.to(acc) * torch.where(mask, scale, 0.0)).to(x.dtype)
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:

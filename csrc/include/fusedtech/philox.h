@@ -70,9 +70,11 @@ inline void philox_draws(uint64_t seed, int64_t first, int64_t count, uint32_t* 
 
 // Inverted dropout of one element given its draw: dropped when the draw falls below
 // threshold = floor(p * 2^32). A is the math type: float, double for double inputs (as torch's).
+// A product with the mask, not a select, as torch's input * mask / (1 - p): a dropped NaN or inf
+// stays NaN (0 * inf), forward and backward.
 template <typename A>
 FT_HD A dropout_keep(A x, uint32_t draw, uint32_t threshold, A scale) {
-  return draw >= threshold ? x * scale : A(0);
+  return x * (draw >= threshold ? scale : A(0));
 }
 
 // The scale 1 / (1 - p) in the math type (rounded once, from double).
