@@ -902,3 +902,36 @@ def test_eval_input_gradient_does_not_read_the_input(backend):
         ours(xo).backward(g)
     assert xr.grad.isfinite().all()
     torch.testing.assert_close(xo.grad, xr.grad, **TOL32)
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_eps_that_torch_refuses_is_refused_with_torchs_words(act):
+    F = fusedtech.nn.functional
+    x, rm, rv = torch.randn(4, 3, 5, 5), torch.zeros(3), torch.ones(3)
+    call = (lambda **kw: F.batch_norm_act(x, rm, rv, **kw)) if act else (lambda **kw: F.batch_norm(x, rm, rv, **kw))
+    for eps in (0.0, -1e-5):
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            call(training=True, eps=eps)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        call(training=False, eps=-1e-5)
+    y = call(training=False, eps=0.0)  # allowed in eval, as torch
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["hw_transposed", "batch_channel_swapped", "channels_last", "3d_channels_inner"])
+def test_output_layout_is_torchs_for_permuted_dense_inputs(backend, layout):
+    # torch's batch_norm keeps channels_last and gives every other layout back contiguous (code
+    # .view()s its output).
+    base = torch.randn(4, 3, 6, 5)
+    x = {"hw_transposed": base.transpose(2, 3), "batch_channel_swapped": base.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+         "channels_last": base.to(memory_format=torch.channels_last),
+         "3d_channels_inner": torch.randn(4, 7, 3).transpose(1, 2)}[layout]
+    c = x.shape[1]
+    with fusedtech.use_backend(backend):
+        y = fusedtech.nn.functional.batch_norm(x, torch.zeros(c), torch.ones(c), training=True)
+    yr = torch.nn.functional.batch_norm(x, torch.zeros(c), torch.ones(c), training=True)
+    assert y.stride() == yr.stride(), (y.stride(), yr.stride())
+    torch.testing.assert_close(y, yr, **TOL32)
+    if layout != "channels_last":
+        y.view(-1)  # what broke on the input's strides

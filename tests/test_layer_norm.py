@@ -648,3 +648,86 @@ def test_a_row_holding_inf_or_nan_normalizes_to_nan_as_torch(backend):
     yr = torch.nn.functional.layer_norm(x, (9,), ours.weight, ours.bias)
     assert torch.equal(y.isnan(), yr.isnan())
     torch.testing.assert_close(y[[0, 3]], yr[[0, 3]], atol=1e-5, rtol=1e-5)
+
+
+FLOAT64_BACKENDS = [b for b in cpu_backends() if b != "triton"]  # the Triton kernels take no float64
+NON_FINITE_CASES = [(b, d) for b in cpu_backends() for d in (torch.float32, torch.float64)
+                    if d == torch.float32 or b in FLOAT64_BACKENDS]
+
+
+@pytest.mark.parametrize("backend,dtype", NON_FINITE_CASES, ids=str)
+@pytest.mark.parametrize("rms", [False, True])
+def test_non_finite_and_overflowing_rows_are_nan_or_match_torch(backend, rms, dtype):
+    # +-inf and NaN: what torch gives, NaN for NaN. float64 values whose squares overflow (|x| >
+    # 1e154): an infinite variance (root mean square), so the output is torch's (the bias), never
+    # a large finite value.
+    x = torch.randn(5, 9, dtype=dtype)
+    x[1, 3] = float("inf")
+    x[2, 5] = float("nan")
+    x[3, 0] = -float("inf")
+    if dtype == torch.float64:
+        x[4] = torch.linspace(-3e154, 4e154, 9, dtype=dtype)
+    w = torch.rand(9, dtype=dtype) + 0.5
+    with fusedtech.use_backend(backend):
+        y = F.rms_norm(x, (9,), w, 1e-6) if rms else F.layer_norm(x, (9,), w)
+    yr = (torch.nn.functional.rms_norm(x, (9,), w, 1e-6) if rms else torch.nn.functional.layer_norm(x, (9,), w))
+    assert torch.isnan(y[2]).all() and torch.isnan(yr[2]).all()
+    for r in (1, 3, 4) if dtype == torch.float64 else (1, 3):
+        finite = torch.isfinite(yr[r])
+        assert torch.equal(torch.isfinite(y[r]), finite), (r, y[r], yr[r])  # no large finite value for NaN
+        torch.testing.assert_close(y[r][finite], yr[r][finite], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y[0], yr[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("rms", [False, True])
+def test_memory_efficient_with_a_zero_in_the_weight_keeps_the_input_and_matches_torch(backend, rms):
+    # A weight reaching exactly zero (pruning, zero init) leaves no trace of xhat in the output
+    # there: the input is kept for that call, and the gradients are torch's, not NaN.
+    x = torch.randn(6, 10, requires_grad=True)
+    w = (torch.rand(10) + 0.5).requires_grad_()
+    with torch.no_grad():
+        w[[2, 7]] = 0.0
+    b = torch.randn(10, requires_grad=True)
+    dy = torch.randn(6, 10)
+    args = (x, w) if rms else (x, w, b)
+    with fusedtech.use_backend(backend), pytest.warns(UserWarning, match="exact zero"):
+        y = F.rms_norm(x, (10,), w, 1e-6, memory_efficient=True) if rms else \
+            F.layer_norm(x, (10,), w, b, memory_efficient=True)
+    grads = torch.autograd.grad(y, args, dy)
+    yr = torch.nn.functional.rms_norm(x, (10,), w, 1e-6) if rms else torch.nn.functional.layer_norm(x, (10,), w, b)
+    ref = torch.autograd.grad(yr, args, dy)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_complex_weight_or_bias_is_refused_by_name():
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="weight must be a real floating-point tensor"):
+        F.layer_norm(x, (4,), torch.ones(4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="bias must be a real floating-point tensor"):
+        F.layer_norm(x, (4,), torch.ones(4), torch.zeros(4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="weight must be a real floating-point tensor"):
+        F.rms_norm(x, (4,), torch.ones(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="weight must be a real floating-point tensor"):
+        F.dropout_add_layer_norm(x, x, torch.ones(4, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in cpu_backends()
+                                           for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                                           if d != torch.float64 or b in FLOAT64_BACKENDS], ids=str)
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_layer_norm_over_one_element_has_exactly_zero_input_gradient(backend, dtype, memory_efficient):
+    # x - mean is exactly 0 over one element, so dx is exactly 0 (rstd = 1/sqrt(eps) magnifies any
+    # rounding in the backward's terms; the exact answer is 0, as torch's float64 gives).
+    x = torch.randn(7, 1, dtype=dtype, requires_grad=True)
+    w = (torch.rand(1) + 0.5).to(dtype).requires_grad_()
+    dy = torch.randn(7, 1, dtype=dtype)
+    with fusedtech.use_backend(backend):
+        y = F.layer_norm(x, (1,), w, None, memory_efficient=memory_efficient)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert torch.equal(y, torch.zeros_like(y))
+    assert torch.equal(dx, torch.zeros_like(dx)), dx
+    assert torch.equal(dw, torch.zeros_like(dw))

@@ -54,11 +54,15 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
+        _check_real(name, t)
         if t.shape != shape:
             raise RuntimeError(f"fusedtech: {name} has shape {tuple(t.shape)}, expected normalized_shape {shape}")
         if t.device != input.device:
             raise RuntimeError(f"fusedtech: {name} is on {t.device} but input is on {input.device}")
     weight, bias = _dense(weight), _dense(bias)
+    if (memory_efficient and weight is not None and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (input, weight, bias)) and _weight_has_zero(weight)):
+        memory_efficient = False  # xhat = (y - b) / w is lost where w = 0: keep the input instead
     n = math.prod(shape)
     if n == 0:  # rows of no elements: nothing to normalise, torch's op gives the empty result and grads
         if rms:
@@ -75,9 +79,31 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
     return y if y.shape == input.shape else y.view(input.shape)
 
 
+def _check_real(name: str, t: torch.Tensor) -> None:
+    """A complex (or integer) weight, bias or statistic is refused by name, not truncated."""
+    if not t.is_floating_point():
+        raise TypeError(f"fusedtech: {name} must be a real floating-point tensor, got {t.dtype}")
+
+
+def _weight_has_zero(weight: torch.Tensor) -> bool:
+    """Whether memory_efficient must keep the input after all: a weight with an exact zero (pruning,
+    zero init, decay to zero in bf16) leaves no trace of xhat in y there, and the backward would be
+    NaN. Under torch.compile always: the check is data-dependent (a graph break), so the compiled
+    graph keeps the input; eager code pays one read of the weight (a host sync on a GPU)."""
+    if torch.compiler.is_compiling():
+        return True
+    with torch.no_grad():
+        zero = bool((weight == 0).any())
+    if zero:  # (shown once per call site by Python's default warning filter)
+        warnings.warn("fusedtech: LayerNorm/RMSNorm memory_efficient=True keeps the input for backward while "
+                      "its weight has an exact zero (xhat cannot be recovered from the output there)", stacklevel=3)
+    return zero
+
+
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *, memory_efficient: bool = False):
     """torch.nn.functional.layer_norm, fused (fp32 statistics, one pass per row). memory_efficient:
-    keep the output instead of the input for backward (see fusedtech/ops/layer_norm.py)."""
+    keep the output instead of the input for backward (see fusedtech/ops/layer_norm.py), in eager
+    mode and while the weight has no exact zero; otherwise the input is kept."""
     return _norm(input, normalized_shape, weight, bias, eps, rms=False, memory_efficient=memory_efficient)
 
 
@@ -129,7 +155,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics updated exactly as torch does). On CUDA tensors the automatic choice is torch's own
     (cuDNN) batch_norm, with one warning, until fusedtech's Triton kernels (use_backend("triton"))
     are measured faster on a GPU: they take one program per channel for the statistics."""
-    _check_batch(input, training, running_mean, running_var)
+    _check_batch(input, training, running_mean, running_var, eps)
     if input.device.type != "cpu" and _backend.requested_backend() is None:
         if input.device.type not in _warned_native_bn:
             _warned_native_bn.add(input.device.type)
@@ -142,8 +168,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def _check_batch(input, training, running_mean, running_var):
+def _check_batch(input, training, running_mean, running_var, eps):
     """torch's checks and words."""
+    if training and not eps > 0:  # a constant channel would divide by zero (or by a negative)
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
@@ -163,7 +193,11 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != c:  # torch's check and words; the kernels index by channel
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+        if t is not None:
+            _check_real(name, t)
     weight, bias = _dense(weight), _dense(bias)
+    if not _bn_layout_kept(input):  # torch's output is then contiguous (code may .view() it)
+        input = input.contiguous()
     rm, rv = (None, None) if training else (running_mean, running_var)
     if activation is None:
         y, mean, _, var = batch_norm_fwd(input, weight, bias, rm, rv, training, float(eps))
@@ -180,13 +214,21 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     return y
 
 
+def _bn_layout_kept(t: torch.Tensor) -> bool:
+    """The layouts torch's batch_norm gives its output: contiguous, channels_last (4-d) and
+    channels_last_3d (5-d); any other (a transpose of H and W, a permuted 3-d input) comes out
+    contiguous."""
+    return (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+            or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu", residual=None):
     """act(batch_norm(input) + residual) in one op whose backward recomputes the pre-activation
     (nothing but what BatchNorm needs, and the residual, is saved). activation: relu, gelu, silu, none."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusedtech: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_batch(input, training, running_mean, running_var)
+    _check_batch(input, training, running_mean, running_var, eps)
     if input.device.type != "cpu" and _backend.requested_backend() is None:
         y = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         from ..ops.batch_norm import _activate
@@ -213,6 +255,8 @@ def dropout_add_layer_norm(x, residual, weight=None, bias=None, p: float = 0.1, 
                            f"shape {tuple(x.shape)}")
     n = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_real(name, t)
         if t is not None and (t.shape != (n,) or t.device != x.device):
             raise RuntimeError(f"fusedtech: {name} must have shape ({n},) on {x.device}, got shape "
                                f"{tuple(t.shape)} on {t.device}")

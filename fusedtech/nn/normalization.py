@@ -20,8 +20,9 @@ def share_state(cls, module):
 
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for torch.nn.LayerNorm (fused forward and backward, fp32 statistics). Extra keyword
-    memory_efficient=True keeps the output instead of the input for backward (the weight must have
-    no zero): it saves the input's memory when the next layer keeps the output anyway."""
+    memory_efficient=True keeps the output instead of the input for backward (in eager mode, while
+    the weight has no exact zero; else the input): it saves the input's memory when the next layer
+    keeps the output anyway."""
 
     memory_efficient = False
 

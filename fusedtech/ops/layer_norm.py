@@ -130,8 +130,9 @@ layer_norm = eager_fast_path("layer_norm", layer_norm_fwd, _layer_norm_fwd, _set
 # recover xhat = (y - bias) / weight as they read y (from_output), as apex's memory_efficient
 # LayerNorm does: the same passes over memory as the plain backward. It pays when the next layer
 # keeps y anyway (a Linear saves its input): then x need not be kept at all.
-# The weight must have no zero (its columns of xhat are lost); xhat is recovered from y as
-# stored, so in fp16/bf16 it carries y's rounding (forward outputs are identical).
+# A weight with a zero loses those columns of xhat: nn.functional then keeps the input and calls
+# the plain op. xhat is recovered from y as stored, so in fp16/bf16 it carries y's rounding
+# (forward outputs are identical).
 
 def _layer_norm_fwd_recompute(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                               eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

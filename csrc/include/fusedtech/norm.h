@@ -35,7 +35,11 @@ struct Moments {
 
 FT_HD Moments shifted_moments(double shift, double s1, double s2, double count) {
   const double d = s1 / count;
-  const double m2 = s2 - s1 * d;
+  // Squares that overflow (float64 values past 1e154) with finite values: an infinite sum of
+  // squared deviations, as torch's Welford gives (s1 * d may overflow too, and inf - inf is NaN).
+  // An infinite value (s1 infinite too: s1 - s1 is NaN) stays inf - inf = NaN, as torch's.
+  const bool squares_overflow = s2 == static_cast<double>(INFINITY) && s1 - s1 == 0.0;
+  const double m2 = squares_overflow ? s2 : s2 - s1 * d;
   // Only a negative rounding residue is clamped; a NaN (a row holding NaN or +-inf) must stay NaN
   // so the outputs and running statistics are NaN as torch's.
   return {shift + d, m2 < 0.0 ? 0.0 : m2};
