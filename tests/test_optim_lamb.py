@@ -191,3 +191,25 @@ def test_gpu_matches_oracle(backend, dtype):
 def test_lamb_is_also_importable_under_torch_optimizers_name():
     from fusedtech import optim
     assert optim.Lamb is optim.LAMB is optim.FusedLAMB
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_listed_twice_is_stepped_twice_in_turn_as_torch_optimizer(backend):
+    # torch_optimizer.Lamb (and torch's base class, which warns) updates it once per listing, one
+    # after the other: never both listings in one launch.
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.nn.Parameter(torch.randn(40, 3, generator=g)), torch.nn.Parameter(torch.randn(7, generator=g))
+    ref = clone([a, b])
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = optim.LAMB([a, b, a], lr=1e-2, weight_decay=0.01)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ref_opt = torch_optimizer.Lamb([ref[0], ref[1], ref[0]], lr=1e-2, weight_decay=0.01)
+    for _ in range(4):
+        for p, r in zip((a, b), ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        with fusedtech.use_backend(backend):
+            opt.step()
+        ref_opt.step()
+    for p, r in zip((a, b), ref):
+        torch.testing.assert_close(p, r, **FP32_TOL)

@@ -466,3 +466,76 @@ def test_gpu_matches_oracle(backend, dtype, case):
     fused = run(fused_cls, params, backend=backend, **config)
     tol = FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype]
     assert_close_params_and_state(ref, ref_params, fused, params, **tol)
+
+
+def test_sgd_resumes_a_checkpoint_whose_momentum_buffer_is_none_as_torch():
+    # torch 1.x's SGD wrote momentum_buffer None for parameters without one yet; torch makes the
+    # buffer again (a copy of the gradient) on the next step.
+    p, ref = torch.nn.Parameter(torch.randn(4, 3)), None
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt, ref_opt = optim.SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    saved = ref_opt.state_dict()
+    saved["state"] = {0: {"momentum_buffer": None}}
+    opt.load_state_dict(copy.deepcopy(saved)), ref_opt.load_state_dict(copy.deepcopy(saved))
+    for step in range(3):
+        p.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+        ref.grad = p.grad.clone()
+        opt.step(), ref_opt.step()
+    assert_close_params_and_state(ref_opt, [ref], opt, [p], **FP32_TOL)
+
+
+def test_adagrad_group_added_later_starts_from_the_constructors_accumulator_as_torch():
+    # torch starts a late group's sum from the constructor's initial_accumulator_value, whatever
+    # the group's own says.
+    g = torch.Generator().manual_seed(3)
+    first, second = torch.nn.Parameter(torch.randn(4, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))
+    ref_first, ref_second = clone([first, second])
+    opt = optim.Adagrad([first], lr=0.1, initial_accumulator_value=3.5)
+    ref_opt = torch.optim.Adagrad([ref_first], lr=0.1, initial_accumulator_value=3.5)
+    opt.add_param_group({"params": [second], "initial_accumulator_value": 5.0})
+    ref_opt.add_param_group({"params": [ref_second], "initial_accumulator_value": 5.0})
+    for step in range(3):
+        for p, r in ((first, ref_first), (second, ref_second)):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        opt.step(), ref_opt.step()
+    assert_close_params_and_state(ref_opt, [ref_first, ref_second], opt, [first, second], **FP32_TOL)
+
+
+DUPLICATE_CASES = [(torch.optim.SGD, optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+                   (torch.optim.RMSprop, optim.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5)),
+                   (torch.optim.Adagrad, optim.Adagrad, dict(lr=0.1)),
+                   (torch.optim.Adam, optim.Adam, dict(lr=1e-2, amsgrad=True)),
+                   (torch.optim.AdamW, optim.AdamW, dict(lr=1e-2, weight_decay=0.1))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", DUPLICATE_CASES, ids=[c[0].__name__ for c in DUPLICATE_CASES])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_parameter_listed_twice_is_stepped_twice_in_turn_as_torch(backend, case, scaled):
+    # torch warns and updates it once per listing, one after the other; one launch holding it twice
+    # would race (two chunks on the same memory) and count the step twice before either update.
+    torch_cls, fused_cls, config = case
+    g = torch.Generator().manual_seed(4)
+    a, b, c = (torch.nn.Parameter(torch.randn(*s, generator=g)) for s in ((300,), (7, 5), (3,)))
+    ref = clone([a, b, c])
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = fused_cls([a, b, a, c, a], **config)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ref_opt = torch_cls([ref[0], ref[1], ref[0], ref[2], ref[0]], foreach=False, **config)
+    for step in range(4):
+        for p, r in zip((a, b, c), ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        if scaled:  # what GradScaler hands a fused step: gradients scaled by 1024 and the scale
+            for p in (a, b, c):
+                p.grad.mul_(1024.0)
+            opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        with fusedtech.use_backend(backend):
+            opt.step()
+        ref_opt.step()
+        opt.__dict__.pop("grad_scale", None), opt.__dict__.pop("found_inf", None)
+        if scaled:  # the gradients are left unscaled, once, as torch's
+            for p, r in zip((a, b, c), ref):
+                torch.testing.assert_close(p.grad, r.grad, **FP32_TOL)
+    assert_close_params_and_state(ref_opt, ref, opt, [a, b, c], **FP32_TOL)

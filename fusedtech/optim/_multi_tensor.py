@@ -279,6 +279,29 @@ def restore_fp32_state(optimizer, state_dict: dict, keys: tuple[str, ...]) -> No
             state["master_param"] = p.detach().to(torch.float32, copy=True)
 
 
+def _duplicate_passes(optimizer, group: dict) -> list:
+    """The passes of a group that lists a parameter more than once (see FusedStepMixin._groups):
+    dicts with the group's hyperparameters, kept on the optimizer so that collect() reuses their
+    buckets from step to step; refreshed each step (a scheduler changes lr)."""
+    params = group["params"]
+    key = tuple(map(id, params))
+    cache = optimizer.__dict__.setdefault("_fusedtech_passes", {})
+    entry = cache.get(id(group))
+    if entry is None or entry[0] != key:
+        seen: dict = {}
+        lists: list = []
+        for p in params:
+            k = seen.get(id(p), 0)
+            seen[id(p)] = k + 1
+            if k == len(lists):
+                lists.append([])
+            lists[k].append(p)
+        entry = cache[id(group)] = (key, [{"params": ps} for ps in lists])
+    for d in entry[1]:
+        d.update((k, v) for k, v in group.items() if k != "params")
+    return entry[1]
+
+
 class FusedStepMixin:
     """Shared by every fused optimizer; mixed in before the torch class it replaces.
 
@@ -304,12 +327,33 @@ class FusedStepMixin:
         # GradScaler then hands us grad_scale/found_inf instead of unscaling .grad itself.
         self._step_supports_amp_scaling = True
 
+    def _groups(self):
+        """The param groups a step runs over, in order. A group that lists a parameter more than
+        once (torch warns, and its step updates the parameter once per listing, one after another)
+        runs as several passes: pass k holds the k-th listing of each parameter, so no kernel call
+        holds one tensor twice (two chunks of one launch would race on it). GradScaler's scale is
+        applied by the first pass only: its finish() leaves the gradients unscaled."""
+        for group in self.param_groups:
+            params = group["params"]
+            if len(set(map(id, params))) == len(params):
+                yield group
+                continue
+            passes = _duplicate_passes(self, group)
+            yield passes[0]
+            scale = self.__dict__.pop("grad_scale", None)
+            try:
+                yield from passes[1:]
+            finally:
+                if scale is not None:
+                    self.grad_scale = scale
+
     def _step_unfused(self) -> None:
         """After the kernels: torch's own step for the parameters collect() left to it (rare, so
         simple: every other gradient is hidden from torch's step for the call)."""
         unfused = self.__dict__.pop("_fusedtech_unfused", None)
         if not unfused:
             return
+        unfused = list({id(p): p for p in unfused}.values())  # a parameter listed twice: torch steps it twice
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if grad_scale is not None:  # GradScaler left the gradients scaled for the kernels to unscale
             inverse = grad_scale.double().reciprocal()

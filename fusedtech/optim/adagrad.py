@@ -33,9 +33,10 @@ class Adagrad(mt.FusedStepMixin, torch.optim.Adagrad):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            # State made after construction (add_param_group, a reset) starts as torch's does.
-            init = group["initial_accumulator_value"]
+        for group in self._groups():
+            # State made after construction (add_param_group, a reset) starts as torch's does: from
+            # the constructor's initial_accumulator_value, whatever the group says.
+            init = self.defaults["initial_accumulator_value"]
             start = (lambda p, key: torch.full_like(p, init, memory_format=torch.preserve_format))  # noqa: E731
             for (device, _, _), b in self._buckets(group, ("sum",), initial_state=start).items():
                 lr, lr_tensor = mt.lr_args(group["lr"], device)

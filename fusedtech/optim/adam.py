@@ -27,7 +27,7 @@ class _FusedAdamStep(mt.FusedStepMixin):
             with torch.enable_grad():
                 loss = closure()
         decoupled_default = isinstance(self, torch.optim.AdamW)
-        for group in self.param_groups:
+        for group in self._groups():
             amsgrad = group["amsgrad"]
             keys = _STATE + (("max_exp_avg_sq",) if amsgrad else ())
             buckets = self._buckets(group, keys)

@@ -65,16 +65,16 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
         self.grad_averaging = grad_averaging
         self._fused_setup("LAMB", master_weights, False)
 
-    def _grad_divisor(self, grad_scale):
-        """apex's global clipping folded into the gradient scale: g / (scale * max(1, ||g||/max))."""
+    def _clip_divisor(self, grad_scale):
+        """apex's global clipping, max(1, ||g|| / max_grad_norm) of the unscaled gradients (None
+        without gradients); the kernels divide by it with the gradient scale."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if self.max_grad_norm is None or not grads:
-            return grad_scale
+        if not grads:
+            return None
         total = get_total_norm(grads).float()
         if grad_scale is not None:
             total = total / grad_scale.to(total.device)
-        factor = torch.clamp(total / self.max_grad_norm, min=1.0)
-        return factor if grad_scale is None else grad_scale * factor.to(grad_scale.device)
+        return torch.clamp(total / self.max_grad_norm, min=1.0)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,8 +82,8 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        global_divisor = None
-        for group in self.param_groups:
+        clip = None
+        for group in self._groups():
             beta1, beta2 = (float(b) for b in group["betas"])
             if any(mt.is_distributed(p) for p in group["params"]):
                 raise NotImplementedError(
@@ -94,9 +94,9 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
                 lr, lr_tensor = mt.lr_args(group["lr"], device)
                 grad_scale, found_inf = mt.scaler_tensors(self, device)
                 if self.max_grad_norm is not None:
-                    if global_divisor is None:
-                        global_divisor = self._grad_divisor(grad_scale)
-                    grad_scale = global_divisor.to(device)
+                    if clip is None:  # once per step, before any pass unscales gradients
+                        clip = self._clip_divisor(grad_scale)
+                    grad_scale = clip.to(device) if grad_scale is None else grad_scale * clip.to(device)
                 torch._foreach_add_(b.steps, 1)
                 idx = list(range(len(b.params)))
                 runs = [(idx, float(group["weight_decay"]), self.adam)]

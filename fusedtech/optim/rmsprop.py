@@ -28,7 +28,7 @@ class RMSprop(mt.FusedStepMixin, torch.optim.RMSprop):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group in self._groups():
             momentum, centered = float(group["momentum"]), bool(group["centered"])
             keys = ("square_avg",) + (("momentum_buffer",) if momentum > 0 else ()) + (("grad_avg",) if centered else ())
             for (device, _, _), b in self._buckets(group, keys).items():

@@ -30,7 +30,10 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        # Buffers made by this step: a parameter listed again in its group starts over from its
+        # gradient, as torch's SGD does (it reads every listing's buffer before the first update).
+        created: set = set()
+        for group in self._groups():
             momentum = float(group["momentum"])
             buckets = self._buckets(group, (), with_step=False)
             for (device, _, state_dtype), b in buckets.items():
@@ -45,13 +48,16 @@ class SGD(mt.FusedStepMixin, torch.optim.SGD):
                 elif momentum != 0:
                     have, new = [], []
                     for i, p in enumerate(b.originals):
-                        (have if "momentum_buffer" in self.state[p] else new).append(i)
+                        # None: a checkpoint of torch 1.x's SGD; torch makes the buffer again, as for a new one.
+                        fresh = self.state[p].get("momentum_buffer") is None or id(p) in created
+                        (new if fresh else have).append(i)
                     runs = []
                     for idx, first in ((have, False), (new, True)):
                         if not idx:
                             continue
                         if first:
                             for i in idx:
+                                created.add(id(b.originals[i]))
                                 # Made like the parameter itself when it is a DTensor (FSDP2),
                                 # so that the state is one too, as torch's SGD keeps it.
                                 like = b.originals[i] if mt.is_distributed(b.originals[i]) else b.params[i]
