@@ -45,10 +45,15 @@ def report() -> str:
             why = _backend.why_unavailable(name, dev)
             per_device.append(f"{dev}: " + ("available" if why is None else f"no ({why})"))
         lines.append(f"  {name:<7} " + "; ".join(per_device))
-    requested = _backend.requested_backend()
-    lines.append(f"requested {requested or 'auto (fastest available per device)'}")
+    try:
+        requested = _backend.requested_backend() or "auto (fastest available per device)"
+    except _backend.BackendUnavailableError as e:  # what this command is run to find out
+        requested = f"invalid: {e}"
+    lines.append(f"requested {requested}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(report())
+    text = report()
+    print(text)
+    sys.exit(1 if "\nrequested invalid:" in text else 0)

@@ -151,20 +151,28 @@ def _env_backend() -> str | None:
     return None if value is None else os.environ.decodevalue(value)
 
 
+# One rule for use_backend() and FUSEDTECH_BACKEND: a backend's name, or "auto", "" (and None) for
+# the automatic choice.
+def _checked(name: str | None, source: str) -> str:
+    if not name:
+        return "auto"
+    if name not in BACKENDS + ("auto",):
+        raise BackendUnavailableError(f"unknown backend {name!r} ({source}); choose one of "
+                                      f"{', '.join(BACKENDS)}, or 'auto' / '' for the automatic choice")
+    return name
+
+
 def requested_backend() -> str | None:
-    """The backend asked for by use_backend() or, failing that, FUSEDTECH_BACKEND."""
-    name = _requested.get() or _env_backend() or None
-    if name is not None and name not in BACKENDS + ("auto",):
-        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    """The backend asked for by use_backend() or, failing that, FUSEDTECH_BACKEND (None: automatic)."""
+    name = _requested.get() or _checked(_env_backend(), "FUSEDTECH_BACKEND")
     return None if name == "auto" else name
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Run the ops inside the block on backend `name` ('auto' or None restores the automatic choice)."""
-    if name is not None and name not in BACKENDS + ("auto",):
-        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
-    token = _requested.set(name)
+    """Run the ops inside the block on backend `name` ('auto', '' or None: the automatic choice,
+    whatever FUSEDTECH_BACKEND says)."""
+    token = _requested.set(_checked(name, "use_backend"))
     try:
         yield
     finally:

@@ -145,3 +145,25 @@ def test_kernels_never_run_on_a_gpu_are_not_the_automatic_choice(monkeypatch):
         assert _backend.select(op, cuda, impl) == "triton"
         with _backend.use_backend("cuda"):
             assert _backend.select(op, cuda, impl) == "cuda"
+
+
+def test_python_m_fusedtech_reports_an_unknown_backend_name_instead_of_dying():
+    # The command users run to see what is wrong: it names the bad value and exits non-zero.
+    env = dict(os.environ, FUSEDTECH_BACKEND="cudaa")
+    proc = subprocess.run([sys.executable, "-m", "fusedtech"], capture_output=True, text=True, env=env)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
+    assert "requested invalid" in proc.stdout and "'cudaa'" in proc.stdout and "FUSEDTECH_BACKEND" in proc.stdout
+    for name in ("cuda", "triton", "cpu", "torch"):
+        assert f"  {name}" in proc.stdout
+
+
+@pytest.mark.parametrize("automatic", ["", "auto", None])
+def test_empty_auto_and_none_mean_the_automatic_choice_everywhere(monkeypatch, automatic):
+    # One rule for use_backend() and FUSEDTECH_BACKEND; use_backend's choice wins over the variable.
+    monkeypatch.setenv("FUSEDTECH_BACKEND", "torch")
+    with fusedtech.use_backend(automatic):
+        assert _backend.requested_backend() is None
+    if automatic is not None:
+        monkeypatch.setenv("FUSEDTECH_BACKEND", automatic)
+        assert _backend.requested_backend() is None
