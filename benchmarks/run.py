@@ -2,8 +2,11 @@
 and the CIFAR-10 training loop, written to one report folder:
 
   results.json   every measurement, with device, versions and date
-  report.md      one table per op: time, GB/s and fraction of a device copy per implementation, and on
-                 a GPU the time the GPU was busy (profiler): wall >> busy means host-bound calls
+  report.md      one table per op: time, GB/s and fraction of a device copy per implementation, its
+                 speed against the best torch implementation and the best peer (DeepSpeed,
+                 torch_optimizer, apex, Liger) in the same run, and on a GPU the time the GPU was
+                 busy (profiler): wall >> busy means host-bound calls; the machine's load average
+                 around each module (above 1 on a CPU run: its ratios are not to be trusted)
   bandwidth.png  GB/s per case and implementation, one panel per op
   cifar.png      (from benchmarks/cifar.py, when present) epoch time per implementation
 
@@ -50,6 +53,18 @@ def environment() -> dict:
     }
 
 
+# Implementations that are neither torch nor ours: what the ratios are measured against.
+PEERS = ("deepspeed", "torch_optimizer", "apex", "liger")
+LOAD_TRUSTED = 1.0  # 1-minute load average above which a CPU run's timings compete with other work
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not on this platform
+        return None
+
+
 def run_module(path: str, json_path: str, quick: bool, select: str | None = None) -> tuple[int, str]:
     env = dict(os.environ, FUSEDTECH_BENCH_QUICK="1" if quick else os.environ.get("FUSEDTECH_BENCH_QUICK", "0"))
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
@@ -90,28 +105,40 @@ def markdown(results: dict) -> str:
            f"- device: **{env['device']}**", f"- date: {env['date']}",
            f"- torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, python {env['python']}, "
            f"fusedtech {env['fusedtech']}; backends here: {', '.join(env['backends'])}",
-           f"- mode: {'quick' if results['quick'] else 'full'}", ""]
+           f"- mode: {'quick' if results['quick'] else 'full'}"]
+    loads = results.get("load_average", {})
+    if loads:
+        out.append("- load average (1 min) before / after each module: "
+                   + ", ".join(f"{m} {a} / {b}" for m, (a, b) in loads.items()))
+        worst = max((v for pair in loads.values() for v in pair if v is not None), default=None)
+        if worst is not None and worst > LOAD_TRUSTED and not env.get("gpu"):
+            out.append(f"- **load average reached {worst} (above {LOAD_TRUSTED}): other work shared the CPU, so "
+                       f"this run's times and ratios are not to be trusted**")
+    out.append("")
     by_op = defaultdict(list)
     for r in results["rows"]:
         if r["impl"] != "copy":
             by_op[r["op"]].append(r)
     for op, rows in sorted(by_op.items()):
         out += [f"## {op}", "", "| case | dtype | implementation | time (ms) | GB/s | % of copy | vs torch best "
-                "| GPU busy (ms) | GB/s while busy |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                "| vs peer best | GPU busy (ms) | GB/s while busy |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         groups = defaultdict(list)
         for r in rows:
             groups[(r["case"], r["dtype"])].append(r)
         for (case, dtype), rs in sorted(groups.items()):
             torch_rs = [r for r in rs if r["impl"].startswith("torch")]
             best_torch = min((r["time_s"] for r in torch_rs), default=None)
+            best_peer = min((r["time_s"] for r in rs if r["impl"].startswith(PEERS)), default=None)
             for r in sorted(rs, key=lambda r: r["time_s"]):
                 frac = f"{100 * r['copy_fraction']:.0f}%" if r.get("copy_fraction") else "-"
                 speed = f"{best_torch / r['time_s']:.2f}x" if best_torch else "-"
+                peer = f"{best_peer / r['time_s']:.2f}x" if best_peer else "-"
                 busy = (f"{1e3 * r['gpu_busy_s']:.3f} | {r['busy_gbps']:.1f}" if r.get("gpu_busy_s") else "- | -")
-                out.append(f"| {case} | {dtype} | {r['impl']} | {1e3 * r['time_s']:.3f} | {r['gbps']:.1f} | {frac} | {speed} | {busy} |")
+                out.append(f"| {case} | {dtype} | {r['impl']} | {1e3 * r['time_s']:.3f} | {r['gbps']:.1f} | {frac} "
+                           f"| {speed} | {peer} | {busy} |")
             if rs[0].get("copy_time_s"):
                 t = rs[0]["copy_time_s"]
-                out.append(f"| {case} | {dtype} | *device copy, same bytes* | {1e3 * t:.3f} | {rs[0]['bytes'] / t / 1e9:.1f} | 100% | | | |")
+                out.append(f"| {case} | {dtype} | *device copy, same bytes* | {1e3 * t:.3f} | {rs[0]['bytes'] / t / 1e9:.1f} | 100% | | | | |")
         out.append("")
     if results.get("failures"):
         out += ["## Modules that failed", ""] + [f"- `{m}`: exit {rc}" for m, rc in results["failures"].items()] + [""]
@@ -177,7 +204,7 @@ def main(argv=None) -> int:
     import torch
     quick = args.quick or not torch.cuda.is_available()
     os.makedirs(args.out, exist_ok=True)
-    results = {"env": environment(), "quick": quick, "rows": [], "failures": {}}
+    results = {"env": environment(), "quick": quick, "rows": [], "failures": {}, "load_average": {}}
     modules = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))
     if args.only:
         modules = [m for m in modules if os.path.splitext(os.path.basename(m))[0] in args.only]
@@ -185,7 +212,9 @@ def main(argv=None) -> int:
     for path in tqdm(modules, desc="benchmark modules", unit="module"):
         name = os.path.splitext(os.path.basename(path))[0]
         json_path = os.path.join(args.out, f".{name}.json")
+        before = load_average()
         rc, log = run_module(path, json_path, quick, args.select)
+        results["load_average"][name] = (before, load_average())
         logs[name] = log
         if rc != 0:
             results["failures"][name] = rc
