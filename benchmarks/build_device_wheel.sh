@@ -29,7 +29,16 @@ wheel=$(ls "$work"/dist/fusedtech-*.whl)
 unzip -p "$wheel" fusedtech/_build_info.json | "$work/venv/bin/python" -c \
   'import json,sys; i=json.load(sys.stdin); print(i); sys.exit(0 if i["cuda"]=="built" and i["cpu"]=="built" else 1)'
 so=$(mktemp -d -p "$work"); unzip -q -d "$so" "$wheel" 'fusedtech/_C_cuda*.so'
-cuobjdump --list-elf "$so"/fusedtech/_C_cuda*.so | grep -q sm_90 || { echo "no sm_90 cubin in the wheel" >&2; exit 1; }
+# cuobjdump is not beside every nvcc (this machine's is a wrapper with no cuobjdump): then NVIDIA's
+# PyPI package of it, into the throwaway environment.
+cuobjdump=$(command -v cuobjdump || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/cuobjdump 2>/dev/null || true)
+if [ -z "$cuobjdump" ]; then
+  "$work/venv/bin/pip" install -q "nvidia-cuda-cuobjdump>=13,<14"
+  cuobjdump=$(ls "$work"/venv/lib/python3.12/site-packages/nvidia/cu*/bin/cuobjdump | head -1)
+fi
+"$cuobjdump" --list-elf "$so"/fusedtech/_C_cuda*.so > "$work/elf.txt"
+grep -q sm_90 "$work/elf.txt" || { echo "no sm_90 cubin in the wheel" >&2; cat "$work/elf.txt" >&2; exit 1; }
+echo "cubins: $(grep -o 'sm_[0-9]*' "$work/elf.txt" | sort | uniq -c | tr '\n' ' ')"
 size=$(stat -c %s "$wheel")
 [ "$size" -le $((48 * 1024 * 1024)) ] || { echo "wheel is $size bytes, over 48 MiB" >&2; exit 1; }
 cp "$wheel" "$OUTDIR/"
