@@ -28,7 +28,9 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     count = count_a + count_b
     frac = tl.where(count > 0.0, count_b / tl.maximum(count, 1.0), 0.0)
     delta = mean_b - mean_a
-    return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
+    # (delta * frac) * (delta * count_a): an empty side gives 0 * finite, where delta * delta can
+    # overflow (|mean| > 1.8e19) and make inf * 0 = NaN of a channel torch normalises.
+    return count, mean_a + delta * frac, m2_a + m2_b + (delta * frac) * (delta * count_a)
 
 
 @triton.jit

@@ -94,7 +94,7 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
 template <typename scalar_t, typename mt = math_t<scalar_t>>
 void norm_row(const scalar_t* xr, scalar_t* __restrict__ yr, int64_t n, const mt* wf, const mt* bf, bool rms, double eps,
               mt& mean, mt& rstd) {
-  const double shift = rms ? 0.0 : static_cast<double>(xr[0]);
+  const double shift = rms ? 0.0 : moment_shift(static_cast<double>(xr[0]));
   const auto [s1, s2] = row_sums<2>(
       n,
       [xr, shift](int64_t j) {

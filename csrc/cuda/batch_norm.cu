@@ -45,7 +45,9 @@ __device__ __forceinline__ Welford merge(Welford a, Welford b) {
   const float n = a.n + b.n;
   if (n == 0.f) return {0.f, 0.f, 0.f};
   const float delta = b.mean - a.mean, fb = b.n / n;
-  return {n, a.mean + delta * fb, a.m2 + b.m2 + delta * delta * a.n * fb};
+  // (delta * fb) * (delta * a.n): an empty side gives 0 * finite, where delta * delta can overflow
+  // (|mean| > 1.8e19) and make inf * 0 = NaN.
+  return {n, a.mean + delta * fb, a.m2 + b.m2 + (delta * fb) * (delta * a.n)};
 }
 
 template <int ACT>

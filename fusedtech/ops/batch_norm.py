@@ -54,15 +54,19 @@ def _(x, weight, bias, running_mean, running_var, training, eps):
 
 
 def update_running_stats(running_mean, running_var, mean, unbiased, momentum: float) -> None:
-    """torch's update, running += momentum * (batch statistic - running), with the unbiased batch
-    variance (which the statistics op returns): one launch for fp32 buffers (it was nine separate
-    elementwise ops, most of a small BatchNorm's host time on a GPU)."""
+    """torch's update, running = (1 - momentum) * running + momentum * batch statistic, with the
+    unbiased batch variance (which the statistics op returns): two multi-tensor launches for fp32
+    buffers (it was nine separate elementwise ops, most of a small BatchNorm's host time on a GPU).
+    Not lerp: its end - (end - start) * (1 - w) form, taken for w >= 0.5, makes an infinite batch
+    mean inf - inf = NaN where torch's running mean is inf."""
     with torch.no_grad():
         if running_mean.dtype == mean.dtype and running_var.dtype == unbiased.dtype:
-            torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+            stats = [running_mean, running_var]
+            torch._foreach_mul_(stats, 1.0 - momentum)
+            torch._foreach_add_(stats, [mean, unbiased], alpha=momentum)
         else:  # low-precision buffers: blend in the statistics' precision, round once
-            running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean, momentum))
-            running_var.copy_(torch.lerp(running_var.to(unbiased.dtype), unbiased, momentum))
+            for running, batch in ((running_mean, mean), (running_var, unbiased)):
+                running.copy_(running.to(batch.dtype) * (1.0 - momentum) + batch * momentum)
 
 
 def _batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,

@@ -29,6 +29,10 @@ FT_HD A xhat_from_output(A y, A b, A winv) {
 // Mean and sum of squared deviations of count > 0 values from their shifted sums s1 = sum(x - shift)
 // and s2 = sum((x - shift)^2), one pass. With shift one of the values, s2 - s1^2 / count has none
 // of the cancellation a plain sum of squares suffers when |mean| >> std.
+// The shift of shifted_moments: one of the values (x0), or 0 when x0 is not finite: an infinite shift
+// would make every x - shift infinite or NaN, and the mean NaN where torch's is +-inf.
+FT_HD double moment_shift(double x0) { return x0 - x0 == 0.0 ? x0 : 0.0; }
+
 struct Moments {
   double mean, m2;
 };
