@@ -76,7 +76,18 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
         weight = weight.reshape(n) if weight is not None else None
         bias = bias.reshape(n) if bias is not None else None
     y, _, _ = (layer_norm_recompute if memory_efficient else layer_norm_fwd)(x, weight, bias, float(eps), rms)
-    return y if y.shape == input.shape else y.view(input.shape)
+    y = y if y.shape == input.shape else y.view(input.shape)
+    if rms and not input.is_contiguous() and not torch.compiler.is_compiling():
+        # torch's rms_norm is a composition of elementwise ops whose output layout TensorIterator
+        # picks from every operand (channels_last stays channels_last, a transposed matrix does not):
+        # torch's own composition on meta tensors of the same strides says which (layer_norm's is
+        # always contiguous).
+        like = torch.nn.functional.rms_norm(
+            torch.empty_strided(input.shape, input.stride(), dtype=input.dtype, device="meta"), shape,
+            None if weight is None else torch.empty(shape, dtype=weight.dtype, device="meta"), eps)
+        if like.stride() != y.stride():
+            y = torch.empty_strided(y.shape, like.stride(), dtype=y.dtype, device=y.device).copy_(y)
+    return y
 
 
 def _check_real(name: str, t: torch.Tensor) -> None:
@@ -118,10 +129,11 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, memory_efficient
 def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False):
     """torch.nn.functional.dropout, fused: the mask is a Philox stream from a seed drawn from
     torch's generator, regenerated in backward (nothing of the input's size is saved)."""
-    if p < 0.0 or p > 1.0:
+    if not 0.0 <= p <= 1.0:  # (NaN too)
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return input
+    _check_dropout_input("dropout", input)
     if p == 1.0:  # as torch: input * 0, so the output has a gradient (zeros) and NaN stays NaN
         return input.mul_(0) if inplace else input * 0
     # A dense layout other than row-major (channels_last, a transpose) runs in its storage order
@@ -134,6 +146,13 @@ def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False)
     if inplace:
         return input.copy_(out)
     return out
+
+
+def _check_dropout_input(name: str, t: torch.Tensor) -> None:
+    """The kernels take real floating-point tensors: say so by name (an integer one reached a kernel's
+    dispatch error, a complex one lost its imaginary part on the oracle)."""
+    if not t.is_floating_point():
+        raise TypeError(f"fusedtech: {name} takes a real floating-point input, got {t.dtype}")
 
 
 def _storage_order(t: torch.Tensor):
@@ -246,6 +265,9 @@ def dropout_add_layer_norm(x, residual, weight=None, bias=None, p: float = 0.1, 
     the row statistics are saved."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    _check_real("x", x)
+    if residual is not None:
+        _check_real("residual", residual)
     if residual is None:  # a first block: norm(dropout(x)); the kernels take a residual of zeros
         residual = torch.zeros_like(x)
     if x.shape != residual.shape:
@@ -288,12 +310,15 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
     for the device (fusedtech/reference/drop_block.py states the mask); `block_mask` (1 = keep)
     replaces them, for tests. Backward regenerates the mask from the seed: nothing input-sized is
     saved."""
-    if p < 0.0 or p > 1.0:
+    if not 0.0 <= p <= 1.0:  # (NaN too)
         raise ValueError(f"drop probability has to be between 0 and 1, but got {p}.")
     if input.dim() != 4:
         raise ValueError(f"input should be 4 dimensional. Got {input.dim()} dimensions.")
     if not training or p == 0.0:
         return input
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size should be a positive odd integer. Got {block_size!r}.")
+    _check_dropout_input("drop_block2d", input)
     n, c, h, w = input.shape
     block_size = min(block_size, w, h)
     if block_size % 2 == 0:
