@@ -18,8 +18,7 @@ On "cpu" (C++ kernels) and, with a quarter of the examples (not shrunk), on "tri
   (test_layer_norm.py's rule), per row (channel for BatchNorm; whole tensor for weight/bias grads and
   running stats), in units of max(1, |exact|) so that a 1e30 neither masks nor fails the rest of its
   row. Output strides (of dims of size > 1) are torch's. Gradients where float64 torch's is not
-  finite (an infinite incoming gradient: undefined) need only be non-finite in ours; Triton's running
-  mean of a channel holding +-inf is NaN where torch's is +-inf (the strict xfail below). The float64
+  finite (an infinite incoming gradient: undefined) need only be non-finite in ours. The float64
   reference takes dense parameters: torch's CPU batch_norm backward misreads a strided weight.
 - F.dropout, F.drop_block2d vs the pure-torch oracle (use_backend("torch")) under one torch.manual_seed:
   bit for bit, NaN positions included, forward and backward; dropout gives NaN for NaN, +-inf or NaN
@@ -188,13 +187,12 @@ def _grad_names(names, tensors, wants):
     return [n for n, t, w in zip(names, tensors, wants) if t is not None and w]
 
 
-def _assert_within_rule(name, ours, theirs, exact, dtype, rows=None, undefined=False, nan_for_inf=False):
+def _assert_within_rule(name, ours, theirs, exact, dtype, rows=None, undefined=False):
     """The module docstring's rule: non-finite exact results reproduced, else per row of rows(t) (one
     row by default) our largest error <= 2 * torch's own + ATOL[dtype], in units of max(1, |exact|).
     undefined (gradients): where float64 torch's is not finite, any non-finite value of ours (an
     infinite incoming gradient makes the gradient undefined: torch's NaN is its formula's inf - inf,
-    its own float32 and float64 disagree on a sign, ours may come out +-inf from another order). nan_for_inf: NaN where the exact result is +-inf (Triton's
-    Welford mean of a channel holding inf)."""
+    its own float32 and float64 disagree on a sign, ours may come out +-inf from another order)."""
     rows = rows or (lambda t: t.reshape(1, -1))
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, (name, ours.shape, ours.dtype, theirs.dtype)
     o, t, e = ours.detach().double(), theirs.detach().double(), exact.detach().double()
@@ -206,8 +204,6 @@ def _assert_within_rule(name, ours, theirs, exact, dtype, rows=None, undefined=F
     bad = ~finite & ~same(o, e) & ~(~same(t, e) & same(o, t))
     if undefined:
         bad &= o.isfinite()
-    if nan_for_inf:
-        bad &= ~(e.isinf() & o.isnan())
     assert not bad.any(), (f"{name}: {o[bad][:4].tolist()} where float64 gives {e[bad][:4].tolist()}, "
                            f"torch {t[bad][:4].tolist()}")
     if o.numel() == 0:
@@ -329,8 +325,8 @@ def _check_batch_norm(backend, case):
         channels = lambda t: t.transpose(0, 1).reshape(c, -1)  # noqa: E731
         _assert_within_rule(name, o, t, e, x.dtype, channels if name in ("y", "dx") else None, undefined=name != "y")
     for name, o, t, e in zip(("running_mean", "running_var"), *runs.values()):
-        if o is not None:  # (Triton's Welford mean of a channel holding +-inf is NaN: see the xfail below)
-            _assert_within_rule(name, o, t, e, x.dtype, nan_for_inf=backend == "triton" and name == "running_mean")
+        if o is not None:
+            _assert_within_rule(name, o, t, e, x.dtype)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -725,9 +721,7 @@ def test_batch_norm_with_a_strided_weight_has_its_dense_copys_gradients(backend)
     torch.testing.assert_close(dx, expected, atol=1e-5, rtol=1e-5)  # test_batch_norm.py's fp32 tolerance
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(
-    strict=True, reason="Triton's Welford mean of a channel holding +-inf is inf - inf = NaN (torch's CPU sum "
-    "gives +-inf; the running variance is NaN in both)")) if b == "triton" else b for b in ALL])
+@pytest.mark.parametrize("backend", ALL)
 def test_batch_norm_running_mean_of_a_channel_holding_inf_is_inf_as_torch(backend):
     x, rm, trm = torch.tensor([[float("inf")], [0.5]]), torch.zeros(1), torch.zeros(1)
     with fusedtech.use_backend(backend):

@@ -28,9 +28,14 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     count = count_a + count_b
     frac = tl.where(count > 0.0, count_b / tl.maximum(count, 1.0), 0.0)
     delta = mean_b - mean_a
+    # An infinite mean on either side is the merged one (mean_a + mean_b: inf + finite = inf, inf +
+    # -inf = NaN, as torch's sum), where mean_a + delta * frac would be inf - inf = NaN; that side's
+    # M2 is already NaN.
+    infinite = (tl.abs(mean_a) == float("inf")) | (tl.abs(mean_b) == float("inf"))
+    mean = tl.where(infinite, mean_a + mean_b, mean_a + delta * frac)
     # (delta * frac) * (delta * count_a): an empty side gives 0 * finite, where delta * delta can
     # overflow (|mean| > 1.8e19) and make inf * 0 = NaN of a channel torch normalises.
-    return count, mean_a + delta * frac, m2_a + m2_b + (delta * frac) * (delta * count_a)
+    return count, mean, m2_a + m2_b + (delta * frac) * (delta * count_a)
 
 
 @triton.jit
@@ -40,7 +45,10 @@ def _welford_lanes(count, mean, m2, x, mask, rstep):
     per element."""
     count += mask.to(tl.float32)
     delta = tl.where(mask, x - mean, 0.0)
-    mean += delta * rstep
+    # A lane's mean once infinite stays so (torch's sum: inf + finite = inf, inf + -inf = NaN), where
+    # the Welford step makes it inf - inf = NaN; its M2 turned NaN when the infinity came in.
+    stuck = (tl.abs(mean) == float("inf")) & mask
+    mean = tl.where(stuck, mean + x, mean + delta * rstep)
     return count, mean, m2 + delta * (x - mean)
 
 
