@@ -91,7 +91,8 @@ def _norm(input, normalized_shape, weight, bias, eps, rms, memory_efficient=Fals
 
 
 def _check_real(name: str, t: torch.Tensor) -> None:
-    """A complex (or integer) weight, bias or statistic is refused by name, not truncated."""
+    """A complex (or integer) tensor is refused by name: the kernels take real floating-point ones (an
+    integer input reached a kernel's dispatch error, a complex weight or input lost its imaginary part)."""
     if not t.is_floating_point():
         raise TypeError(f"fusedtech: {name} must be a real floating-point tensor, got {t.dtype}")
 
@@ -133,7 +134,7 @@ def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False)
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return input
-    _check_dropout_input("dropout", input)
+    _check_real("dropout's input", input)
     if p == 1.0:  # as torch: input * 0, so the output has a gradient (zeros) and NaN stays NaN
         return input.mul_(0) if inplace else input * 0
     # A dense layout other than row-major (channels_last, a transpose) runs in its storage order
@@ -146,13 +147,6 @@ def dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False)
     if inplace:
         return input.copy_(out)
     return out
-
-
-def _check_dropout_input(name: str, t: torch.Tensor) -> None:
-    """The kernels take real floating-point tensors: say so by name (an integer one reached a kernel's
-    dispatch error, a complex one lost its imaginary part on the oracle)."""
-    if not t.is_floating_point():
-        raise TypeError(f"fusedtech: {name} takes a real floating-point input, got {t.dtype}")
 
 
 def _storage_order(t: torch.Tensor):
@@ -318,7 +312,7 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
         return input
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size should be a positive odd integer. Got {block_size!r}.")
-    _check_dropout_input("drop_block2d", input)
+    _check_real("drop_block2d's input", input)
     n, c, h, w = input.shape
     block_size = min(block_size, w, h)
     if block_size % 2 == 0:
