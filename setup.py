@@ -167,8 +167,9 @@ setup(
     extras_require={
         # torch-optimizer: torch_optimizer.Lamb, the reference our LAMB is a drop-in for; matplotlib: the
         # tests draw the CIFAR example's and the suite's plots; hypothesis: the property-based fuzz suite.
+        # timm, transformers (+ accelerate, for its Trainer): convert_model's tests on their models.
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "torch-optimizer", "matplotlib", "tqdm",
-                 "hypothesis>=6"],
+                 "hypothesis>=6", "timm", "transformers", "accelerate"],
         # deepspeed: DeepSpeedCPUAdam, the CPU bar the optimizer benchmark reports beside torch.
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "deepspeed"],
     },

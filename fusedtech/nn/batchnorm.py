@@ -52,11 +52,17 @@ class BatchNormAct2d(_FusedBatchNorm, torch.nn.BatchNorm2d):
         self.activation = activation
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self._normalize(input, self.activation if self.fold_intact() else "none", residual)
+
+    def fold_intact(self) -> bool:
+        """False once the activation convert_model(fuse_activations=True) folded in here, or an
+        identity that stood between, was replaced where it stood: then this module only normalises
+        and the activation's placeholder applies the activation again."""
+        folded = self.__dict__.get("_folded_from")
+        return folded is None or all(owner._modules.get(name) is module for owner, name, module in folded)
+
+    def _normalize(self, input, activation, residual=None):
         factor, use_batch, rm, rv = self._bookkeeping(input)
-        activation = self.activation
-        folded = self.__dict__.get("_folded_from")  # set by convert_model(fuse_activations=True)
-        if folded is not None and folded[0]._modules.get(folded[1]) is not folded[2]:
-            activation = "none"  # the activation folded in here was since replaced where it stood
         return F.batch_norm_act(input, rm, rv, self.weight, self.bias, use_batch, factor, self.eps,
                                 activation, residual)
 

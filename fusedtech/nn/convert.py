@@ -6,10 +6,14 @@ looked up at call time, so module types whose fused class does not exist yet are
 """
 from __future__ import annotations
 
+import operator
 import re
 from collections import Counter
 
 import torch
+import torch.fx
+
+from .adapters import activation_kind, convert_foreign
 
 # torch class -> name of the fused class in fusedtech.nn
 _REPLACEMENTS = (
@@ -38,7 +42,8 @@ class FoldedActivation(torch.nn.Identity):
         self.__dict__["_fused_into"] = parent._modules[bn_name]
 
     def forward(self, input):
-        if self.__dict__["_parent"]._modules.get(self._bn_name) is self.__dict__["_fused_into"]:
+        fused = self.__dict__["_fused_into"]
+        if self.__dict__["_parent"]._modules.get(self._bn_name) is fused and fused.fold_intact():
             return input
         return self.activation(input)
 
@@ -65,9 +70,113 @@ def _skip_reason(module, include):
             return (f"subclass of nn.{torch_cls.__name__} "
                     + ("overriding forward with code convert_model does not know" if overrides
                        else "(only the exact torch class is swapped)"))
-    if isinstance(module, _NORM_BASES) or _NORM_NAME.search(cls.__name__):
+    # By name only modules without children: a container (timm's ConvNormAct, a classifier head
+    # with a norm) is not a norm itself, and its children are looked at one by one.
+    if isinstance(module, _NORM_BASES) or (_NORM_NAME.search(cls.__name__) and not module._modules):
         return "no fused drop-in for this class"
     return None
+
+
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Traces one module's own forward with every submodule a leaf: the graph says whose output feeds
+    whom, and nothing inside the submodules has to trace."""
+
+    def is_leaf_module(self, m, module_qualified_name):
+        return True
+
+
+# Activations written as function calls: a pair ending in one cannot be folded in place (the call
+# is in the model's code, not a module convert_model can swap), so the report says so.
+_FUNCTIONAL_ACTIVATIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.silu, torch.nn.functional.gelu,
+                           torch.relu_, "relu", "relu_"}
+
+
+def _has_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _fold_traced(model, fnn, replaced, skipped):
+    """Folds the BatchNorm2d -> activation pairs that a module's forward calls in a row (as in
+    `self.act1(self.bn1(x))`, nn.Identity children between allowed), found by tracing with torch.fx
+    each module that holds a BatchNorm2d; each pair it finds but cannot fold is reported with why."""
+    norm_types = (torch.nn.BatchNorm2d, fnn.BatchNorm2d)
+    for prefix, parent in list(model.named_modules()):
+        if isinstance(parent, torch.nn.Sequential) or not any(type(c) in norm_types for c in parent.children()):
+            continue
+
+        def report(target, what, reason):
+            name = f"{prefix}.{target}" if prefix and target else (prefix or target)
+            skipped.append({"module": name, "type": what, "reason": reason})
+
+        try:
+            graph = _ChildrenAsLeaves().trace(parent)
+        except Exception as error:  # noqa: BLE001 - any failure to trace means: no pairs found here
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            report("", type(parent).__qualname__,
+                   f"activations not folded: its forward does not trace with torch.fx ({type(error).__name__}: "
+                   f"{message[:120]})")
+            continue
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        for node in list(graph.nodes):
+            if node.op != "call_module" or type(bn := parent.get_submodule(node.target)) not in norm_types:
+                continue
+            between, last = [], node
+            while len(last.users) == 1:
+                nxt = next(iter(last.users))
+                if (nxt.op != "call_module" or type(parent.get_submodule(nxt.target)) is not torch.nn.Identity
+                        or calls[nxt.target] != 1):
+                    break
+                between.append(nxt)
+                last = nxt
+            users = list(last.users)
+            acts = [u for u in users if u.op == "call_module" and type(parent.get_submodule(u.target)) in _ACTIVATIONS]
+            funcs = [u for u in users if u.op in ("call_function", "call_method") and u.target in _FUNCTIONAL_ACTIVATIONS]
+            residual = [u for u in users if u.op == "call_function" and u.target in (operator.add, operator.iadd)]
+            if residual and len(users) == 1 and len(residual[0].users) == 1:
+                after = next(iter(residual[0].users))
+                if after.op == "call_module" and type(parent.get_submodule(after.target)) in _ACTIVATIONS:
+                    report(node.target, type(bn).__name__,
+                           f"not folded with {after.target}: a residual add stands between them (in the model's code, "
+                           "BatchNormAct2d(x, residual) does norm, add and activation in one op)")
+                    continue
+            if funcs and not acts:
+                report(node.target, type(bn).__name__, "not folded: the activation after it is a function call "
+                       f"({getattr(funcs[0].target, '__name__', funcs[0].target)}), not a module")
+                continue
+            if not acts:
+                continue
+            act_node = acts[0]
+            act = parent.get_submodule(act_node.target)
+            reason = None
+            if len(users) != 1:
+                reason = "its output is also used elsewhere than the activation"
+            elif calls[node.target] != 1:
+                reason = "forward calls this BatchNorm2d more than once"
+            elif calls[act_node.target] != 1:
+                reason = f"forward calls the activation {act_node.target} more than once (shared by several inputs)"
+            elif activation_kind(act) is None:
+                reason = "GELU's tanh approximation has no fused form"
+            elif len(act_node.args) != 1 or act_node.kwargs:
+                reason = "the activation is called with more than its input"
+            elif _has_hooks(bn) or _has_hooks(act) or any(_has_hooks(parent.get_submodule(n.target)) for n in between):
+                reason = "hooks on it or on its activation would see a different module boundary"
+            if reason is not None:
+                report(node.target, type(bn).__name__, f"not folded with {act_node.target}: {reason}")
+                continue
+            kind = activation_kind(act)
+            owner_name, _, bn_name = node.target.rpartition(".")
+            bn_owner = parent.get_submodule(owner_name) if owner_name else parent
+            fused = bn_owner._modules[bn_name] = fnn.BatchNormAct2d.from_batch_norm(bn, kind)
+            kept = []
+            for target, module in [(n.target, parent.get_submodule(n.target)) for n in between] + [(act_node.target, None)]:
+                owner_name, _, name = target.rpartition(".")
+                owner = parent.get_submodule(owner_name) if owner_name else parent
+                if module is None:
+                    module = owner._modules[name] = FoldedActivation(act, bn_owner, bn_name)
+                kept.append((owner, name, module))
+            fused.__dict__["_folded_from"] = tuple(kept)
+            replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
 
 
 def _format_table(report) -> str:
@@ -92,9 +201,13 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
     buffers); with return_report=True, (model, report). The report's "replaced" counts replaced
     modules per type, "skipped" lists each norm or dropout left alone as {"module": its name,
     "type": its class, "reason": why}, "not_fused_yet" the torch types seen that have no fused
-    version yet; verbose=True prints it as a table. With fuse_activations, a BatchNorm2d followed by
-    ReLU, GELU (tanh approximation excluded) or SiLU in an nn.Sequential becomes one
-    BatchNormAct2d and the activation a FoldedActivation (an nn.Identity; state_dict keys stay the
+    version yet; verbose=True prints it as a table. The norms of timm (BatchNormAct2d, LayerNorm,
+    LayerNorm2d) and HF Transformers (the LlamaRMSNorm, GemmaRMSNorm and T5LayerNorm forms and their
+    copies) are swapped too, each for a stand-in computing with the same casts (nn/adapters.py);
+    `include` may name their classes. With fuse_activations, a BatchNorm2d followed by ReLU, GELU
+    (tanh approximation excluded) or SiLU, in an nn.Sequential or called in a row by a module's
+    forward (found by tracing that forward with torch.fx; nn.Identity children between allowed),
+    becomes one BatchNormAct2d and the activation a FoldedActivation (an nn.Identity; state_dict keys stay the
     same), which applies the activation again should the BatchNormAct2d be swapped out later (by
     nn.SyncBatchNorm.convert_sync_batchnorm, say: it makes a plain SyncBatchNorm of it; convert to
     SyncBatchNorm first to keep a sync norm, which convert_model leaves alone); the BatchNormAct2d
@@ -133,23 +246,41 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
                 placeholder = parent._modules[b] = FoldedActivation(act, parent, a)
                 # Not a submodule (a cycle): the BatchNormAct2d stops activating should the
                 # placeholder be replaced (parent[b] = nn.Identity(), another activation).
-                fused.__dict__["_folded_from"] = (parent, b, placeholder)
+                fused.__dict__["_folded_from"] = ((parent, b, placeholder),)
                 replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
+    if fuse_activations and (include is None or torch.nn.BatchNorm2d in include):
+        _fold_traced(model, fnn, replaced, skipped)
     for prefix, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             cls = fused_class(child)
+            foreign = convert_foreign(child) if cls is None and (include is None or type(child) in include) else None
             if cls is not None:
                 setattr(parent, child_name, cls.from_torch(child))
                 replaced[type(child).__name__] += 1
+            elif foreign is not None:
+                fused, label = foreign
+                if fused is not None:
+                    setattr(parent, child_name, fused)
+                    replaced[label] += 1
+                else:
+                    skipped.append({"module": f"{prefix}.{child_name}" if prefix else child_name,
+                                    "type": type(child).__qualname__, "reason": label})
             elif (reason := _skip_reason(child, include)) is not None:
                 skipped.append({"module": f"{prefix}.{child_name}" if prefix else child_name,
                                 "type": type(child).__qualname__, "reason": reason})
     # The model itself may be one of the replaced types (convert_model(nn.LayerNorm(h))): it cannot
     # change type in place, so the fused module that shares its parameters is what comes back.
     root_cls = fused_class(model)
+    foreign = convert_foreign(model) if root_cls is None and (include is None or type(model) in include) else None
     if root_cls is not None:
         replaced[type(model).__name__] += 1
         model = root_cls.from_torch(model)
+    elif foreign is not None:
+        if foreign[0] is not None:
+            replaced[foreign[1]] += 1
+            model = foreign[0]
+        else:
+            skipped.append({"module": "", "type": type(model).__qualname__, "reason": foreign[1]})
     elif (reason := _skip_reason(model, include)) is not None:
         skipped.append({"module": "", "type": type(model).__qualname__, "reason": reason})
     report = {"replaced": dict(replaced), "skipped": skipped, "not_fused_yet": sorted(missing)}

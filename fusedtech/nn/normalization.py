@@ -39,6 +39,25 @@ class LayerNorm(torch.nn.LayerNorm):
         return share_state(cls, module)
 
 
+class LayerNorm2d(torch.nn.LayerNorm):
+    """LayerNorm over the channels of an (N, C, H, W) input (ConvNeXt's; timm.layers.LayerNorm2d):
+    normalized_shape is (C,), the input is read as its (N, H, W, C) permutation, and the output has
+    the strides that permutation back gives (channels_last memory), as timm's computes it."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 4:
+            raise RuntimeError(f"fusedtech: LayerNorm2d expects a 4-d (N, C, H, W) input, got {input.dim()}-d")
+        y = F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm2d":
+        return share_state(cls, module)
+
+
 class RMSNorm(torch.nn.RMSNorm):
     """Drop-in for torch.nn.RMSNorm (eps=None means float32's epsilon, float64's for float64 input,
     as torch computes it); memory_efficient as for LayerNorm."""
