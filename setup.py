@@ -170,7 +170,8 @@ setup(
         # timm, transformers (+ accelerate, for its Trainer): convert_model's tests on their models.
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "torch-optimizer", "matplotlib", "tqdm",
                  "hypothesis>=6", "timm", "transformers", "accelerate"],
-        # deepspeed: DeepSpeedCPUAdam, the CPU bar the optimizer benchmark reports beside torch.
-        "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "deepspeed"],
+        # deepspeed: DeepSpeedCPUAdam, the CPU bar the optimizer benchmark reports beside torch;
+        # timm, transformers: the models of the end-to-end training-step benchmark.
+        "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "deepspeed", "timm", "transformers"],
     },
 )

@@ -43,7 +43,8 @@ def measure(benchmark, fn, *, dev: torch.device, op: str, impl: str, case: str, 
     for _ in range(2):  # warm-up: compilation, autotuning, allocator
         round_()
     benchmark.extra_info.update(
-        op=op, impl=impl, case=case, dtype=str(dtype).replace("torch.", ""), bytes=int(bytes_moved),
+        op=op, impl=impl, case=case, dtype=str(dtype).replace("torch.", ""),
+        bytes=None if bytes_moved is None else int(bytes_moved),
         calls_per_round=calls, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", **extra)
     benchmark.pedantic(round_, rounds=rounds, iterations=1, warmup_rounds=0)
     if dev.type == "cuda":

@@ -82,14 +82,15 @@ def rows_from(json_path: str, module: str) -> list[dict]:
     rows = []
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        if "bytes" not in info:
+        if "bytes" not in info:  # (None: a whole training step, timed but not a bandwidth figure)
             continue
         calls = info.get("calls_per_round", 1)
         t = b["stats"]["median"] / calls
         busy = info.get("gpu_busy_s")
-        rows.append(dict(info, module=module, name=b["name"], time_s=t, gbps=info["bytes"] / t / 1e9,
+        moved = info["bytes"]
+        rows.append(dict(info, module=module, name=b["name"], time_s=t, gbps=moved / t / 1e9 if moved else None,
                          time_iqr_s=b["stats"]["iqr"] / calls,
-                         busy_gbps=info["bytes"] / busy / 1e9 if busy else None))
+                         busy_gbps=moved / busy / 1e9 if busy and moved else None))
     # Fraction of the copy measured in the same module run, for the same case and bytes.
     copies = {(r["case"], r["bytes"]): r for r in rows if r["impl"] == "copy"}
     for r in rows:
@@ -133,8 +134,10 @@ def markdown(results: dict) -> str:
                 frac = f"{100 * r['copy_fraction']:.0f}%" if r.get("copy_fraction") else "-"
                 speed = f"{best_torch / r['time_s']:.2f}x" if best_torch else "-"
                 peer = f"{best_peer / r['time_s']:.2f}x" if best_peer else "-"
-                busy = (f"{1e3 * r['gpu_busy_s']:.3f} | {r['busy_gbps']:.1f}" if r.get("gpu_busy_s") else "- | -")
-                out.append(f"| {case} | {dtype} | {r['impl']} | {1e3 * r['time_s']:.3f} | {r['gbps']:.1f} | {frac} "
+                busy = (f"{1e3 * r['gpu_busy_s']:.3f} | " + (f"{r['busy_gbps']:.1f}" if r.get("busy_gbps") else "-")
+                        if r.get("gpu_busy_s") else "- | -")
+                gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
+                out.append(f"| {case} | {dtype} | {r['impl']} | {1e3 * r['time_s']:.3f} | {gbps} | {frac} "
                            f"| {speed} | {peer} | {busy} |")
             if rs[0].get("copy_time_s"):
                 t = rs[0]["copy_time_s"]
@@ -157,7 +160,8 @@ def plot(results: dict, path: str) -> str | None:
         return None
     by_op = defaultdict(list)
     for r in results["rows"]:
-        by_op[r["op"]].append(r)
+        if r.get("gbps") or r["impl"] == "copy":  # a bandwidth plot: whole training steps have none
+            by_op[r["op"]].append(r)
     ops = sorted(o for o in by_op if o != "copy")
     if not ops:
         return None
