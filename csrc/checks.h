@@ -143,6 +143,15 @@ inline void check_param_list(at::TensorList params) {
   }
 }
 
+// LAMB's per-tensor output: (clamped weight norm, update norm, trust ratio) in row t for params[t].
+inline void check_lamb_norms(at::TensorList params, const at::Tensor& norms) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(norms.scalar_type() == at::kFloat && norms.dim() == 2 && norms.size(0) == n && norms.size(1) == 3 &&
+                  norms.is_contiguous() && norms.device() == params[0].device(),
+              "fusedtech: lamb_step norms must be a contiguous float32 [", n, ", 3] tensor on ", params[0].device(),
+              ", got ", norms.scalar_type(), " ", norms.sizes(), " on ", norms.device());
+}
+
 inline void check_steps(at::TensorList params, at::TensorList steps) {
   check_same_length(params, "params", steps, "steps");
   for (size_t i = 0; i < steps.size(); ++i) {

@@ -34,11 +34,13 @@ TORCH_LIBRARY(fusedtech_C, m) {
       "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
       "Tensor(c!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float lr_decay, "
       "float weight_decay, float eps, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // LAMB also writes, per tensor t, norms[t] = (clamped weight norm, update norm, trust ratio): the
+  // values pass 2 computes anyway, which torch_optimizer keeps as per-parameter state.
   m.def(
       "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, "
-      "float eps, float weight_decay, float clamp_lower, float clamp_upper, bool debias, bool adam, "
-      "bool grad_averaging, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor(d!)[] master_params, Tensor[] steps, Tensor(e!) norms, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float eps, float weight_decay, float clamp_lower, float clamp_upper, bool debias, bool adam, "
+      "bool grad_averaging, bool bias_correction, bool trust_clip, Tensor? grad_scale, Tensor? found_inf) -> ()");
 
   // Global norm of a tensor list (clip_grad_norm_): a 0-d float32 tensor, 2-norm or inf-norm.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");

@@ -93,19 +93,20 @@ def test_lamb_triton_kernels_compile():
     import triton.language as tl
     from fusedtech.triton_kernels import lamb
     kinds = dict(PARAM=tl.bfloat16, STATE=tl.float32, HAS_MASTER=True, HAS_WEIGHT_DECAY=True, HAS_FOUND_INF=True,
-                 BLOCK=1024)
+                 BIAS_CORRECTION=True, BLOCK=1024)
     compile_for_gpus(lamb._lamb_moments_kernel,
                      {"ptrs": "*i64", "chunks": "*i64", "partials": "*fp32", "grad_scale_ptr": "*fp32",
-                      "found_inf_ptr": "*fp32", "beta1": "fp32", "beta2": "fp32", "grad_coef": "fp32",
-                      "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32"},
+                      "found_inf_ptr": "*fp32", "log_betas": "*fp64", "beta1": "fp32", "beta2": "fp32",
+                      "grad_coef": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32"},
                      dict(kinds, HAS_GRAD_SCALE=True))
     compile_for_gpus(lamb._lamb_ratio_kernel,
-                     {"ptrs": "*i64", "ranges": "*i64", "partials": "*fp32", "neg_steps": "*fp32", "lr": "fp32",
-                      "lr_ptr": "*fp32", "log_betas": "*fp64", "clamp_lower": "fp32", "clamp_upper": "fp32"},
-                     dict(HAS_LR_PTR=True, DEBIAS=True, ADAM=False, BLOCK=256))
+                     {"ptrs": "*i64", "ranges": "*i64", "partials": "*fp32", "neg_steps": "*fp32", "norms": "*fp32",
+                      "found_inf_ptr": "*fp32", "lr": "fp32", "lr_ptr": "*fp32", "log_betas": "*fp64",
+                      "clamp_lower": "fp32", "clamp_upper": "fp32"},
+                     dict(HAS_LR_PTR=True, DEBIAS=True, ADAM=False, TRUST_CLIP=True, HAS_FOUND_INF=True, BLOCK=256))
     compile_for_gpus(lamb._lamb_update_kernel,
                      {"ptrs": "*i64", "chunks": "*i64", "neg_steps": "*fp32", "found_inf_ptr": "*fp32",
-                      "eps": "fp32", "weight_decay": "fp32"}, kinds)
+                      "log_betas": "*fp64", "eps": "fp32", "weight_decay": "fp32"}, kinds)
 
 
 def _schema_ops():

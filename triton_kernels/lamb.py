@@ -1,6 +1,7 @@
 """Multi-tensor LAMB in Triton: three launches per (device, dtype) group (see
 csrc/include/fusedtech/lamb.h): moments + per-chunk norm partials; per-tensor trust ratio (one
-program per tensor, partials summed in a fixed order: deterministic); update."""
+program per tensor, partials summed in a fixed order: deterministic), which also writes the
+tensor's (clamped weight norm, update norm, trust ratio) row of `norms`; update."""
 from __future__ import annotations
 
 import math
@@ -19,13 +20,41 @@ P, G, M, V, MASTER, STEP = range(6)
 
 
 @triton.jit
-def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, beta1, beta2, grad_coef,
+def _bias_corrections(base, log_betas, BIAS_CORRECTION: tl.constexpr):
+    """(bc1, sqrt(bc2)) of the tensor whose pointer-table row is `base`, in fp64 rounded to fp32
+    (lamb_correction in lamb.h); (1, 1) without bias_correction, where dividing by them is exact."""
+    if BIAS_CORRECTION:
+        step = tl.load(tl.load(base + 5).to(tl.pointer_type(tl.float32))).to(tl.float64)  # the STEP column
+        bc1 = (1.0 - tl.exp(step * tl.load(log_betas + 0))).to(tl.float32)
+        sqrt_bc2 = tl.sqrt(1.0 - tl.exp(step * tl.load(log_betas + 1))).to(tl.float32)
+    else:
+        bc1 = 1.0
+        sqrt_bc2 = 1.0
+    return bc1, sqrt_bc2
+
+
+@triton.jit
+def _direction(p, m, v, bc1, sqrt_bc2, eps, weight_decay, HAS_WEIGHT_DECAY: tl.constexpr,
+               BIAS_CORRECTION: tl.constexpr):
+    """u from the stored moments (lamb_direction in lamb.h), in passes 1 and 3 alike."""
+    if BIAS_CORRECTION:
+        u = tl.div_rn(tl.div_rn(m, bc1), tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps)
+    else:
+        u = tl.div_rn(m, tl.sqrt_rn(v) + eps)
+    if HAS_WEIGHT_DECAY:
+        u = u + weight_decay * p
+    return u
+
+
+@triton.jit
+def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, log_betas, beta1, beta2, grad_coef,
                          one_minus_beta2, eps, weight_decay, PARAM: tl.constexpr, STATE: tl.constexpr,
                          HAS_MASTER: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                         HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_FOUND_INF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)  # also this program's slot in `partials`
     row, begin, end = chunk_of(chunks, pid)
     base = ptrs + row * 6
+    bc1, sqrt_bc2 = _bias_corrections(base, log_betas, BIAS_CORRECTION)
     g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
     m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
@@ -48,10 +77,8 @@ def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, 
         # u from the stored (rounded) moments, exactly as pass 3 will recompute it.
         m = round_to(m, STATE).to(tl.float32)
         v = round_to(v, STATE).to(tl.float32)
-        u = tl.div_rn(m, tl.sqrt_rn(v) + eps)
-        if HAS_WEIGHT_DECAY:
-            u = u + weight_decay * p
-        u = tl.where(mask, u, 0.0)
+        u = tl.where(mask, _direction(p, m, v, bc1, sqrt_bc2, eps, weight_decay, HAS_WEIGHT_DECAY, BIAS_CORRECTION),
+                     0.0)
         wsq += p * p
         usq += u * u
     tl.store(partials + pid * 2, tl.sum(wsq, axis=0))
@@ -59,8 +86,9 @@ def _lamb_moments_kernel(ptrs, chunks, partials, grad_scale_ptr, found_inf_ptr, 
 
 
 @triton.jit
-def _lamb_ratio_kernel(ptrs, ranges, partials, neg_steps, lr, lr_ptr, log_betas, clamp_lower, clamp_upper,
-                       HAS_LR_PTR: tl.constexpr, DEBIAS: tl.constexpr, ADAM: tl.constexpr, BLOCK: tl.constexpr):
+def _lamb_ratio_kernel(ptrs, ranges, partials, neg_steps, norms, found_inf_ptr, lr, lr_ptr, log_betas, clamp_lower,
+                       clamp_upper, HAS_LR_PTR: tl.constexpr, DEBIAS: tl.constexpr, ADAM: tl.constexpr,
+                       TRUST_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     first = tl.load(ranges + t * 2)
     count = tl.load(ranges + t * 2 + 1)
@@ -84,19 +112,30 @@ def _lamb_ratio_kernel(ptrs, ranges, partials, neg_steps, lr, lr_ptr, log_betas,
         bc1 = 1.0 - tl.exp(step * tl.load(log_betas + 0))
         bc2 = 1.0 - tl.exp(step * tl.load(log_betas + 1))
         step_size = step_size * (tl.sqrt(bc2) / bc1)
+    ratio = tl.where((w == 0.0) | (un == 0.0), 1.0, tl.div_rn(w, tl.where(un == 0.0, 1.0, un)))
+    if TRUST_CLIP:  # torch.clamp(max=1): a NaN stays NaN
+        ratio = tl.where(ratio > 1.0, 1.0, ratio)
+    # A skipped step (found_inf) keeps last step's norms: its partials are zeros, not the norms.
+    if HAS_FOUND_INF:
+        live = tl.load(found_inf_ptr) == 0
+        w = tl.where(live, w, tl.load(norms + t * 3))
+        un = tl.where(live, un, tl.load(norms + t * 3 + 1))
+        ratio = tl.where(live, ratio, tl.load(norms + t * 3 + 2))
+    tl.store(norms + t * 3, w)
+    tl.store(norms + t * 3 + 1, un)
+    tl.store(norms + t * 3 + 2, ratio)
     if ADAM:
         ratio = 1.0
-    else:
-        ratio = tl.where((w == 0.0) | (un == 0.0), 1.0, tl.div_rn(w, tl.where(un == 0.0, 1.0, un)))
     tl.store(neg_steps + t, (-step_size).to(tl.float32) * ratio)
 
 
 @triton.jit
-def _lamb_update_kernel(ptrs, chunks, neg_steps, found_inf_ptr, eps, weight_decay, PARAM: tl.constexpr,
+def _lamb_update_kernel(ptrs, chunks, neg_steps, found_inf_ptr, log_betas, eps, weight_decay, PARAM: tl.constexpr,
                         STATE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-                        HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_FOUND_INF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr):
     row, begin, end = chunk_of(chunks, tl.program_id(0))
     base = ptrs + row * 6
+    bc1, sqrt_bc2 = _bias_corrections(base, log_betas, BIAS_CORRECTION)
     m_ptr = tl.load(base + 2).to(tl.pointer_type(STATE))
     v_ptr = tl.load(base + 3).to(tl.pointer_type(STATE))
     neg_step = tl.load(neg_steps + row)
@@ -107,18 +146,20 @@ def _lamb_update_kernel(ptrs, chunks, neg_steps, found_inf_ptr, eps, weight_deca
         p = load_param(base, 0, 4, offs, mask, PARAM, HAS_MASTER)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.div_rn(m, tl.sqrt_rn(v) + eps)
-        if HAS_WEIGHT_DECAY:
-            u = u + weight_decay * p
+        u = _direction(p, m, v, bc1, sqrt_bc2, eps, weight_decay, HAS_WEIGHT_DECAY, BIAS_CORRECTION)
         store_param(base, 0, 4, offs, mask, p + neg_step * u, PARAM, HAS_MASTER)
 
 
-def lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps,
-               weight_decay, clamp_lower, clamp_upper, debias, adam, grad_averaging, grad_scale, found_inf, *,
-               chunk: int = CHUNK) -> None:
+def lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, norms, lr, lr_tensor, beta1, beta2, eps,
+               weight_decay, clamp_lower, clamp_upper, debias, adam, grad_averaging, bias_correction, trust_clip,
+               grad_scale, found_inf, *, chunk: int = CHUNK) -> None:
     if not params:
         return
     device = params[0].device
+    if (norms.dtype != torch.float32 or norms.shape != (len(params), 3) or not norms.is_contiguous()
+            or norms.device != device):
+        raise RuntimeError(f"fusedtech: lamb_step norms must be a contiguous float32 [{len(params)}, 3] tensor on "
+                           f"{device}, got {norms.dtype} {tuple(norms.shape)} on {norms.device}")
     numels = [p.numel() for p in params]
     ptrs = pointer_table([params, grads, exp_avgs, exp_avg_sqs, master_params, steps], len(params), device,
                          ("params", "grads", "exp_avgs", "exp_avg_sqs", "master_params?", "steps"))
@@ -130,11 +171,13 @@ def lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, l
     log_betas = torch.tensor([math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf],
                              dtype=torch.float64, device=device)
     kinds = dict(PARAM=tl_dtype(params[0].dtype), STATE=tl_dtype(exp_avgs[0].dtype), HAS_MASTER=bool(master_params),
-                 HAS_WEIGHT_DECAY=weight_decay != 0, HAS_FOUND_INF=found_inf is not None, BLOCK=min(chunk, 1024))
+                 HAS_WEIGHT_DECAY=weight_decay != 0, HAS_FOUND_INF=found_inf is not None,
+                 BIAS_CORRECTION=bool(bias_correction), BLOCK=min(chunk, 1024))
     _lamb_moments_kernel[(chunks.shape[0],)](
-        ptrs, chunks, partials, gs_ptr, fi_ptr, beta1, beta2, (1.0 - beta1) if grad_averaging else 1.0, 1.0 - beta2,
-        eps, weight_decay, HAS_GRAD_SCALE=grad_scale is not None, **kinds)
+        ptrs, chunks, partials, gs_ptr, fi_ptr, log_betas, beta1, beta2, (1.0 - beta1) if grad_averaging else 1.0,
+        1.0 - beta2, eps, weight_decay, HAS_GRAD_SCALE=grad_scale is not None, **kinds)
     _lamb_ratio_kernel[(len(params),)](
-        ptrs, ranges, partials, neg_steps, float(lr), lr_ptr, log_betas, clamp_lower, clamp_upper,
-        HAS_LR_PTR=lr_tensor is not None, DEBIAS=bool(debias), ADAM=bool(adam), BLOCK=256)
-    _lamb_update_kernel[(chunks.shape[0],)](ptrs, chunks, neg_steps, fi_ptr, eps, weight_decay, **kinds)
+        ptrs, ranges, partials, neg_steps, norms, fi_ptr, float(lr), lr_ptr, log_betas, clamp_lower, clamp_upper,
+        HAS_LR_PTR=lr_tensor is not None, DEBIAS=bool(debias), ADAM=bool(adam), TRUST_CLIP=bool(trust_clip),
+        HAS_FOUND_INF=found_inf is not None, BLOCK=256)
+    _lamb_update_kernel[(chunks.shape[0],)](ptrs, chunks, neg_steps, fi_ptr, log_betas, eps, weight_decay, **kinds)

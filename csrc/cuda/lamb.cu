@@ -1,6 +1,7 @@
 // Fused multi-tensor LAMB on CUDA tensors (see lamb.h): pass 1 (moments, per-chunk partial sums
 // of p^2 and u^2, fixed-order block reductions), pass 2 (one block per tensor: its partials summed
-// in order, trust ratio, step scalar), pass 3 (update). Deterministic; no atomics.
+// in order, trust ratio, step scalar; the norms and ratio written out), pass 3 (update).
+// Deterministic; no atomics.
 // The per-tensor table of pass 2 is copied to the device each step, so this step is not
 // capturable in a CUDA graph (Adam, SGD, RMSprop and Adagrad are).
 #include <ATen/ATen.h>
@@ -28,12 +29,15 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
   return out;
 }
 
+// Pass 1's "step" slot holds the tensor's step counter (for bias_correction's bc1, bc2).
 template <typename P, typename S>
-__global__ void __launch_bounds__(kThreads) lamb_moments_kernel(LambMeta meta, LambHyper h, const float* grad_scale,
+__global__ void __launch_bounds__(kThreads) lamb_moments_kernel(LambMeta meta, LambHyper h, double beta1, double beta2,
+                                                               bool bias_correction, const float* grad_scale,
                                                                const float* found_inf, float* partials,
                                                                int64_t offset) {
   if (found_inf && *found_inf != 0.0f) return;
   const BlockChunk c = block_chunk(meta);
+  const LambCorrection bc = lamb_correction(beta1, beta2, *meta.step[c.t], bias_correction);
   const P* p = static_cast<const P*>(meta.addr[0][c.t]);
   const P* g = static_cast<const P*>(meta.addr[1][c.t]);
   S* m = static_cast<S*>(meta.addr[2][c.t]);
@@ -49,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(LambMeta meta, L
     const S ms = static_cast<S>(mf), vs = static_cast<S>(vf);
     m[i] = ms;
     v[i] = vs;
-    const float u = lamb_direction(pf, static_cast<float>(ms), static_cast<float>(vs), h);
+    const float u = lamb_direction(pf, static_cast<float>(ms), static_cast<float>(vs), h, bc);
     wsq += pf * pf;
     usq += u * u;
   });
@@ -62,11 +66,13 @@ __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(LambMeta meta, L
   }
 }
 
-// table rows: first chunk, chunk count, address of the tensor's step.
+// table rows: first chunk, chunk count, address of the tensor's step. Writes norms[t] (see lamb.h)
+// and scalars[t] = (step scalar, bc1, sqrt(bc2)), which pass 3 reads.
 __global__ void __launch_bounds__(kThreads) lamb_ratio_kernel(const int64_t* table, const float* partials,
-                                                             float* neg_steps, double lr, const float* lr_ptr,
-                                                             double beta1, double beta2, float clamp_lower,
-                                                             float clamp_upper, bool debias, bool adam,
+                                                             float* scalars, float* norms, double lr,
+                                                             const float* lr_ptr, double beta1, double beta2,
+                                                             float clamp_lower, float clamp_upper, bool debias,
+                                                             bool adam, bool bias_correction, bool trust_clip,
                                                              const float* found_inf) {
   if (found_inf && *found_inf != 0.0f) return;
   const int64_t t = blockIdx.x;
@@ -82,8 +88,11 @@ __global__ void __launch_bounds__(kThreads) lamb_ratio_kernel(const int64_t* tab
   usq = block_sum(usq, shared);
   if (threadIdx.x == 0) {
     const double rate = lr_ptr ? static_cast<double>(*lr_ptr) : lr;
-    neg_steps[t] = lamb_neg_step(sqrtf(wsq), sqrtf(usq), clamp_lower, clamp_upper, adam,
-                                 lamb_step_size(rate, beta1, beta2, *step, debias));
+    const LambCorrection bc = lamb_correction(beta1, beta2, *step, bias_correction);
+    scalars[3 * t] = lamb_neg_step(sqrtf(wsq), sqrtf(usq), clamp_lower, clamp_upper, adam, trust_clip,
+                                   lamb_step_size(rate, beta1, beta2, *step, debias), norms + 3 * t);
+    scalars[3 * t + 1] = bc.bc1;
+    scalars[3 * t + 2] = bc.sqrt_bc2;
   }
 }
 
@@ -95,10 +104,12 @@ __global__ void __launch_bounds__(kThreads) lamb_update_kernel(LambMeta meta, La
   const S* m = static_cast<const S*>(meta.addr[2][c.t]);
   const S* v = static_cast<const S*>(meta.addr[3][c.t]);
   float* master = static_cast<float*>(meta.addr[4][c.t]);
-  const float neg_step = *meta.step[c.t];  // this pass's "step" slot holds the tensor's step scalar
+  // This pass's "step" slot points at the tensor's row of pass 2's scalars.
+  const float neg_step = meta.step[c.t][0];
+  const LambCorrection bc{meta.step[c.t][1], meta.step[c.t][2]};
   for_each_element(c, [&](int64_t i) {
     const float pf = master ? master[i] : static_cast<float>(p[i]);
-    const float out = pf + neg_step * lamb_direction(pf, static_cast<float>(m[i]), static_cast<float>(v[i]), h);
+    const float out = pf + neg_step * lamb_direction(pf, static_cast<float>(m[i]), static_cast<float>(v[i]), h, bc);
     if (master) master[i] = out;
     p[i] = static_cast<P>(out);
   });
@@ -112,11 +123,11 @@ const float* optional_ptr(const std::optional<at::Tensor>& t, const char* name, 
 }
 
 void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList master_params, at::TensorList steps, double lr,
-                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-                    double weight_decay, double clamp_lower, double clamp_upper, bool debias, bool adam,
-                    bool grad_averaging, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    at::TensorList exp_avg_sqs, at::TensorList master_params, at::TensorList steps,
+                    const at::Tensor& norms, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                    double beta2, double eps, double weight_decay, double clamp_lower, double clamp_upper,
+                    bool debias, bool adam, bool grad_averaging, bool bias_correction, bool trust_clip,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   check_param_list(params);
   const bool has_master = !master_params.empty();
@@ -127,6 +138,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   check_like_params(params, exp_avg_sqs, "exp_avg_sqs", sdtype);
   if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
   check_steps(params, steps);
+  check_lamb_norms(params, norms);
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), "fusedtech: lamb_step (cuda) got params on ", device);
   c10::cuda::CUDAGuard guard(device);
@@ -152,11 +164,11 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   const auto opts = at::TensorOptions().device(device).dtype(at::kFloat);
   at::Tensor partials = at::zeros({std::max<int64_t>(chunks, 1), 2}, opts);
-  at::Tensor neg_steps = at::zeros({n}, opts);
+  at::Tensor scalars = at::zeros({n, 3}, opts);
   at::Tensor table_dev = table.to(device, /*non_blocking=*/true);
-  std::vector<at::Tensor> neg_step_slots;
-  neg_step_slots.reserve(n);
-  for (int64_t t = 0; t < n; ++t) neg_step_slots.push_back(neg_steps.select(0, t));
+  std::vector<at::Tensor> scalar_slots;
+  scalar_slots.reserve(n);
+  for (int64_t t = 0; t < n; ++t) scalar_slots.push_back(scalars.select(0, t));
 
   const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, master_params};
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -165,18 +177,19 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     auto run = [&](auto state_tag) {
       using S = decltype(state_tag);
       int64_t offset = 0;
-      multi_tensor_apply<5>(lists, {}, [&](const LambMeta& meta, int blocks) {
-        lamb_moments_kernel<P, S><<<blocks, kThreads, 0, stream>>>(meta, h, gs_ptr, fi_ptr,
-                                                                     partials.data_ptr<float>(), offset);
+      multi_tensor_apply<5>(lists, steps, [&](const LambMeta& meta, int blocks) {
+        lamb_moments_kernel<P, S><<<blocks, kThreads, 0, stream>>>(meta, h, beta1, beta2, bias_correction, gs_ptr,
+                                                                     fi_ptr, partials.data_ptr<float>(), offset);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         offset += blocks;
       });
       lamb_ratio_kernel<<<n, kThreads, 0, stream>>>(table_dev.data_ptr<int64_t>(), partials.data_ptr<float>(),
-                                                     neg_steps.data_ptr<float>(), lr, lr_ptr, beta1, beta2,
-                                                     static_cast<float>(clamp_lower), static_cast<float>(clamp_upper),
-                                                     debias, adam, fi_ptr);
+                                                     scalars.data_ptr<float>(), norms.data_ptr<float>(), lr, lr_ptr,
+                                                     beta1, beta2, static_cast<float>(clamp_lower),
+                                                     static_cast<float>(clamp_upper), debias, adam, bias_correction,
+                                                     trust_clip, fi_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      multi_tensor_apply<5>(lists, neg_step_slots, [&](const LambMeta& meta, int blocks) {
+      multi_tensor_apply<5>(lists, scalar_slots, [&](const LambMeta& meta, int blocks) {
         lamb_update_kernel<P, S><<<blocks, kThreads, 0, stream>>>(meta, h, fi_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -40,14 +40,18 @@ def _adagrad_op(params: L, grads: L, state_sums: L, master_params: L, steps: L, 
         maximize, grad_scale, found_inf)
 
 
-@torch.library.custom_op("fusedtech::lamb_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params"))
-def _lamb_op(params: L, grads: L, exp_avgs: L, exp_avg_sqs: L, master_params: L, steps: L, lr: float,
+# norms: a float32 [len(params), 3] tensor the step writes, row i = (clamped weight norm, update
+# norm, trust ratio) of params[i] (torch_optimizer's weight_norm, adam_norm, trust_ratio state).
+@torch.library.custom_op("fusedtech::lamb_step_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params", "norms"))
+def _lamb_op(params: L, grads: L, exp_avgs: L, exp_avg_sqs: L, master_params: L, steps: L, norms: T, lr: float,
              lr_tensor: Optional[T], beta1: float, beta2: float, eps: float, weight_decay: float, clamp_lower: float,
-             clamp_upper: float, debias: bool, adam: bool, grad_averaging: bool, grad_scale: Optional[T],
-             found_inf: Optional[T]) -> None:
+             clamp_upper: float, debias: bool, adam: bool, grad_averaging: bool, bias_correction: bool,
+             trust_clip: bool, grad_scale: Optional[T], found_inf: Optional[T]) -> None:
     implementation("lamb_step_", "lamb", params[0].device, params)(
-        params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
-        clamp_lower, clamp_upper, debias, adam, grad_averaging, grad_scale, found_inf)
+        params, grads, exp_avgs, exp_avg_sqs, master_params, steps, norms, lr, lr_tensor, beta1, beta2, eps,
+        weight_decay, clamp_lower, clamp_upper, debias, adam, grad_averaging, bias_correction, trust_clip,
+        grad_scale, found_inf)
 
 
 for _op in (_sgd_op, _rmsprop_op, _adagrad_op, _lamb_op):

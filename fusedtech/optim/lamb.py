@@ -7,12 +7,37 @@ validation, param_groups and state keys), with options beyond it:
   get no weight decay and a trust ratio of 1;
 - ``max_grad_norm``: apex FusedLAMB's global gradient-norm clipping (gradients divided by
   max(1, ||g|| / max_grad_norm) inside the fused pass; ``.grad`` is left untouched);
-- ``grad_averaging`` (apex; default True): m = beta1 m + (1 - beta1) g, else m = beta1 m + g;
+- ``grad_averaging`` (apex, timm; default True): m = beta1 m + (1 - beta1) g, else m = beta1 m + g;
+- ``bias_correction`` (timm; default False): the update direction from bias-corrected moments,
+  u = (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps) + wd p (``debias`` instead scales
+  the step after the trust ratio, as torch_optimizer);
+- ``always_adapt`` (timm; default True, torch_optimizer's behaviour): False applies the trust ratio
+  only in param groups with weight_decay != 0 (a ratio of 1 elsewhere);
+- ``trust_clip`` (timm's LAMBC; default False): the trust ratio clamped to at most 1;
 - ``master_weights``: fp32 master weights and states for fp16/bf16 parameters.
 
+timm's default ``timm.optim.Lamb(params, lr)`` is
+``LAMB(params, lr, weight_decay=0.01, bias_correction=True, always_adapt=False,
+trust_clamp=(0, math.inf), max_grad_norm=1.0)`` (timm clamps no weight norm; its eps and betas are
+the defaults here too); its ``trust_clip=True`` and ``grad_averaging=False`` are the options of the
+same names. timm's ``caution`` and ``decoupled_decay`` have no equivalent here.
+
+State per parameter, as torch_optimizer's: ``step``, ``exp_avg``, ``exp_avg_sq``, and from the last
+step that changed the parameter, ``weight_norm`` (phi(||p||) of the weights before the update),
+``adam_norm`` (||u||, weight decay included) and ``trust_ratio`` (phi(||p||) / ||u||, 1 where
+either is 0, after ``trust_clip``), as 0-dim float32 tensors on the parameter's device.
+``trust_ratio`` is the ratio as computed, also where the step applies 1 instead (``adam=True``,
+as torch_optimizer stores it; ``always_adapt=False`` without weight decay; with
+``exclude_bias_and_norm``, the 1-D parameters, whose norms are those of their decay-free update).
+A step GradScaler skips (found_inf) leaves them unchanged; before a parameter's first step they
+read 0, 0, 1. They are views of one float32 [n, 3] tensor per kernel call that the kernels write in
+pass 2 (no extra pass over the data, no per-parameter work on the host), updated in place: copy
+one to keep its value.
+
 Launches per (device, dtype) bucket and step on CUDA: one to advance the steps, then pass 1
-(moments and per-chunk norm partials), pass 2 (per-tensor trust ratios) and pass 3 (update);
-``max_grad_norm`` adds one norm reduction per bucket. No per-tensor Python loop touches the data.
+(moments and per-chunk norm partials), pass 2 (per-tensor trust ratios and norms) and pass 3
+(update); ``max_grad_norm`` adds one norm reduction per bucket. No per-tensor Python loop touches
+the data.
 """
 from __future__ import annotations
 
@@ -25,17 +50,22 @@ from ..nn.utils import get_total_norm
 from . import _multi_tensor as mt
 
 _STATE = ("exp_avg", "exp_avg_sq")
+_NORMS = ("weight_norm", "adam_norm", "trust_ratio")  # the columns of the kernels' norms output
+_NORMS_BEFORE_FIRST_STEP = (0.0, 0.0, 1.0)
 
 
 class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
     _fused_state = _STATE
     _torch_fallback = False  # no torch LAMB to hand float64/complex/sparse to: refused by name
     _fusedtech_attributes = ("clamp_value", "adam", "debias", "trust_clamp", "exclude_bias_and_norm", "max_grad_norm",
-                             "grad_averaging")
+                             "grad_averaging", "bias_correction", "always_adapt", "trust_clip")
+    # Class-level defaults: an optimizer pickled before these options existed steps as it did.
+    bias_correction, always_adapt, trust_clip = False, True, False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0, clamp_value=10,
                  adam=False, debias=False, *, trust_clamp=None, exclude_bias_and_norm=False, max_grad_norm=None,
-                 grad_averaging=True, master_weights=False):
+                 grad_averaging=True, bias_correction=False, always_adapt=True, trust_clip=False,
+                 master_weights=False):
         # torch_optimizer.Lamb's checks and messages.
         if lr <= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -63,7 +93,45 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
         self.exclude_bias_and_norm = exclude_bias_and_norm
         self.max_grad_norm = max_grad_norm
         self.grad_averaging = grad_averaging
+        self.bias_correction = bool(bias_correction)
+        self.always_adapt = bool(always_adapt)
+        self.trust_clip = bool(trust_clip)
         self._fused_setup("LAMB", master_weights, False)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # torch's load casts every state tensor but step to its parameter's dtype, and
+        # torch_optimizer stores a trust ratio of 1 as the int: the norms are float32 tensors
+        # whatever the parameter (the next step copies them into its norms tensor).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved, state = state_dict["state"].get(pid) or {}, self.state.get(p) or {}
+            for key in _NORMS:
+                if key in state:
+                    value = saved.get(key, state[key])
+                    state[key] = (value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                                  if torch.is_tensor(value) else
+                                  torch.tensor(float(value), dtype=torch.float32, device=p.device))
+
+    def _runs(self, b):
+        """The kernel calls of a bucket: (indices or None for all, excluded from decay and trust
+        ratio, norms tensor). Made when collect() builds the bucket (the first step, after a
+        load_state_dict, a change of which parameters have gradients), kept with it after: the
+        state's weight_norm / adam_norm / trust_ratio are views of the norms tensors' rows, holding
+        the values they had (a loaded checkpoint's included) until the kernels overwrite them."""
+        cached = b.__dict__.get("lamb_runs")
+        if cached is not None and cached[0] == self.exclude_bias_and_norm:
+            return cached[1]
+        idx = list(range(len(b.params)))
+        sels = [(idx, False)]
+        if self.exclude_bias_and_norm:
+            sels = [([i for i in idx if b.params[i].dim() > 1], False), ([i for i in idx if b.params[i].dim() <= 1], True)]
+        device = b.params[0].device
+        runs = [(sel if len(sel) < len(idx) else None, excluded, _norms_tensor([b.state_dicts[i] for i in sel], device))
+                for sel, excluded in sels if sel]
+        b.lamb_runs = (self.exclude_bias_and_norm, runs)
+        return runs
 
     def _clip_divisor(self, grad_scale):
         """apex's global clipping, max(1, ||g|| / max_grad_norm) of the unscaled gradients (None
@@ -98,23 +166,41 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
                         clip = self._clip_divisor(grad_scale)
                     grad_scale = clip.to(device) if grad_scale is None else grad_scale * clip.to(device)
                 torch._foreach_add_(b.steps, 1)
-                idx = list(range(len(b.params)))
-                runs = [(idx, float(group["weight_decay"]), self.adam)]
-                if self.exclude_bias_and_norm:
-                    small = [i for i in idx if b.params[i].dim() <= 1]
-                    runs = [([i for i in idx if b.params[i].dim() > 1], float(group["weight_decay"]), self.adam),
-                            (small, 0.0, True)]
-                for sel, weight_decay, adam in runs:
-                    if not sel:
-                        continue
-                    pick = (lambda xs: [xs[i] for i in sel]) if len(sel) < len(idx) else (lambda xs: xs)
+                decay = float(group["weight_decay"])
+                # always_adapt=False (timm): no trust ratio in a group without weight decay.
+                adam = bool(self.adam) or (not self.always_adapt and decay == 0)
+                for sel, excluded, norms in self._runs(b):
+                    pick = (lambda xs: [xs[i] for i in sel]) if sel is not None else (lambda xs: xs)
                     lamb_step_(pick(b.params), pick(b.grads), pick(b.states["exp_avg"]), pick(b.states["exp_avg_sq"]),
-                               pick(b.masters) if b.masters else [], pick(b.steps), lr, lr_tensor, beta1, beta2,
-                               float(group["eps"]), weight_decay, self.trust_clamp[0], self.trust_clamp[1],
-                               bool(self.debias), bool(adam), bool(self.grad_averaging), grad_scale, found_inf)
+                               pick(b.masters) if b.masters else [], pick(b.steps), norms, lr, lr_tensor, beta1,
+                               beta2, float(group["eps"]), 0.0 if excluded else decay, self.trust_clamp[0],
+                               self.trust_clamp[1], bool(self.debias), adam or excluded, bool(self.grad_averaging),
+                               self.bias_correction, self.trust_clip, grad_scale, found_inf)
                 mt.undo_skipped_steps(b.steps, found_inf)
                 mt.finish(b, self)
         return loss
+
+
+def _norms_tensor(state_dicts: list, device: torch.device) -> torch.Tensor:
+    """A float32 [len(state_dicts), 3] tensor holding each state's weight_norm, adam_norm and
+    trust_ratio (0, 0, 1 where absent; torch_optimizer may have stored a Python number), whose
+    rows' elements then become those state entries."""
+    host = [list(_NORMS_BEFORE_FIRST_STEP) for _ in state_dicts]
+    slots, loaded = [], []
+    for j, state in enumerate(state_dicts):
+        for k, key in enumerate(_NORMS):
+            value = state.get(key)
+            if torch.is_tensor(value):
+                slots.append(3 * j + k)
+                loaded.append(value.detach().reshape(()).to(device=device, dtype=torch.float32))
+            elif value is not None:
+                host[j][k] = float(value)
+    norms = torch.tensor(host, dtype=torch.float32, device=device)
+    if loaded:
+        norms.view(-1).index_copy_(0, torch.tensor(slots, device=device), torch.stack(loaded))
+    for state, row in zip(state_dicts, norms):
+        state.update(zip(_NORMS, row.unbind(0)))
+    return norms
 
 
 FusedLAMB = LAMB
