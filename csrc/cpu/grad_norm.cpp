@@ -52,16 +52,16 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   for (const auto& t : tensors) dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
   const std::vector<Chunk> chunks = make_chunks(dense);
   std::vector<double> partial(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const Chunk& ch = chunks[c];
-      const at::Tensor& t = dense[ch.tensor];
-      FT_DISPATCH_FLOAT_TYPES(t.scalar_type(), "multi_tensor_norm_cpu", [&] {
-        const scalar_t* x = t.const_data_ptr<scalar_t>();
-        partial[c] = inf ? chunk_partial<scalar_t, true>(x, ch.begin, ch.end)
-                         : chunk_partial<scalar_t, false>(x, ch.begin, ch.end);
-      });
-    }
+  // One partial per chunk, summed in chunk order: the same total on any thread count (and on the
+  // calling thread alone below the optimizers' parallel threshold, as their steps run).
+  for_each_chunk_index(chunks, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    const at::Tensor& t = dense[ch.tensor];
+    FT_DISPATCH_FLOAT_TYPES(t.scalar_type(), "multi_tensor_norm_cpu", [&] {
+      const scalar_t* x = t.const_data_ptr<scalar_t>();
+      partial[c] = inf ? chunk_partial<scalar_t, true>(x, ch.begin, ch.end)
+                       : chunk_partial<scalar_t, false>(x, ch.begin, ch.end);
+    });
   });
   double total = 0.0;
   for (double p : partial) total = inf ? static_cast<double>(norm_combine_inf(total, p)) : total + p;
