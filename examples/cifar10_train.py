@@ -5,7 +5,9 @@
 
 With --impl fused, the optimizer comes from fusedtech.optim and clip_grad_norm_ from
 fusedtech.nn.utils, and fusedtech.nn.convert_model swaps norm/dropout modules for the fused ones
-that exist; each piece can be switched off alone (--no-fused-optim, --no-fused-norm, ...).
+that exist; each piece can be switched off alone (--no-fused-optim, --no-fused-norm, ...). The
+run then prints (and records under "backends" in the history it prints as JSON) which fusedtech
+backend each fused piece ran on.
 The dataset is kept on the device and augmented there (random crop with padding, flip).
 """
 from __future__ import annotations
@@ -25,6 +27,13 @@ import cifar10_data as data  # noqa: E402
 import cifar10_models as models  # noqa: E402
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lamb")
+# The step op (fusedtech/ops: op name, module) each fused optimizer calls, by --optimizer.
+OPTIMIZER_OPS = {"sgd": ("sgd_step_", "sgd"), "momentum": ("sgd_step_", "sgd"), "nesterov": ("sgd_step_", "sgd"),
+                 "adagrad": ("adagrad_step_", "adagrad"), "rmsprop": ("rmsprop_step_", "rmsprop"),
+                 "adam": ("adam_step_", "adam"), "adamw": ("adam_step_", "adam"), "lamb": ("lamb_step_", "lamb")}
+# The training-set images that the per-epoch train loss/accuracy (and the initial loss) are measured
+# on: an estimate for the curves, not worth a 10000-image pass per epoch on a CPU.
+TRAIN_EVAL_IMAGES = 2000
 
 
 def _at_least(low: int):
@@ -76,6 +85,12 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="write learning curves to this PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return p.parse_args(argv)
+
+
+def say(args, text: str) -> None:
+    """A progress line (unless --quiet), shown at once."""
+    if not args.quiet:
+        print(text, flush=True)
 
 
 def default_lr(opt: str) -> float:
@@ -147,11 +162,142 @@ def fused_backend(args):
     return fusedtech.use_backend(args.fused_backend)
 
 
-def evaluate(model, x, y, args, scale):
+NATIVE = "torch native"  # fusedtech hands the op to torch's own (BatchNorm on a GPU by default)
+NOT_USED = "not used"
+
+
+def _backward_request(args, device: torch.device):
+    """The backend request that the training loop's backward pass sees on `device`. The loop runs
+    backward inside fused_backend(args), a ContextVar that reaches a backward autograd runs on the
+    calling thread (CPU tensors) but need not reach one it runs on a device thread of its own
+    (CUDA): asked of autograd with a one-element probe rather than assumed."""
+    from fusedtech import _backend
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(_backend.requested_backend())
+            return grad
+
+    with fused_backend(args):
+        Probe.apply(torch.zeros(1, device=device, requires_grad=True)).sum().backward()
+    return seen[0]
+
+
+def fused_backends(args, model, opt) -> dict | None:
+    """With --impl fused: which backend each fused piece runs on, {piece: {"backend", "what"}, plus
+    "backward" where the backward pass runs on another}. A backend is cuda, triton, cpu or torch
+    (fusedtech's reference ops), NATIVE, or NOT_USED ("what" says why).
+
+    fusedtech has no public call that names the backend of a module or an optimizer, so this asks
+    fusedtech._backend.select, which every op calls, with the op family and implementations the op
+    passes it, in the backend context the piece runs in here (the optimizer and clip_grad_norm_
+    outside fused_backend(args), as FUSEDTECH_BACKEND alone steers them). select() caches its
+    choice, as the ops' calls do. The one policy outside select(): fusedtech.nn.functional hands
+    BatchNorm on a GPU to torch's own when no backend was asked for; mirrored here."""
+    if args.impl != "fused":
+        return None
+    import fusedtech
+    import fusedtech.nn as fnn
+    from fusedtech import _backend
+    from fusedtech.ops import _multi_tensor, batch_norm, dropout, layer_norm
+    dev = torch.device(args.device)
+    backward_request = _backward_request(args, dev)
+
+    def entry(backend, what, backward=None):
+        e = {"backend": backend, "what": what}
+        if backward is not None and backward != backend:
+            e["backward"] = backward
+        return e
+
+    def model_op(op, implemented, native_on_gpu=False):
+        """(forward backend, backward backend) of one of the model's op families."""
+        with fused_backend(args):
+            if native_on_gpu and dev.type != "cpu" and _backend.requested_backend() is None:
+                return NATIVE, NATIVE
+            forward = _backend.select(op, dev, implemented)
+        with fusedtech.use_backend(backward_request):
+            return forward, _backend.select(op, dev, implemented)
+
+    def modules(*classes):
+        found = [m for m in model.modules() if type(m) in classes]
+        counts = {}
+        for m in found:
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+        return found, ", ".join(f"{n} {name}" for name, n in counts.items())
+
+    report = {}
+    if not args.fused_optim:
+        report["optimizer"] = entry(NOT_USED, f"--no-fused-optim: {type(opt).__module__}.{type(opt).__name__}")
+    else:
+        op, _ = OPTIMIZER_OPS[args.optimizer]
+        params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        # On a GPU the list's size takes part in the choice (as fusedtech/ops/_multi_tensor.py passes it).
+        elements = sum(p.numel() for p in params) if dev.type == "cuda" else None
+        backend = _backend.select(op.rstrip("_"), dev, _multi_tensor.IMPLEMENTED, elements)
+        report["optimizer"] = entry(backend, f"fusedtech.optim.{type(opt).__name__}: {op} over {len(params)} tensors")
+
+    folded, folded_what = modules(fnn.BatchNormAct2d)
+    if not folded:
+        report["activation_folding"] = entry(NOT_USED, "--fuse-activations not given" if not args.fuse_activations
+                                             else "no BatchNorm2d + activation to fold")
+    else:
+        forward, backward = model_op("batch_norm", batch_norm.IMPLEMENTED, native_on_gpu=True)
+        how = ("torch's batch_norm, then torch's activation" if forward == NATIVE
+               else "batch_norm_act ops (activation fused)")
+        report["activation_folding"] = entry(forward, f"{folded_what}: {how}", backward)
+
+    norms, what = modules(fnn.BatchNorm1d, fnn.BatchNorm2d, fnn.LayerNorm, fnn.RMSNorm)
+    if norms:
+        is_bn = isinstance(norms[0], torch.nn.modules.batchnorm._BatchNorm)
+        forward, backward = (model_op("batch_norm", batch_norm.IMPLEMENTED, native_on_gpu=True) if is_bn
+                             else model_op("layer_norm", layer_norm.IMPLEMENTED))
+        report["norm"] = entry(forward, f"{what}: {'batch_norm' if is_bn else 'layer_norm'} ops", backward)
+    else:
+        report["norm"] = entry(NOT_USED, "--no-fused-norm" if not args.fused_norm
+                               else "no norm layers (--norm none)" if args.norm == "none"
+                               else "each BatchNorm2d folded with its activation" if folded
+                               else "no norm that convert_model swaps")
+
+    drops, what = modules(fnn.Dropout)
+    active = [m for m in drops if m.p > 0]
+    if not active:
+        report["dropout"] = entry(NOT_USED, "--no-fused-dropout" if not args.fused_dropout
+                                  else f"{what}, p=0: the identity, no op runs" if drops else "no Dropout in the model")
+    else:
+        forward, backward = model_op("dropout", dropout.IMPLEMENTED)
+        report["dropout"] = entry(forward, f"{what} (p={active[0].p}): dropout ops", backward)
+
+    if args.clip_grad_norm is None:
+        report["clip_grad_norm"] = entry(NOT_USED, "--clip-grad-norm not given")
+    elif not args.fused_optim:
+        report["clip_grad_norm"] = entry(NOT_USED, "--no-fused-optim: torch.nn.utils.clip_grad_norm_")
+    else:
+        backend = _backend.select("multi_tensor_norm", dev, _multi_tensor.IMPLEMENTED)
+        report["clip_grad_norm"] = entry(backend, "fusedtech.nn.utils.clip_grad_norm_: multi_tensor_norm op, "
+                                                  "then torch's foreach multiply")
+    return {k: report[k] for k in ("optimizer", "norm", "activation_folding", "dropout", "clip_grad_norm")}
+
+
+def format_backends(report: dict, device) -> str:
+    lines = [f"fusedtech backends on {device}:"]
+    for piece, e in report.items():
+        backend = e["backend"] + (f" (backward: {e['backward']})" if "backward" in e else "")
+        lines.append(f"  {piece:<19} {backend:<13} {e['what']}")
+    return "\n".join(lines)
+
+
+def evaluate(model, x, y, args, scale, desc: str = "evaluating"):
+    from tqdm import tqdm
     model.eval()
     total_loss, correct = 0.0, 0
     with torch.no_grad(), autocast(args), fused_backend(args):
-        for i in range(0, len(x), 1000):
+        for i in tqdm(range(0, len(x), 1000), desc=desc, disable=args.quiet, leave=False, unit="batch"):
             xb = data.normalize(x[i:i + 1000])
             if args.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -178,12 +324,19 @@ def train(args) -> dict:
     """Runs the whole training; returns the history (also what --checkpoint stores)."""
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    t0 = time.perf_counter()
     if args.synthetic:
-        train_x, train_y, test_x, test_y = data.synthetic_cifar10(args.synthetic_size, max(1000, args.synthetic_size // 5),
-                                                                  seed=args.seed)
+        n_test = max(1000, args.synthetic_size // 5)
+        say(args, f"generating synthetic CIFAR-10 data: {args.synthetic_size} train + {n_test} validation images "
+                  f"(seed {args.seed})")
+        train_x, train_y, test_x, test_y = data.synthetic_cifar10(args.synthetic_size, n_test, seed=args.seed,
+                                                                  progress=not args.quiet)
     else:
-        train_x, train_y, test_x, test_y = data.load_cifar10(args.data)
+        say(args, f"reading CIFAR-10 from {args.data}")
+        train_x, train_y, test_x, test_y = data.load_cifar10(args.data, progress=not args.quiet)
     dev = torch.device(args.device)
+    say(args, f"data ready in {time.perf_counter() - t0:.1f}s; building {args.model} (norm {args.norm}, "
+              f"impl {args.impl}) on {dev}")
     train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
     model, report = build(args, train_x.cpu())
     scale = getattr(model, "head_scale", 1.0)
@@ -198,8 +351,11 @@ def train(args) -> dict:
         from fusedtech.nn.utils import clip_grad_norm_
     else:
         from torch.nn.utils import clip_grad_norm_
+    backends = fused_backends(args, model, opt)
+    if backends is not None:
+        say(args, format_backends(backends, dev))
     history = {"synthetic": args.synthetic, "impl": args.impl, "model": args.model, "optimizer": args.optimizer,
-               "converted": report, "step_loss": [], "epochs": [], "device": str(dev)}
+               "converted": report, "backends": backends, "step_loss": [], "epochs": [], "device": str(dev)}
     start_epoch, best, stale = 0, math.inf, 0
     if args.resume:
         ck = torch.load(args.resume, weights_only=False, map_location=dev)
@@ -219,8 +375,11 @@ def train(args) -> dict:
             history["impl"] = f"{history['impl']}, then {args.impl}"
         if "early_stopped_at_epoch" in history:  # the run had ended: nothing more to train
             start_epoch = args.epochs
+        history["backends"] = backends  # this invocation's
+    train_eval = min(len(test_x), TRAIN_EVAL_IMAGES)
     if not args.resume:
-        history["initial_train_loss"] = evaluate(model, train_x[:len(test_x)], train_y[:len(test_x)], args, scale)[0]
+        history["initial_train_loss"] = evaluate(model, train_x[:train_eval], train_y[:train_eval], args, scale,
+                                                 desc="initial train loss")[0]
     from tqdm import tqdm
     for epoch in range(start_epoch, args.epochs):
         # Data order and augmentation depend on (seed, epoch) only, so a resumed run sees the same batches.
@@ -237,7 +396,8 @@ def train(args) -> dict:
             with autocast(args), fused_backend(args):
                 loss = torch.nn.functional.cross_entropy(model(xb).float() * scale, train_y[idx], label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            with fused_backend(args):  # the model's backward ops too (autocast stays outside, as torch advises)
+                scaler.scale(loss).backward()
             if args.clip_grad_norm is not None:
                 scaler.unscale_(opt)
                 clip_grad_norm_(model.parameters(), args.clip_grad_norm)
@@ -252,8 +412,9 @@ def train(args) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        val_loss, val_acc = evaluate(model, test_x, test_y, args, scale)
-        train_loss, train_acc = evaluate(model, train_x[:len(test_x)], train_y[:len(test_x)], args, scale)
+        val_loss, val_acc = evaluate(model, test_x, test_y, args, scale, desc="validation")
+        train_loss, train_acc = evaluate(model, train_x[:train_eval], train_y[:train_eval], args, scale,
+                                         desc=f"train loss ({train_eval} images)")
         history["epochs"].append(dict(epoch=epoch, seconds=seconds, images_per_s=seen / seconds, avg_step_loss=loss_sum / seen,
                                       train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc))
         if not args.quiet:

@@ -3,9 +3,10 @@ and the benchmark suite's CPU mode.
 
 Tolerance for torch-vs-fused losses step by step (fp32, deterministic), on the MLP: rtol 1e-5,
 atol 1e-6 over all 12 steps (seen: at most 2.5e-7 relative). On the CNN the first steps are
-chaotic (loss spikes to 5-17 at these learning rates) and amplify any rounding difference step
-after step (seen: 1.4e-3 relative by step 9 with Adagrad), so there the first 4 steps are held to
-rtol 1e-5 and all 12 to rtol 5e-3.
+chaotic (the loss jumps by a third at the second step at these learning rates) and amplify any
+rounding difference step after step (seen with AdamW and BatchNorm: 0 for two steps, 4.7e-6
+relative at the third, 8e-5 at the fourth, 5.5e-4 by the twelfth), so there the first 3 steps are
+held to rtol 1e-5 and all 12 to rtol 5e-3.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 
 import pytest
 import torch
@@ -83,6 +85,44 @@ def test_augment_keeps_shape_and_pixels():
     assert set(out.unique().tolist()) <= set(x.unique().tolist())
 
 
+def _nearest_class_mean_accuracy(train_x, train_y, test_x, test_y) -> float:
+    """Validation accuracy of the classifier that picks the class whose mean training image is nearest."""
+    tx, vx = train_x.float().flatten(1), test_x.float().flatten(1)
+    means = torch.stack([tx[train_y == c].mean(0) for c in range(10)])
+    return (torch.cdist(vx, means).argmin(1) == test_y).float().mean().item()
+
+
+def test_synthetic_data_is_deterministic_per_seed():
+    a, b, c = (data.synthetic_cifar10(300, 200, seed=s) for s in (1, 1, 2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    # The classes and the test set come from the seed alone, not from the training set's size.
+    assert all(torch.equal(x, y) for x, y in zip(a[2:], data.synthetic_cifar10(700, 200, seed=1)[2:]))
+    x, y = a[0], a[1]
+    assert x.shape == (300, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert 0 <= int(y.min()) and int(y.max()) <= 9
+    # Mostly inside the pixel range (a recipe that clipped much would lose its objects' shapes).
+    assert ((x == 0) | (x == 255)).float().mean() < 0.05
+
+
+def test_synthetic_labels_carry_the_asked_for_noise():
+    # The same images with and without label noise: about that fraction of labels moved to another class.
+    clean = data.synthetic_cifar10(5000, 1000, seed=3, label_noise=0.0)
+    noisy = data.synthetic_cifar10(5000, 1000, seed=3)
+    assert torch.equal(clean[0], noisy[0]) and torch.equal(clean[2], noisy[2])
+    moved = (clean[1] != noisy[1]).float().mean().item()
+    assert 0.08 < moved < 0.12, moved
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_synthetic_data_is_not_separable_by_class_means(seed):
+    # The old set (a fixed pattern per class plus noise) was: its nearest-class-mean classifier, like
+    # the CNN after one epoch, reached 100%. Here objects move, change colour and contrast, and
+    # classes come in look-alike pairs: class means carry some signal (above chance), far from all.
+    acc = _nearest_class_mean_accuracy(*data.synthetic_cifar10(5000, 1000, seed=seed))
+    assert 0.13 < acc < 0.5, acc
+
+
 def _args(**kw):
     argv = ["--synthetic", "--synthetic-size", "768", "--batch-size", "64", "--epochs", "1", "--max-steps-per-epoch", "12",
             "--quiet", "--deterministic", "--device", "cpu"]
@@ -112,7 +152,7 @@ def test_each_norm_choice(norm, model):
     h_torch = trainer.train(_args(norm=norm, model=model, optimizer="adamw"))
     h_fused = trainer.train(_args(norm=norm, model=model, optimizer="adamw", impl="fused"))
     a, b = torch.tensor(h_torch["step_loss"]), torch.tensor(h_fused["step_loss"])
-    torch.testing.assert_close(b[:4], a[:4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b[:3], a[:3], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b, a, rtol=1e-5 if model == "mlp" else 5e-3, atol=1e-6 if model == "mlp" else 1e-4)
     if norm == "layer":
         assert h_fused["converted"]["replaced"].get("LayerNorm", 0) > 0
@@ -127,7 +167,7 @@ def test_fuse_activations_agrees_with_torch(backend):
                                   fused_backend=backend))
     assert h_fused["converted"]["replaced"] == {"BatchNorm2d+ReLU": 3, "Dropout": 1}
     a, b = torch.tensor(h_torch["step_loss"]), torch.tensor(h_fused["step_loss"])
-    torch.testing.assert_close(b[:4], a[:4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b[:3], a[:3], rtol=1e-5, atol=1e-6)
     assert h_fused["epochs"][-1]["train_loss"] < h_fused["initial_train_loss"]
 
 
@@ -139,16 +179,128 @@ def test_fused_dropout_trains():
     assert h["epochs"][-1]["train_loss"] < h["initial_train_loss"]
 
 
-def test_resnet18_and_airbench_run_a_step():
+def _small_evaluations(monkeypatch, images: int = 16):
+    """For tests about the steps: the evaluations see only the first `images` images (1000
+    ResNet-18 forwards take most of a minute here). They draw no random numbers, so the steps stay
+    the same."""
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate",
+                        lambda model, x, y, *a, **kw: evaluate(model, x[:images], y[:images], *a, **kw))
+
+
+def test_resnet18_and_airbench_run_a_step(monkeypatch):
     # ResNet-18 with the channel LayerNorm too: its 1x1 conv weights get gradients strided
     # unlike the parameters on size-1 dims (the fused optimizers refused them).
+    _small_evaluations(monkeypatch)
     for model, norm in (("resnet18", "batch"), ("airbench", "batch"), ("resnet18", "layer")):
         h = trainer.train(_args(model=model, norm=norm, impl="fused", optimizer="nesterov", max_steps_per_epoch=2,
                                 batch_size=16, synthetic_size=64))
         assert len(h["step_loss"]) == 2 and all(torch.isfinite(torch.tensor(h["step_loss"])))
 
 
-def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path):
+def _record_backends(monkeypatch):
+    """Every (op family, backend) that fusedtech's ops run from now on: each op asks
+    fusedtech._backend.implementation for its function, which takes the backend select() gives
+    for the same arguments (cached, so asking again costs nothing and changes nothing)."""
+    from fusedtech import _backend
+    used, original = set(), _backend.implementation
+
+    def implementation(op, device, implemented, module, name, elements=None, float64=False):
+        used.add((op, _backend.select(op, device, implemented, elements, float64)))
+        return original(op, device, implemented, module, name, elements, float64)
+
+    monkeypatch.setattr(_backend, "implementation", implementation)
+    return used
+
+
+@pytest.mark.parametrize("fused_backend", ["auto", "torch"])
+def test_the_fused_run_reports_the_backend_each_piece_ran_on(monkeypatch, fused_backend):
+    import fusedtech
+    used = _record_backends(monkeypatch)
+    h = trainer.train(_args(impl="fused", model="mlp", norm="batch", dropout=0.2, optimizer="adamw",
+                            clip_grad_norm=1.0, max_steps_per_epoch=2, fused_backend=fused_backend))
+    b = h["backends"]
+    assert list(b) == ["optimizer", "norm", "activation_folding", "dropout", "clip_grad_norm"]
+    for piece, op in (("optimizer", "adam_step"), ("norm", "batch_norm"), ("dropout", "dropout"),
+                      ("clip_grad_norm", "multi_tensor_norm")):
+        assert b[piece]["backend"] in fusedtech.available_backends("cpu"), (piece, b[piece])
+        # What ran, forward and backward alike (the CPU backward sees --fused-backend too).
+        assert {backend for o, backend in used if o == op} == {b[piece]["backend"]}, (piece, used)
+        assert "backward" not in b[piece]
+    # --fused-backend steers the model's ops; the optimizer and clip_grad_norm_ keep the automatic choice.
+    auto = fusedtech._backend.select("batch_norm", torch.device("cpu"), ("cpu", "torch"))
+    assert b["norm"]["backend"] == b["dropout"]["backend"] == (auto if fused_backend == "auto" else "torch")
+    assert b["optimizer"]["backend"] == b["clip_grad_norm"]["backend"] == auto
+    assert b["activation_folding"]["backend"] == trainer.NOT_USED
+    assert "BatchNorm1d" in b["norm"]["what"] and "AdamW" in b["optimizer"]["what"]
+    assert trainer.train(_args(model="mlp", max_steps_per_epoch=1))["backends"] is None  # --impl torch
+
+
+def test_the_backend_report_names_what_is_not_used_and_why():
+    h = trainer.train(_args(impl="fused", model="cnn", fuse_activations=True, max_steps_per_epoch=1))
+    b = h["backends"]
+    folding = b["activation_folding"]
+    assert folding["backend"] != trainer.NOT_USED and "3 BatchNormAct2d" in folding["what"]
+    assert b["norm"]["backend"] == trainer.NOT_USED and "folded" in b["norm"]["what"]
+    assert b["dropout"]["backend"] == trainer.NOT_USED and "p=0" in b["dropout"]["what"]  # the cnn's Dropout(0.0)
+    assert b["clip_grad_norm"]["backend"] == trainer.NOT_USED
+    h = trainer.train(_args(impl="fused", model="mlp", no_fused_optim=True, no_fused_norm=True, norm="layer",
+                            max_steps_per_epoch=1))
+    optimizer = h["backends"]["optimizer"]
+    assert optimizer["backend"] == trainer.NOT_USED and optimizer["what"].startswith("--no-fused-optim: torch.optim")
+    assert h["backends"]["norm"] == {"backend": trainer.NOT_USED, "what": "--no-fused-norm"}
+
+
+def test_batch_norm_off_the_cpu_is_reported_as_handed_to_torch(monkeypatch):
+    # With no backend asked for, fusedtech.nn.functional gives BatchNorm on GPU tensors to torch's
+    # own; the report mirrors that policy. Checked against what the module does, on meta tensors
+    # (no GPU here; the policy is the same for any device but the CPU).
+    args = _args(impl="fused", device="meta")
+    model, _ = trainer.build(args, torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
+    b = trainer.fused_backends(args, model, trainer.make_optimizer(args, model.parameters()))
+    assert b["norm"]["backend"] == trainer.NATIVE
+    native, calls = torch.nn.functional.batch_norm, []
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **kw: calls.append(1) or native(*a, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fusedtech's one warning about that choice
+        model(torch.zeros(2, 3, 32, 32, device="meta"))
+    assert len(calls) == 3  # the CNN's three BatchNorm2d
+
+
+@pytest.mark.parametrize("optimizer", trainer.OPTIMIZERS)
+def test_each_fused_optimizer_steps_through_the_op_the_report_names(monkeypatch, optimizer):
+    used = _record_backends(monkeypatch)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = trainer.make_optimizer(_args(impl="fused", optimizer=optimizer), [p])
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    assert {op for op, _ in used} == {trainer.OPTIMIZER_OPS[optimizer][0].rstrip("_")}
+
+
+def test_progress_is_shown_before_the_slow_preparation(monkeypatch, capsys):
+    # Data generation and the model's first evaluation (before the first step) each take seconds on
+    # a CPU: something has been printed before each starts.
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kw):
+            seen.setdefault(name, capsys.readouterr().out)
+            return fn(*args, **kw)
+        monkeypatch.setattr(*name, wrapped)
+
+    spy((data, "synthetic_cifar10"), data.synthetic_cifar10)
+    spy((trainer, "evaluate"), trainer.evaluate)
+    argv = ["--synthetic", "--synthetic-size", "256", "--batch-size", "64", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--device", "cpu", "--impl", "fused"]
+    trainer.main(argv)
+    assert "generating synthetic CIFAR-10" in seen[(data, "synthetic_cifar10")]
+    assert "fusedtech backends on cpu" in seen[(trainer, "evaluate")] and "building cnn" in seen[(trainer, "evaluate")]
+    out = capsys.readouterr().out
+    assert '"backends"' in out and "epoch 1:" in out
+
+
+def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    _small_evaluations(monkeypatch)
     ck = str(tmp_path / "ck.pt")
     full = trainer.train(_args(epochs=2, optimizer="adamw", dropout=0.2, scheduler="cosine", impl="fused"))
     trainer.train(_args(epochs=2, optimizer="adamw", dropout=0.2, scheduler="cosine", impl="fused", checkpoint=ck,
@@ -203,7 +355,8 @@ def test_cifar_benchmark_quick_mode(tmp_path):
     assert set(r["impls"]) == {"torch", "fusedtech", "torch.compile"} and r["synthetic"] is True
     for m in r["impls"].values():
         assert m["images_per_s"] > 0 and 0 <= m["final_val_acc"] <= 1
-    assert r["max_loss_curve_diff_first_100_steps"] < 1e-3 and r["precision"] == "fp32"
+    # 24 chaotic CNN steps in fp32, as the header explains (seen: 1.1e-3).
+    assert r["max_loss_curve_diff_first_100_steps"] < 5e-3 and r["precision"] == "fp32"
     for impl in ("torch", "fusedtech"):  # the profile found the BatchNorm layers and the optimizer step
         assert 0 < r["impls"][impl]["norm_share"] < 1 and 0 < r["impls"][impl]["optimizer_share"] < 1
     assert r["impls"]["torch.compile"]["norm_share"] is None  # not measurable inside compiled graphs: "-"
