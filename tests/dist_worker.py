@@ -46,6 +46,66 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
+LAMB_KWARGS = {"lr": 1e-2, "weight_decay": 0.01, "exclude_bias_and_norm": True}
+
+
+def _lamb_batches(rank, steps):
+    """Each rank's batches, and (what a single process trains on for the same gradients) both
+    ranks' batches side by side: the wrappers average the ranks' gradients of equal batches."""
+    mine = [torch.randn(6, 8, generator=torch.Generator().manual_seed(200 + 10 * s + rank)) for s in range(steps)]
+    both = [torch.cat([torch.randn(6, 8, generator=torch.Generator().manual_seed(200 + 10 * s + r)) for r in (0, 1)])
+            for s in range(steps)]
+    return mine, both
+
+
+def _lamb_train(model, opt, batches):
+    for x in batches:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def _lamb(rank, world, mode):
+    """LAMB over DTensor shards (FSDP2) or replicas (DDP) against single-process LAMB on the whole
+    batch: parameters and the weight_norm / adam_norm / trust_ratio state after 3 steps; under FSDP2
+    also a torch.distributed.checkpoint save after 2 steps, loaded into a fresh model and optimizer
+    that take the third step."""
+    from fusedtech import optim
+    steps = 3
+    mine, both = _lamb_batches(rank, steps)
+    dist_model = _wrap(_model(True), mode)
+    single = _model(True)
+    dist_opt, single_opt = optim.LAMB(dist_model.parameters(), **LAMB_KWARGS), optim.LAMB(single.parameters(), **LAMB_KWARGS)
+    _lamb_train(dist_model, dist_opt, mine)
+    _lamb_train(single, single_opt, both)
+    result = {"max_param_diff": max((_full(a) - b.detach()).abs().max().item()
+                                    for a, b in zip(dist_model.parameters(), single.parameters()))}
+    result["max_norm_state_diff"] = max(
+        (dist_opt.state[a][key] - single_opt.state[b][key]).abs().item()
+        for a, b in zip(dist_model.parameters(), single.parameters()) for key in ("weight_norm", "adam_norm", "trust_ratio"))
+    if mode == "fsdp":
+        import tempfile
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        first = _wrap(_model(True), mode)
+        first_opt = optim.LAMB(first.parameters(), **LAMB_KWARGS)
+        _lamb_train(first, first_opt, mine[:2])
+        path = [tempfile.mkdtemp() if rank == 0 else None]
+        dist.broadcast_object_list(path)
+        model_sd, optim_sd = get_state_dict(first, first_opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path[0])
+        resumed = _wrap(_model(True), mode)
+        resumed_opt = optim.LAMB(resumed.parameters(), **LAMB_KWARGS)
+        model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=path[0])
+        set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        _lamb_train(resumed, resumed_opt, mine[2:])
+        result["resumed_max_param_diff"] = max((_full(a) - _full(b)).abs().max().item()
+                                               for a, b in zip(resumed.parameters(), dist_model.parameters()))
+    return result
+
+
 def worker(rank, world, mode, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -67,12 +127,7 @@ def worker(rank, world, mode, port):
         m(torch.randn(6, 8, generator=torch.Generator().manual_seed(rank))).square().mean().backward()
     out["clip_total"] = [float(fusedtech.nn.utils.clip_grad_norm_(fused.parameters(), 0.1)),
                          float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1))]
-    try:
-        lamb = optim.LAMB(fused.parameters(), lr=1e-3)
-        lamb.step()
-        out["lamb"] = "stepped"
-    except NotImplementedError as e:
-        out["lamb"] = f"NotImplementedError: {e}"
+    out["lamb"] = _lamb(rank, world, mode)
     if rank == 0:
         print(json.dumps(out), flush=True)
     # Both ranks past every collective before either tears gloo down: without it a rank sometimes

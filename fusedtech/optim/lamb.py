@@ -34,6 +34,11 @@ read 0, 0, 1. They are views of one float32 [n, 3] tensor per kernel call that t
 pass 2 (no extra pass over the data, no per-parameter work on the host), updated in place: copy
 one to keep its value.
 
+Under FSDP2 (DTensor parameters, sharded or replicated over a device mesh) each tensor's ||p|| and
+||u|| are summed over the processes holding its shards, for all tensors in one all-reduce per step,
+so the trust ratios and the steps are single-process LAMB's; that path runs the oracle's two halves
+(fusedtech/reference/lamb.py) on the local shards, in torch ops, not the fused kernels.
+
 Launches per (device, dtype) bucket and step on CUDA: one to advance the steps, then pass 1
 (moments and per-chunk norm partials), pass 2 (per-tensor trust ratios and norms) and pass 3
 (update); ``max_grad_norm`` adds one norm reduction per bucket. No per-tensor Python loop touches
@@ -46,6 +51,7 @@ import math
 import torch
 
 from ..ops.optimizers import lamb_step_
+from ..reference.lamb import lamb_apply, lamb_directions
 from ..nn.utils import get_total_norm
 from . import _multi_tensor as mt
 
@@ -151,13 +157,9 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         clip = None
+        sharded = []  # DTensor buckets' first halves, finished after one all-reduce of their norms
         for group in self._groups():
             beta1, beta2 = (float(b) for b in group["betas"])
-            if any(mt.is_distributed(p) for p in group["params"]):
-                raise NotImplementedError(
-                    "fusedtech: LAMB does not support DTensor (FSDP2 / tensor-parallel) parameters yet: its trust "
-                    "ratio needs each parameter's norm over all shards; the element-wise optimizers (Adam, AdamW, "
-                    "SGD, RMSprop, Adagrad) do")
             for (device, _, _), b in self._buckets(group, _STATE).items():
                 lr, lr_tensor = mt.lr_args(group["lr"], device)
                 grad_scale, found_inf = mt.scaler_tensors(self, device)
@@ -171,14 +173,74 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
                 adam = bool(self.adam) or (not self.always_adapt and decay == 0)
                 for sel, excluded, norms in self._runs(b):
                     pick = (lambda xs: [xs[i] for i in sel]) if sel is not None else (lambda xs: xs)
-                    lamb_step_(pick(b.params), pick(b.grads), pick(b.states["exp_avg"]), pick(b.states["exp_avg_sq"]),
-                               pick(b.masters) if b.masters else [], pick(b.steps), norms, lr, lr_tensor, beta1,
-                               beta2, float(group["eps"]), 0.0 if excluded else decay, self.trust_clamp[0],
-                               self.trust_clamp[1], bool(self.debias), adam or excluded, bool(self.grad_averaging),
+                    moments = (pick(b.params), pick(b.grads), pick(b.states["exp_avg"]), pick(b.states["exp_avg_sq"]),
+                               pick(b.masters) if b.masters else [], pick(b.steps))
+                    if b.distributed:
+                        prepared = lamb_directions(*moments, lr, lr_tensor, beta1, beta2, float(group["eps"]),
+                                                   0.0 if excluded else decay, bool(self.grad_averaging),
+                                                   self.bias_correction, grad_scale, found_inf)
+                        sharded.append((prepared, moments, norms, pick(b.originals), beta1, beta2, adam or excluded))
+                        continue
+                    lamb_step_(*moments, norms, lr, lr_tensor, beta1, beta2, float(group["eps"]),
+                               0.0 if excluded else decay, self.trust_clamp[0], self.trust_clamp[1],
+                               bool(self.debias), adam or excluded, bool(self.grad_averaging),
                                self.bias_correction, self.trust_clip, grad_scale, found_inf)
+                if b.distributed:
+                    sharded.append((b, found_inf))
+                    continue
                 mt.undo_skipped_steps(b.steps, found_inf)
                 mt.finish(b, self)
+        if sharded:
+            self._finish_sharded(sharded)
         return loss
+
+    def _finish_sharded(self, pending):
+        """LAMB's second half for DTensor (FSDP2, tensor-parallel) parameters: each tensor's
+        ||p||^2 and ||u||^2 summed over the processes its shards are split across, for all
+        tensors of the step in one all-reduce per process group, then the same trust ratio and
+        update single-process LAMB computes. Every process takes part, also one that GradScaler
+        told to skip (its contribution is zero and it applies nothing), so none waits alone."""
+        runs = [entry for entry in pending if len(entry) == 7]
+        squares = []
+        for prepared, moments, _, originals, *_ in runs:
+            n = len(moments[0])
+            local = (prepared.local_norms if prepared is not None
+                     else torch.zeros(n, 2, device=moments[0][0].device if n else "cpu"))
+            squares.append(local.float().square())
+        total = torch.cat(squares) if squares else torch.zeros(0, 2)
+        groups = {_shard_groups(p) for *_, originals, _, _, _ in runs for p in originals}
+        if len(groups) != 1:
+            raise NotImplementedError("fusedtech: LAMB's DTensor parameters must all be sharded over the same "
+                                      f"process groups (found {len(groups)} different ones)")
+        for process_group in next(iter(groups)):
+            torch.distributed.all_reduce(total, group=process_group)
+        full = total.sqrt()
+        offset = 0
+        for prepared, moments, norms, _, beta1, beta2, adam in runs:
+            n = len(moments[0])
+            if prepared is not None:
+                lamb_apply(prepared, full[offset:offset + n], moments[0], moments[4], norms, beta1, beta2,
+                           self.trust_clamp[0], self.trust_clamp[1], bool(self.debias), adam, self.trust_clip)
+            offset += n
+        for entry in pending:
+            if len(entry) == 2:
+                b, found_inf = entry
+                mt.undo_skipped_steps(b.steps, found_inf)
+                mt.finish(b, self)
+
+
+def _shard_groups(p) -> tuple:
+    """The process groups over which DTensor p is split (mesh dimensions it is Shard()ed on; a
+    Replicate() dimension holds whole copies and adds nothing to the norm)."""
+    from torch.distributed.tensor import Replicate, Shard
+    groups = []
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            groups.append(p.device_mesh.get_group(dim))
+        elif not isinstance(placement, Replicate):
+            raise NotImplementedError(f"fusedtech: LAMB takes DTensor parameters that are sharded or replicated, "
+                                      f"got placement {placement} (a partial sum)")
+    return tuple(groups)
 
 
 def _norms_tensor(state_dicts: list, device: torch.device) -> torch.Tensor:
