@@ -23,7 +23,8 @@ import fusedtech
 from fusedtech import optim
 from fusedtech.reference import adam as reference
 from conftest import cpu_backends
-from optim_common import assert_close_params_and_state, clone, make_params, run, set_grads, _steps
+from optim_common import (assert_close_params_and_state, assert_compiled_step_matches_eager,
+                          clone, make_params, run, set_grads, _steps)
 
 BACKENDS = cpu_backends()
 FP32_TOL = dict(atol=1e-6, rtol=1e-5)
@@ -373,20 +374,7 @@ def test_closure_and_zero_grad():
 
 def test_compiled_step_matches_eager():
     """torch.compile traces the step through the fusedtech::adam_step_ custom op."""
-    p1, p2 = make_params(), make_params()
-    o1, o2 = optim.AdamW(p1, lr=1e-2), optim.AdamW(p2, lr=1e-2)
-
-    @torch.compile(backend="aot_eager")
-    def compiled_step():
-        o2.step()
-
-    for s in range(3):
-        set_grads(p1, s)
-        set_grads(p2, s)
-        o1.step()
-        compiled_step()
-    for a, b in zip(p1, p2):
-        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    assert_compiled_step_matches_eager(lambda params: optim.AdamW(params, lr=1e-2))
 
 
 def test_oracle_is_torch_math_in_fp32():

@@ -16,7 +16,8 @@ import torch
 import fusedtech
 from fusedtech import optim
 from conftest import cpu_backends
-from optim_common import assert_close_params_and_state, clone, make_params, run, set_grads, _steps
+from optim_common import (assert_close_params_and_state, assert_compiled_step_matches_eager,
+                          clone, make_params, run, set_grads, _steps)
 
 torch_optimizer = pytest.importorskip("torch_optimizer", reason="torch-optimizer is not installed (pip install torch-optimizer)")
 
@@ -391,20 +392,8 @@ def test_steady_steps_update_the_norms_in_place_without_rebuilding_them(monkeypa
 
 def test_compiled_step_matches_eager_norms_included():
     """torch.compile traces the step through the fusedtech::lamb_step_ custom op, norms output included."""
-    p1, p2 = make_params(), make_params()
     config = dict(lr=1e-2, weight_decay=0.1, bias_correction=True, trust_clip=True, max_grad_norm=5.0)
-    o1, o2 = optim.LAMB(p1, **config), optim.LAMB(p2, **config)
-
-    @torch.compile(backend="aot_eager")
-    def compiled_step():
-        o2.step()
-
-    for s in range(3):
-        set_grads(p1, s)
-        set_grads(p2, s)
-        o1.step()
-        compiled_step()
-    assert_close_params_and_state(o1, p1, o2, p2, atol=0, rtol=0)
+    assert_compiled_step_matches_eager(lambda params: optim.LAMB(params, **config))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])

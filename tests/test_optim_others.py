@@ -19,7 +19,8 @@ import torch
 import fusedtech
 from fusedtech import optim
 from conftest import cpu_backends
-from optim_common import assert_close_params_and_state, clone, make_params, run, set_grads, _steps
+from optim_common import (assert_close_params_and_state, assert_compiled_step_matches_eager,
+                          clone, make_params, run, set_grads, _steps)
 
 BACKENDS = cpu_backends()
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -436,20 +437,7 @@ def test_aliases_and_namespace():
 def test_compiled_step_matches_eager(info):
     _, fused_cls, configs = info
     config = {k: v for k, v in configs[-1].items() if not isinstance(v, torch.Tensor)}
-    p1, p2 = make_params(), make_params()
-    o1, o2 = fused_cls(p1, **config), fused_cls(p2, **config)
-
-    @torch.compile(backend="aot_eager")
-    def compiled_step():
-        o2.step()
-
-    for s in range(3):
-        set_grads(p1, s)
-        set_grads(p2, s)
-        o1.step()
-        compiled_step()
-    for a, b in zip(p1, p2):
-        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    assert_compiled_step_matches_eager(lambda params: fused_cls(params, **config))
 
 
 @pytest.mark.gpu

@@ -161,11 +161,15 @@ class TimmBatchNormAct2d(BatchNormAct2d):
         return torch.nn.BatchNorm2d.extra_repr(self)
 
 
+# The activation modules the fused BatchNormAct2d computes, by the kernels' name for them.
+ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.GELU: "gelu", torch.nn.SiLU: "silu"}
+
+
 def activation_kind(act) -> str | None:
     """The fused kernels' name for activation module `act`, or None where they have no such activation."""
     if type(act) is torch.nn.Identity:
         return "none"
-    kind = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.GELU: "gelu"}.get(type(act))
+    kind = ACTIVATIONS.get(type(act))
     return None if kind == "gelu" and act.approximate != "none" else kind
 
 

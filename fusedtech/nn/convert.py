@@ -13,6 +13,7 @@ from collections import Counter
 import torch
 import torch.fx
 
+from .adapters import ACTIVATIONS as _ACTIVATIONS
 from .adapters import activation_kind, convert_foreign
 
 # torch class -> name of the fused class in fusedtech.nn
@@ -24,8 +25,6 @@ _REPLACEMENTS = (
     (torch.nn.Dropout, "Dropout"),
 )
 
-
-_ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.GELU: "gelu", torch.nn.SiLU: "silu"}
 
 
 class FoldedActivation(torch.nn.Identity):
@@ -75,6 +74,21 @@ def _skip_reason(module, include):
     if isinstance(module, _NORM_BASES) or (_NORM_NAME.search(cls.__name__) and not module._modules):
         return "no fused drop-in for this class"
     return None
+
+
+def _fold(fnn, bn_at, act_at, between, replaced):
+    """Folds the activation standing at act_at = (owner, name) into the BatchNorm2d at bn_at: the
+    norm becomes a BatchNormAct2d, the activation a FoldedActivation. The fold remembers what stood
+    at act_at and at each (owner, name) of the identities `between`, and undoes itself once any of
+    them is replaced there (not submodules of the norm: that would be a cycle of modules)."""
+    (bn_owner, bn_name), (act_owner, act_name) = bn_at, act_at
+    act = act_owner._modules[act_name]
+    fused = bn_owner._modules[bn_name] = fnn.BatchNormAct2d.from_batch_norm(bn_owner._modules[bn_name],
+                                                                            activation_kind(act))
+    placeholder = act_owner._modules[act_name] = FoldedActivation(act, bn_owner, bn_name)
+    fused.__dict__["_folded_from"] = ((act_owner, act_name, placeholder),) + tuple(
+        (owner, name, owner._modules[name]) for owner, name in between)
+    replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
 
 
 class _ChildrenAsLeaves(torch.fx.Tracer):
@@ -164,19 +178,12 @@ def _fold_traced(model, fnn, replaced, skipped):
             if reason is not None:
                 report(node.target, type(bn).__name__, f"not folded with {act_node.target}: {reason}")
                 continue
-            kind = activation_kind(act)
-            owner_name, _, bn_name = node.target.rpartition(".")
-            bn_owner = parent.get_submodule(owner_name) if owner_name else parent
-            fused = bn_owner._modules[bn_name] = fnn.BatchNormAct2d.from_batch_norm(bn, kind)
-            kept = []
-            for target, module in [(n.target, parent.get_submodule(n.target)) for n in between] + [(act_node.target, None)]:
+
+            def place(target):  # (the module owning `target`, its name there)
                 owner_name, _, name = target.rpartition(".")
-                owner = parent.get_submodule(owner_name) if owner_name else parent
-                if module is None:
-                    module = owner._modules[name] = FoldedActivation(act, bn_owner, bn_name)
-                kept.append((owner, name, module))
-            fused.__dict__["_folded_from"] = tuple(kept)
-            replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
+                return (parent.get_submodule(owner_name) if owner_name else parent), name
+
+            _fold(fnn, place(node.target), place(act_node.target), [place(n.target) for n in between], replaced)
 
 
 def _format_table(report) -> str:
@@ -235,20 +242,13 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
             names = list(parent._modules)
             for a, b in zip(names, names[1:]):
                 bn, act = parent._modules[a], parent._modules[b]
-                kind = _ACTIVATIONS.get(type(act))
-                if type(bn) not in (torch.nn.BatchNorm2d, fnn.BatchNorm2d) or kind is None:
+                if type(bn) not in (torch.nn.BatchNorm2d, fnn.BatchNorm2d) or type(act) not in _ACTIVATIONS:
                     continue
-                if getattr(act, "approximate", "none") != "none":
+                if activation_kind(act) is None:
                     skipped.append({"module": f"{prefix}.{b}" if prefix else b, "type": type(act).__name__,
                                     "reason": "not folded: GELU's tanh approximation has no fused form"})
                     continue
-                fused = parent._modules[a] = fnn.BatchNormAct2d.from_batch_norm(bn, kind)
-                placeholder = parent._modules[b] = FoldedActivation(act, parent, a)
-                # Not a submodule (a cycle): the BatchNormAct2d stops activating should the
-                # placeholder be replaced (parent[b] = nn.Identity(), another activation).
-                fused.__dict__["_folded_from"] = ((parent, b, placeholder),)
-                replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
-    if fuse_activations and (include is None or torch.nn.BatchNorm2d in include):
+                _fold(fnn, (parent, a), (parent, b), [], replaced)
         _fold_traced(model, fnn, replaced, skipped)
     for prefix, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

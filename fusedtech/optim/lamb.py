@@ -46,8 +46,6 @@ the data.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..ops.optimizers import lamb_step_
@@ -157,7 +155,8 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         clip = None
-        sharded = []  # DTensor buckets' first halves, finished after one all-reduce of their norms
+        # DTensor buckets: their kernel calls' first halves, finished after one all-reduce of norms
+        sharded_runs, sharded_buckets = [], []
         for group in self._groups():
             beta1, beta2 = (float(b) for b in group["betas"])
             for (device, _, _), b in self._buckets(group, _STATE).items():
@@ -179,35 +178,38 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
                         prepared = lamb_directions(*moments, lr, lr_tensor, beta1, beta2, float(group["eps"]),
                                                    0.0 if excluded else decay, bool(self.grad_averaging),
                                                    self.bias_correction, grad_scale, found_inf)
-                        sharded.append((prepared, moments, norms, pick(b.originals), beta1, beta2, adam or excluded))
+                        sharded_runs.append((prepared, moments, norms, pick(b.originals), beta1, beta2,
+                                             adam or excluded))
                         continue
                     lamb_step_(*moments, norms, lr, lr_tensor, beta1, beta2, float(group["eps"]),
                                0.0 if excluded else decay, self.trust_clamp[0], self.trust_clamp[1],
                                bool(self.debias), adam or excluded, bool(self.grad_averaging),
                                self.bias_correction, self.trust_clip, grad_scale, found_inf)
                 if b.distributed:
-                    sharded.append((b, found_inf))
+                    sharded_buckets.append((b, found_inf))
                     continue
                 mt.undo_skipped_steps(b.steps, found_inf)
                 mt.finish(b, self)
-        if sharded:
-            self._finish_sharded(sharded)
+        if sharded_runs:
+            self._finish_sharded(sharded_runs)
+        for b, found_inf in sharded_buckets:
+            mt.undo_skipped_steps(b.steps, found_inf)
+            mt.finish(b, self)
         return loss
 
-    def _finish_sharded(self, pending):
+    def _finish_sharded(self, runs):
         """LAMB's second half for DTensor (FSDP2, tensor-parallel) parameters: each tensor's
         ||p||^2 and ||u||^2 summed over the processes its shards are split across, for all
         tensors of the step in one all-reduce per process group, then the same trust ratio and
         update single-process LAMB computes. Every process takes part, also one that GradScaler
         told to skip (its contribution is zero and it applies nothing), so none waits alone."""
-        runs = [entry for entry in pending if len(entry) == 7]
         squares = []
-        for prepared, moments, _, originals, *_ in runs:
+        for prepared, moments, *_ in runs:
             n = len(moments[0])
             local = (prepared.local_norms if prepared is not None
                      else torch.zeros(n, 2, device=moments[0][0].device if n else "cpu"))
             squares.append(local.float().square())
-        total = torch.cat(squares) if squares else torch.zeros(0, 2)
+        total = torch.cat(squares)
         groups = {_shard_groups(p) for *_, originals, _, _, _ in runs for p in originals}
         if len(groups) != 1:
             raise NotImplementedError("fusedtech: LAMB's DTensor parameters must all be sharded over the same "
@@ -222,11 +224,6 @@ class LAMB(mt.FusedStepMixin, torch.optim.Optimizer):
                 lamb_apply(prepared, full[offset:offset + n], moments[0], moments[4], norms, beta1, beta2,
                            self.trust_clamp[0], self.trust_clamp[1], bool(self.debias), adam, self.trust_clip)
             offset += n
-        for entry in pending:
-            if len(entry) == 2:
-                b, found_inf = entry
-                mt.undo_skipped_steps(b.steps, found_inf)
-                mt.finish(b, self)
 
 
 def _shard_groups(p) -> tuple:
