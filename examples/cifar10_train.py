@@ -195,17 +195,18 @@ def fused_backends(args, model, opt) -> dict | None:
     (fusedtech's reference ops), NATIVE, or NOT_USED ("what" says why).
 
     fusedtech has no public call that names the backend of a module or an optimizer, so this asks
-    fusedtech._backend.select, which every op calls, with the op family and implementations the op
-    passes it, in the backend context the piece runs in here (the optimizer and clip_grad_norm_
-    outside fused_backend(args), as FUSEDTECH_BACKEND alone steers them). select() caches its
-    choice, as the ops' calls do. The one policy outside select(): fusedtech.nn.functional hands
+    each op's implementation table (fusedtech.ops.<family>), whose pick() every op calls, for its
+    backend, in the backend context the piece runs in here (the optimizer and clip_grad_norm_
+    outside fused_backend(args), as FUSEDTECH_BACKEND alone steers them). The one policy outside select(): fusedtech.nn.functional hands
     BatchNorm on a GPU to torch's own when no backend was asked for; mirrored here."""
     if args.impl != "fused":
         return None
     import fusedtech
     import fusedtech.nn as fnn
     from fusedtech import _backend
-    from fusedtech.ops import _multi_tensor, batch_norm, dropout, layer_norm
+    from fusedtech.ops import adagrad, adam, batch_norm, dropout, grad_norm, lamb, layer_norm, rmsprop, sgd
+    steps = {"sgd_step_": sgd.STEP, "adagrad_step_": adagrad.STEP, "rmsprop_step_": rmsprop.STEP,
+             "adam_step_": adam.STEP, "lamb_step_": lamb.STEP}
     dev = torch.device(args.device)
     backward_request = _backward_request(args, dev)
 
@@ -215,14 +216,14 @@ def fused_backends(args, model, opt) -> dict | None:
             e["backward"] = backward
         return e
 
-    def model_op(op, implemented, native_on_gpu=False):
+    def model_op(table, native_on_gpu=False):
         """(forward backend, backward backend) of one of the model's op families."""
         with fused_backend(args):
             if native_on_gpu and dev.type != "cpu" and _backend.requested_backend() is None:
                 return NATIVE, NATIVE
-            forward = _backend.select(op, dev, implemented)
+            forward = table.backend(dev)
         with fusedtech.use_backend(backward_request):
-            return forward, _backend.select(op, dev, implemented)
+            return forward, table.backend(dev)
 
     def modules(*classes):
         found = [m for m in model.modules() if type(m) in classes]
@@ -239,7 +240,7 @@ def fused_backends(args, model, opt) -> dict | None:
         params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
         # On a GPU the list's size takes part in the choice (as fusedtech/ops/_multi_tensor.py passes it).
         elements = sum(p.numel() for p in params) if dev.type == "cuda" else None
-        backend = _backend.select(op.rstrip("_"), dev, _multi_tensor.IMPLEMENTED, elements)
+        backend = steps[op].backend(dev, elements)
         report["optimizer"] = entry(backend, f"fusedtech.optim.{type(opt).__name__}: {op} over {len(params)} tensors")
 
     folded, folded_what = modules(fnn.BatchNormAct2d)
@@ -247,7 +248,7 @@ def fused_backends(args, model, opt) -> dict | None:
         report["activation_folding"] = entry(NOT_USED, "--fuse-activations not given" if not args.fuse_activations
                                              else "no BatchNorm2d + activation to fold")
     else:
-        forward, backward = model_op("batch_norm", batch_norm.IMPLEMENTED, native_on_gpu=True)
+        forward, backward = model_op(batch_norm.STATS, native_on_gpu=True)
         how = ("torch's batch_norm, then torch's activation" if forward == NATIVE
                else "batch_norm_act ops (activation fused)")
         report["activation_folding"] = entry(forward, f"{folded_what}: {how}", backward)
@@ -255,8 +256,8 @@ def fused_backends(args, model, opt) -> dict | None:
     norms, what = modules(fnn.BatchNorm1d, fnn.BatchNorm2d, fnn.LayerNorm, fnn.RMSNorm)
     if norms:
         is_bn = isinstance(norms[0], torch.nn.modules.batchnorm._BatchNorm)
-        forward, backward = (model_op("batch_norm", batch_norm.IMPLEMENTED, native_on_gpu=True) if is_bn
-                             else model_op("layer_norm", layer_norm.IMPLEMENTED))
+        forward, backward = (model_op(batch_norm.STATS, native_on_gpu=True) if is_bn
+                             else model_op(layer_norm.FORWARD))
         report["norm"] = entry(forward, f"{what}: {'batch_norm' if is_bn else 'layer_norm'} ops", backward)
     else:
         report["norm"] = entry(NOT_USED, "--no-fused-norm" if not args.fused_norm
@@ -270,7 +271,7 @@ def fused_backends(args, model, opt) -> dict | None:
         report["dropout"] = entry(NOT_USED, "--no-fused-dropout" if not args.fused_dropout
                                   else f"{what}, p=0: the identity, no op runs" if drops else "no Dropout in the model")
     else:
-        forward, backward = model_op("dropout", dropout.IMPLEMENTED)
+        forward, backward = model_op(dropout.APPLY)
         report["dropout"] = entry(forward, f"{what} (p={active[0].p}): dropout ops", backward)
 
     if args.clip_grad_norm is None:
@@ -278,7 +279,7 @@ def fused_backends(args, model, opt) -> dict | None:
     elif not args.fused_optim:
         report["clip_grad_norm"] = entry(NOT_USED, "--no-fused-optim: torch.nn.utils.clip_grad_norm_")
     else:
-        backend = _backend.select("multi_tensor_norm", dev, _multi_tensor.IMPLEMENTED)
+        backend = grad_norm.NORM.backend(dev)
         report["clip_grad_norm"] = entry(backend, "fusedtech.nn.utils.clip_grad_norm_: multi_tensor_norm op, "
                                                   "then torch's foreach multiply")
     return {k: report[k] for k in ("optimizer", "norm", "activation_folding", "dropout", "clip_grad_norm")}

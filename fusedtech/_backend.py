@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib
 import json
 import os
 import warnings
@@ -21,15 +20,16 @@ import torch
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 # Preference per device type for the automatic choice.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
-# Per-op exceptions, from measurements. LayerNorm/RMSNorm on an H100 (benchmarks/results/
+# Per-op exceptions, from measurements (the one policy table: every op's choice goes through select()). LayerNorm/RMSNorm on an H100 (benchmarks/results/
 # 2026-11-22-h100): the Triton forward kept the GPU busy for 80-105% of copy bandwidth at hidden
 # 1024-16384, the CUDA C++ kernel 29-69%, so Triton goes first there.
 _AUTO_ORDER_BY_OP = {("layer_norm", "cuda"): ("triton", "cuda", "torch"),
-                     # The CUDA C++ BatchNorm, DropBlock and dropout+add+LayerNorm kernels have not
-                     # run on a GPU yet: Triton's go first.
+                     # The CUDA C++ BatchNorm, DropBlock, dropout+add+LayerNorm and GroupNorm kernels
+                     # have not run on a GPU yet: Triton's go first.
                      ("batch_norm", "cuda"): ("triton", "cuda", "torch"),
                      ("drop_block2d", "cuda"): ("triton", "cuda", "torch"),
-                     ("dropout_add_layer_norm", "cuda"): ("triton", "cuda", "torch")}
+                     ("dropout_add_layer_norm", "cuda"): ("triton", "cuda", "torch"),
+                     ("group_norm", "cuda"): ("triton", "cuda", "torch")}
 # Multi-tensor steps over large lists. Same H100 run: on GPT-2 small's list (124M fp32 elements)
 # every Triton optimizer step reached 90-94% of copy bandwidth, the CUDA C++ kernels 75-84%; on
 # ResNet-18's (11M elements, host-bound) neither led throughout. Lists of at least
@@ -61,7 +61,11 @@ def _build_info() -> dict:
 def _load_extension(name: str):
     """Imports fusedtech.<name>; returns (module or None, reason it is missing)."""
     try:
-        return importlib.import_module(f"fusedtech.{name}"), ""
+        if name == "_C":
+            from . import _C as module
+        else:
+            from . import _C_cuda as module
+        return module, ""
     except ImportError as e:
         key = "cuda" if name == "_C_cuda" else "cpu"
         built = _build_info().get(key)
@@ -232,33 +236,31 @@ def _select(op: str, device_type: str, implemented: tuple[str, ...], large: bool
     raise BackendUnavailableError(f"fusedtech: no backend can run {op} on {device_type} tensors")
 
 
-_functions: dict = {}
-# (op, module, name, device type, requested backend, large list, float64, availability test) -> function:
-# one lookup on the host path of every op call (the availability test is part of the key, as for
-# select(), so that a replaced one is asked again).
-_implementations: dict = {}
+class Implementations:
+    """One op's explicit implementation table: backend name -> a function returning the
+    implementation (a lazy import: Triton and the compiled extension load on first use, and
+    go-to-definition on the entry lands on the kernel). `pick` chooses among the entries and caches
+    the function per (device type, requested backend, large list, float64), so the choice costs one
+    dict lookup per call."""
 
+    def __init__(self, op: str, **entries):
+        unknown = set(entries) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"{op}: unknown backends {sorted(unknown)}; the backends are {', '.join(BACKENDS)}")
+        self.op, self.entries = op, entries
+        self.implemented = tuple(b for b in BACKENDS if b in entries)
+        self._picked: dict = {}
 
-def implementation(op: str, device: torch.device, implemented: tuple[str, ...], module: str, name: str,
-                   elements: int | None = None, float64: bool = False):
-    """The function that runs `name` for `op` on `device`: the compiled op torch.ops.fusedtech_C.<name>
-    for cuda/cpu, fusedtech.triton_kernels.<module>.<name> for triton, fusedtech.reference.<module>.<name>
-    for torch. Looked up once per backend (it is on every call's host path)."""
-    wanted = _requested.get() or _env_backend() or None
-    large = elements is not None and elements >= LARGE_LIST_ELEMENTS
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (op, module, name, device_type, wanted, large, float64, why_unavailable)
-    fn = _implementations.get(key)
-    if fn is not None:
+    def backend(self, device, elements: int | None = None, float64: bool = False) -> str:
+        """The backend `pick` runs on `device` (what a report of the backends in use asks)."""
+        return select(self.op, device, self.implemented, elements, float64)
+
+    def pick(self, device, elements: int | None = None, float64: bool = False):
+        wanted = _requested.get() or _env_backend() or None
+        device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+        key = (device_type, wanted, elements is not None and elements >= LARGE_LIST_ELEMENTS, float64,
+               why_unavailable)
+        fn = self._picked.get(key)
+        if fn is None:
+            fn = self._picked[key] = self.entries[self.backend(device, elements, float64)]()
         return fn
-    backend = select(op, device, implemented, elements, float64)
-    fn = _functions.get((backend, module, name))
-    if fn is None:
-        if backend in ("cuda", "cpu"):
-            fn = getattr(torch.ops.fusedtech_C, name)
-        else:
-            package = "triton_kernels" if backend == "triton" else "reference"
-            fn = getattr(importlib.import_module(f"fusedtech.{package}.{module}"), name)
-        _functions[(backend, module, name)] = fn
-    _implementations[key] = fn
-    return fn

@@ -130,7 +130,8 @@ def test_float64_inputs_go_to_a_backend_with_float64_kernels(monkeypatch):
         assert _backend.select(op, cpu, impl, float64=True) == "cpu"
         with _backend.use_backend("triton"):
             assert _backend.select(op, cuda, impl, float64=True) == "triton"
-    fn = _backend.implementation("layer_norm", cuda, impl, "layer_norm", "layer_norm_fwd", float64=True)
+    from fusedtech.ops.layer_norm import FORWARD
+    fn = FORWARD.pick(cuda, float64=True)
     from fusedtech.reference import layer_norm as reference
     assert fn is reference.layer_norm_fwd
 

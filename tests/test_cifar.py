@@ -199,17 +199,17 @@ def test_resnet18_and_airbench_run_a_step(monkeypatch):
 
 
 def _record_backends(monkeypatch):
-    """Every (op family, backend) that fusedtech's ops run from now on: each op asks
-    fusedtech._backend.implementation for its function, which takes the backend select() gives
-    for the same arguments (cached, so asking again costs nothing and changes nothing)."""
+    """Every (op family, backend) that fusedtech's ops run from now on: each op asks its
+    implementation table's pick() for its function, which runs the backend that backend() names for
+    the same arguments."""
     from fusedtech import _backend
-    used, original = set(), _backend.implementation
+    used, original = set(), _backend.Implementations.pick
 
-    def implementation(op, device, implemented, module, name, elements=None, float64=False):
-        used.add((op, _backend.select(op, device, implemented, elements, float64)))
-        return original(op, device, implemented, module, name, elements, float64)
+    def pick(self, device, elements=None, float64=False):
+        used.add((self.op, self.backend(device, elements, float64)))
+        return original(self, device, elements, float64)
 
-    monkeypatch.setattr(_backend, "implementation", implementation)
+    monkeypatch.setattr(_backend.Implementations, "pick", pick)
     return used
 
 

@@ -399,7 +399,7 @@ def test_compiled_step_matches_eager_norms_included():
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_lamb_step_op_passes_opcheck_and_writes_the_norms(backend):
     # (Under the interpreter, opcheck's fake-tensor runs would reach Triton; see DESIGN.md.)
-    from fusedtech.ops.optimizers import _lamb_op
+    from fusedtech.ops.lamb import _lamb_op
     g = torch.Generator().manual_seed(3)
     params = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(0)]
 

@@ -14,7 +14,8 @@ from ..ops.batch_norm import batch_norm as batch_norm_fwd
 from ..ops.batch_norm import batch_norm_act as batch_norm_act_fwd
 from ..ops.dropout import dropout as dropout_apply
 from ..ops.dropout import dropout_add_layer_norm as dropout_add_norm
-from ..ops.dropout import drop_block, new_seed
+from ..ops.dropout import new_seed
+from ..ops.drop_block import drop_block
 from ..ops.layer_norm import layer_norm as layer_norm_fwd
 from ..ops.layer_norm import layer_norm_recompute
 

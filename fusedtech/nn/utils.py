@@ -9,7 +9,7 @@ import math
 import torch
 
 from .._distributed import is_distributed
-from ..ops.grad_norm import multi_tensor_norm
+from ..ops.grad_norm import NORM, multi_tensor_norm
 from ..ops._multi_tensor import implementation
 
 
@@ -26,7 +26,7 @@ def _groups(tensors):
 def _norm(tensors, norm_type):
     if torch.compiler.is_compiling():
         return multi_tensor_norm(tensors, norm_type)
-    return implementation("multi_tensor_norm", "grad_norm", tensors[0].device)(tensors, norm_type)
+    return implementation(NORM, tensors[0].device)(tensors, norm_type)
 
 
 @torch.no_grad()

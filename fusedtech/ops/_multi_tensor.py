@@ -1,22 +1,19 @@
-"""Backend dispatch shared by the multi-tensor optimizer ops."""
+"""Dispatch shared by the multi-tensor ops: a table's pick, sized by the list on a GPU."""
 from __future__ import annotations
 
 import torch
 
 from .. import _backend
 
-IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
-
-def implementation(op_name: str, module: str, device: torch.device, tensors=None):
-    """The function that runs `op_name` (e.g. "sgd_step_") on `device`: the compiled op for cuda/cpu,
-    fusedtech.triton_kernels.<module>.<op_name> for triton, fusedtech.reference.<module> for torch.
-    `tensors`: the list the op steps; on a GPU its size picks the automatic backend."""
+def implementation(table: _backend.Implementations, device: torch.device, tensors=None):
+    """The function of `table` that runs on `device`; `tensors`: the list the op steps (on a GPU its
+    size picks the automatic backend)."""
     elements = sum(map(torch.Tensor.numel, tensors)) if tensors and device.type == "cuda" else None
-    return _backend.implementation(op_name.rstrip("_"), device, IMPLEMENTED, module, op_name, elements)
+    return table.pick(device, elements)
 
 
-def call(op, op_name: str, module: str, params, *args) -> None:
+def call(op, table: _backend.Implementations, params, *args) -> None:
     """Eagerly, call the chosen backend directly (the custom-op wrapper costs tens of microseconds);
     under torch.compile go through the custom op so the step is traced."""
     if not params:
@@ -24,4 +21,4 @@ def call(op, op_name: str, module: str, params, *args) -> None:
     if torch.compiler.is_compiling():
         op(params, *args)
     else:
-        implementation(op_name, module, params[0].device, params)(params, *args)
+        implementation(table, params[0].device, params)(params, *args)

@@ -5,7 +5,22 @@ from typing import Optional
 
 import torch
 
+from .. import _backend
+from ..reference import adam as reference
 from ._multi_tensor import call, implementation
+
+
+def _triton():
+    from ..triton_kernels import adam
+    return adam
+
+
+STEP = _backend.Implementations(
+    "adam_step",
+    cuda=lambda: torch.ops.fusedtech_C.adam_step_,
+    cpu=lambda: torch.ops.fusedtech_C.adam_step_,
+    triton=lambda: _triton().adam_step_,
+    torch=lambda: reference.adam_step_)
 
 
 @torch.library.custom_op(
@@ -20,7 +35,7 @@ def _adam_step_op(
     weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
 ) -> None:
-    implementation("adam_step_", "adam", params[0].device, params)(
+    implementation(STEP, params[0].device, params)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
         beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)
 
@@ -31,4 +46,4 @@ def _(*args) -> None:
 
 
 def adam_step_(*args) -> None:
-    call(_adam_step_op, "adam_step_", "adam", *args)
+    call(_adam_step_op, STEP, *args)

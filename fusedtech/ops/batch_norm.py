@@ -12,14 +12,50 @@ import torch
 
 from .. import _backend
 from ._eager import eager_fast_path, is_eager
+from ..reference import batch_norm as reference
 from .layer_norm import _as_dtype_of, as_float64
 
-IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
-def _impl(name: str, x: torch.Tensor):
-    return _backend.implementation("batch_norm", x.device, IMPLEMENTED, "batch_norm", name,
-                                   float64=x.dtype == torch.float64)
+def _triton():
+    from ..triton_kernels import batch_norm
+    return batch_norm
+
+
+STATS = _backend.Implementations(
+    "batch_norm",
+    cuda=lambda: torch.ops.fusedtech_C.batch_norm_stats,
+    cpu=lambda: torch.ops.fusedtech_C.batch_norm_stats,
+    triton=lambda: _triton().batch_norm_stats,
+    torch=lambda: reference.batch_norm_stats)
+APPLY = _backend.Implementations(
+    "batch_norm",
+    cuda=lambda: torch.ops.fusedtech_C.batch_norm_apply,
+    cpu=lambda: torch.ops.fusedtech_C.batch_norm_apply,
+    triton=lambda: _triton().batch_norm_apply,
+    torch=lambda: reference.batch_norm_apply)
+BWD = _backend.Implementations(
+    "batch_norm",
+    cuda=lambda: torch.ops.fusedtech_C.batch_norm_bwd,
+    cpu=lambda: torch.ops.fusedtech_C.batch_norm_bwd,
+    triton=lambda: _triton().batch_norm_bwd,
+    torch=lambda: reference.batch_norm_bwd)
+ACT_APPLY = _backend.Implementations(
+    "batch_norm",
+    cuda=lambda: torch.ops.fusedtech_C.batch_norm_act_apply,
+    cpu=lambda: torch.ops.fusedtech_C.batch_norm_act_apply,
+    triton=lambda: _triton().batch_norm_act_apply,
+    torch=lambda: reference.batch_norm_act_apply)
+ACT_BWD = _backend.Implementations(
+    "batch_norm",
+    cuda=lambda: torch.ops.fusedtech_C.batch_norm_act_bwd,
+    cpu=lambda: torch.ops.fusedtech_C.batch_norm_act_bwd,
+    triton=lambda: _triton().batch_norm_act_bwd,
+    torch=lambda: reference.batch_norm_act_bwd)
+
+
+def _pick(table, x: torch.Tensor):
+    return table.pick(x.device, float64=x.dtype == torch.float64)
 
 
 def _statistics(x, running_mean, running_var, training: bool, eps: float):
@@ -27,7 +63,7 @@ def _statistics(x, running_mean, running_var, training: bool, eps: float):
     normalising variance is biased, the returned one unbiased; one op computes all three), in eval
     the running ones. fp32 (float64 for float64)."""
     if training:
-        return _impl("batch_norm_stats", x)(x, eps)
+        return _pick(STATS, x)(x, eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     var = running_var.to(acc, copy=True)
     return running_mean.to(acc, copy=True), torch.rsqrt(var + eps), var
@@ -39,7 +75,7 @@ def _batch_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     """(y, saved mean, saved 1/sqrt(var + eps), unbiased batch variance): batch statistics in training,
     the given running statistics (read only) in eval. Statistics are fp32 (float64 for float64)."""
     mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
-    y = _impl("batch_norm_apply", x)(x, mean, invstd, weight, bias)
+    y = _pick(APPLY, x)(x, mean, invstd, weight, bias)
     return y, mean, invstd, var
 
 
@@ -71,7 +107,7 @@ def update_running_stats(running_mean, running_var, mean, unbiased, momentum: fl
 
 def _batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                     invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl("batch_norm_bwd", x)(dy, x, weight, mean, invstd, training)
+    return _pick(BWD, x)(dy, x, weight, mean, invstd, training)
 
 
 batch_norm_bwd = torch.library.custom_op("fusedtech::batch_norm_bwd", _batch_norm_bwd, mutates_args=())
@@ -94,7 +130,6 @@ def _differentiable_grads(ctx, dy, x, weight, bias, mean, invstd, extra, has_res
     """(dx, dweight, dbias, dresidual) as a differentiable graph, for backward under create_graph=True:
     the oracle's backward, in float64, on batch statistics recomputed from x with torch ops (in eval
     the running statistics are constants), so autograd records how the gradients depend on x."""
-    from ..reference import batch_norm as reference
     f64 = as_float64
     xd = f64(x)
     if ctx.training:
@@ -149,7 +184,7 @@ def _batch_norm_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
                         activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, saved mean, saved invstd, unbiased batch variance, ReLU's packed mask or an empty tensor)."""
     mean, invstd, var = _statistics(x, running_mean, running_var, training, eps)
-    out, bits = _impl("batch_norm_act_apply", x)(x, mean, invstd, weight, bias, residual,
+    out, bits = _pick(ACT_APPLY, x)(x, mean, invstd, weight, bias, residual,
                                                  ACTIVATION_CODES[activation])
     return out, mean, invstd, var, bits
 
@@ -170,7 +205,7 @@ def _batch_norm_act_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
                         mean: torch.Tensor, invstd: torch.Tensor, extra: Optional[torch.Tensor], has_residual: bool,
                         activation: int, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dresidual: an empty tensor without a residual)."""
-    dx, dw, db, dres = _impl("batch_norm_act_bwd", x)(dy, x, weight, bias, mean, invstd, extra, has_residual,
+    dx, dw, db, dres = _pick(ACT_BWD, x)(dy, x, weight, bias, mean, invstd, extra, has_residual,
                                                       activation, training)
     return dx, dw, db, dres if dres is not None else x.new_empty(0)
 

@@ -2,7 +2,6 @@
 scaling of the incoming gradient, regenerated from the saved one-element seed: no mask is kept."""
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -10,13 +9,34 @@ import torch
 from .. import _backend
 from ._eager import eager_fast_path, is_eager
 
-IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
-FUSED_NORM_IMPLEMENTED = IMPLEMENTED  # dropout + add + norm
+
+
+def _triton():
+    from ..triton_kernels import dropout
+    return dropout
+
+
+def _reference():
+    from ..reference import dropout
+    return dropout
+
+
+APPLY = _backend.Implementations(
+    "dropout",
+    cuda=lambda: torch.ops.fusedtech_C.dropout_apply,
+    cpu=lambda: torch.ops.fusedtech_C.dropout_apply,
+    triton=lambda: _triton().dropout_apply,
+    torch=lambda: _reference().dropout_apply)
+DROPOUT_ADD_NORM = _backend.Implementations(
+    "dropout_add_layer_norm",
+    cuda=lambda: torch.ops.fusedtech_C.dropout_add_norm_fwd,
+    cpu=lambda: torch.ops.fusedtech_C.dropout_add_norm_fwd,
+    triton=lambda: _triton().dropout_add_norm_fwd,
+    torch=lambda: _reference().dropout_add_norm_fwd)
 
 
 def _apply(x, p, seed):
-    return _backend.implementation("dropout", x.device, IMPLEMENTED, "dropout", "dropout_apply",
-                                   float64=x.dtype == torch.float64)(x, p, seed)
+    return APPLY.pick(x.device, float64=x.dtype == torch.float64)(x, p, seed)
 
 
 def _dropout_apply(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
@@ -58,8 +78,7 @@ dropout = eager_fast_path("dropout", dropout_apply, _dropout_apply, _setup_conte
 # and the row statistics: no mask, no copy of x.
 
 def _dan_impl(x, residual, weight, bias, p, eps, rms, seed):
-    fwd = _backend.implementation("dropout_add_layer_norm", x.device, FUSED_NORM_IMPLEMENTED, "dropout",
-                                  "dropout_add_norm_fwd", float64=x.dtype == torch.float64)
+    fwd = DROPOUT_ADD_NORM.pick(x.device, float64=x.dtype == torch.float64)
     return fwd(x, residual, weight, bias, p, eps, rms, seed)
 
 
@@ -117,95 +136,3 @@ def new_seed(device: torch.device) -> torch.Tensor:
     """A fresh 62-bit seed drawn from torch's default generator for `device` (so torch.manual_seed
     reproduces runs); it stays on the device: no host synchronisation."""
     return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
-
-
-# ---- DropBlock --------------------------------------------------------------------------------
-# Each backend builds the keep mask from (seed, gamma, block_size) and counts what it keeps, then
-# scales: output = x * keep * numel / (eps + kept). Backward rebuilds the mask from the saved seed,
-# so only the seed and the one-element scale are kept (torch's composition keeps an input-sized mask).
-DROP_BLOCK_IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
-
-
-class _CppDropBlock:
-    """The compiled (CPU and CUDA) ops in the backends' interface: the op counts what it keeps, the
-    scale is formed here in float64 on the tensors' device (CPU tensors: a few scalar ops, no launch;
-    CUDA: a few one-element launches, no host synchronisation)."""
-
-    @staticmethod
-    def drop_block_keep_scale(x, seed, gamma, block_size, eps):
-        from ..reference.drop_block import scale_of
-        keep, kept = torch.ops.fusedtech_C.drop_block_keep(x, seed, gamma, block_size)
-        return keep, scale_of(x.numel(), kept, eps, x.dtype)
-
-    @staticmethod
-    def drop_block_mask(x, seed, gamma, block_size):
-        return torch.ops.fusedtech_C.drop_block_keep(x, seed, gamma, block_size)[0]
-
-    @staticmethod
-    def drop_block_apply(x, keep, scale):
-        return torch.ops.fusedtech_C.drop_block_apply(x, keep, scale)
-
-
-def _drop_block_backend(x):
-    """The object with drop_block_keep_scale, drop_block_mask and drop_block_apply for x's device."""
-    backend = _backend.select("drop_block2d", x.device, DROP_BLOCK_IMPLEMENTED, float64=x.dtype == torch.float64)
-    if backend in ("cpu", "cuda"):  # the compiled ops, which dispatch on the device
-        return _CppDropBlock
-    package = "triton_kernels" if backend == "triton" else "reference"
-    return importlib.import_module(f"fusedtech.{package}.drop_block")
-
-
-def _dense_format(x: torch.Tensor) -> torch.memory_format:
-    """The format the kernels run x in: channels_last if x is stored so, else contiguous."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _drop_block_fwd(x: torch.Tensor, seed: torch.Tensor, gamma: float, block_size: int,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(DropBlock of x with the block mask of `seed`, the normalisation factor as a 0-d fp32 tensor;
-    float64 for float64 x)."""
-    x = x.contiguous(memory_format=_dense_format(x))
-    impl = _drop_block_backend(x)
-    keep, scale = impl.drop_block_keep_scale(x, seed, gamma, block_size, eps)  # on the device: no host sync
-    return impl.drop_block_apply(x, keep, scale), scale
-
-
-drop_block_fwd = torch.library.custom_op("fusedtech::drop_block2d", _drop_block_fwd, mutates_args=())
-
-
-@drop_block_fwd.register_fake
-def _(x, seed, gamma, block_size, eps):
-    from ..reference.drop_block import scale_dtype
-    return torch.empty_like(x, memory_format=_dense_format(x)), x.new_empty((), dtype=scale_dtype(x.dtype))
-
-
-def _drop_block_bwd(dy: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor, gamma: float,
-                    block_size: int) -> torch.Tensor:
-    dy = dy.contiguous(memory_format=_dense_format(dy))
-    impl = _drop_block_backend(dy)
-    return impl.drop_block_apply(dy, impl.drop_block_mask(dy, seed, gamma, block_size), scale)
-
-
-drop_block_bwd = torch.library.custom_op("fusedtech::drop_block2d_bwd", _drop_block_bwd, mutates_args=())
-
-
-@drop_block_bwd.register_fake
-def _(dy, seed, scale, gamma, block_size):
-    return torch.empty_like(dy, memory_format=_dense_format(dy))
-
-
-def _db_setup_context(ctx, inputs, output):
-    _, seed, gamma, block_size, _ = inputs
-    ctx.gamma, ctx.block_size = gamma, block_size
-    ctx.save_for_backward(seed, output[1])  # one int64 and one float: all backward needs
-
-
-def _db_backward(ctx, dy, dscale):
-    seed, scale = ctx.saved_tensors
-    bwd = _drop_block_bwd if is_eager(ctx) else drop_block_bwd
-    return bwd(dy, seed, scale, ctx.gamma, ctx.block_size), None, None, None, None
-
-
-drop_block_fwd.register_autograd(_db_backward, setup_context=_db_setup_context)
-drop_block = eager_fast_path("drop_block2d", drop_block_fwd, _drop_block_fwd, _db_setup_context, _db_backward)

@@ -16,12 +16,34 @@ from .. import _backend
 from ._eager import eager_fast_path, is_eager
 from ..reference.layer_norm import stat_dtype
 
-IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 
 
-def _impl(name: str, x: torch.Tensor):
-    return _backend.implementation("layer_norm", x.device, IMPLEMENTED, "layer_norm", name,
-                                   float64=x.dtype == torch.float64)
+def _triton():
+    from ..triton_kernels import layer_norm
+    return layer_norm
+
+
+def _reference():
+    from ..reference import layer_norm
+    return layer_norm
+
+
+FORWARD = _backend.Implementations(
+    "layer_norm",
+    cuda=lambda: torch.ops.fusedtech_C.layer_norm_fwd,
+    cpu=lambda: torch.ops.fusedtech_C.layer_norm_fwd,
+    triton=lambda: _triton().layer_norm_fwd,
+    torch=lambda: _reference().layer_norm_fwd)
+BACKWARD = _backend.Implementations(
+    "layer_norm",
+    cuda=lambda: torch.ops.fusedtech_C.layer_norm_bwd,
+    cpu=lambda: torch.ops.fusedtech_C.layer_norm_bwd,
+    triton=lambda: _triton().layer_norm_bwd,
+    torch=lambda: _reference().layer_norm_bwd)
+
+
+def _pick(table, x: torch.Tensor):
+    return table.pick(x.device, float64=x.dtype == torch.float64)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -36,7 +58,7 @@ def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                     rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _impl("layer_norm_fwd", x)(_rows(x, x.shape[-1]), weight, bias, eps, rms)
+    y, mean, rstd = _pick(FORWARD, x)(_rows(x, x.shape[-1]), weight, bias, eps, rms)
     return _like(y, x), mean, rstd
 
 
@@ -55,7 +77,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     """(dx, dweight, dbias); dbias when a bias is given. from_output: x is the forward's output and
     the kernels recover xhat from it with the weight and bias (mean is not read)."""
     n = x.shape[-1]
-    dx, dw, db = _impl("layer_norm_bwd", x)(_rows(dy.contiguous(), n), _rows(x, n), weight, bias, mean, rstd,
+    dx, dw, db = _pick(BACKWARD, x)(_rows(dy.contiguous(), n), _rows(x, n), weight, bias, mean, rstd,
                                                    rms, from_output)
     # Absent gradients come back as (distinct) empty tensors: an op's outputs may not alias.
     acc = stat_dtype(x.dtype)

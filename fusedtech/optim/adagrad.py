@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.optimizers import adagrad_step_
+from ..ops.adagrad import adagrad_step_
 from . import _multi_tensor as mt
 
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.optimizers import lamb_step_
+from ..ops.lamb import lamb_step_
 from ..reference.lamb import lamb_apply, lamb_directions
 from ..nn.utils import get_total_norm
 from . import _multi_tensor as mt

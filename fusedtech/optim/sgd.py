@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-from ..ops.optimizers import sgd_step_
+from ..ops.sgd import sgd_step_
 from . import _multi_tensor as mt
 
 
