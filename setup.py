@@ -168,8 +168,10 @@ setup(
         # torch-optimizer: torch_optimizer.Lamb, the reference our LAMB is a drop-in for; matplotlib: the
         # tests draw the CIFAR example's and the suite's plots; hypothesis: the property-based fuzz suite.
         # timm, transformers (+ accelerate, for its Trainer): convert_model's tests on their models.
+        # expecttest: torch.testing._internal imports it, and the norm tests run PyTorch's own
+        # ModuleInfo inputs (common_modules.module_db) against the drop-ins.
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "torch-optimizer", "matplotlib", "tqdm",
-                 "hypothesis>=6", "timm", "transformers", "accelerate"],
+                 "hypothesis>=6", "timm", "transformers", "accelerate", "expecttest"],
         # deepspeed: DeepSpeedCPUAdam, the CPU bar the optimizer benchmark reports beside torch;
         # timm, transformers: the models of the end-to-end training-step benchmark.
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "deepspeed", "timm", "transformers"],

@@ -1,5 +1,5 @@
 """LayerNorm, RMSNorm, dropout, dropout+add+LayerNorm, DropBlock, BatchNorm2d and BatchNormAct2d (BN+ReLU, BN+GELU,
-BN+residual+ReLU): forward and forward+backward per implementation (on a GPU also torch.compile of
+BN+residual+ReLU), GroupNorm(32)+SiLU (GroupNormAct against torch's GroupNorm then SiLU): forward and forward+backward per implementation (on a GPU also torch.compile of
 the torch modules for BatchNorm2d and its activation variants).
 
 Bytes moved (each input read once, each output written once, activations in the given dtype):
@@ -30,6 +30,10 @@ DTYPES = [torch.float32, torch.bfloat16] if GPU else [torch.float32]
 GPU_HIDDEN = [128, 512, 1024, 4096, 16384, 65536 + 1024]
 GPU_BN_SHAPES = [(512, 64, 32, 32), (512, 128, 16, 16), (512, 256, 8, 8), (512, 512, 4, 4)]  # CIFAR ResNet-18, batch 512
 GPU_DROP_BLOCK_SHAPES = [(512, 64, 32, 32), (512, 256, 8, 8)]
+# GroupNorm(32) + SiLU: the activations of a Stable-Diffusion-1.5 UNet at batch 2 (its ResnetBlock2D
+# runs GroupNorm -> SiLU twice per block), and a CIFAR ResNet with GroupNorm at batch 128.
+GPU_GN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (128, 64, 32, 32),
+                 (128, 256, 8, 8)]
 
 
 def rows_for(n: int, gpu: bool = GPU) -> int:
@@ -39,6 +43,8 @@ def rows_for(n: int, gpu: bool = GPU) -> int:
 
 HIDDEN = GPU_HIDDEN if GPU else [512, 4096]
 BN_SHAPES = GPU_BN_SHAPES if GPU else [(32, 64, 16, 16)]
+GN_SHAPES = GPU_GN_SHAPES if GPU else [(2, 320, 32, 32), (16, 64, 16, 16)]
+GN_DTYPES = [torch.float32, torch.bfloat16]  # bf16 on the CPU too: a diffusion UNet trains in it
 
 
 def _fused_backends():
@@ -60,6 +66,8 @@ def _impls(op: str, hidden: int = 0):
     impls = [("torch", None)] + [(f"fusedtech-{b}", b) for b in _fused_backends()]
     if op in ("layer_norm", "rms_norm") and _has_liger() and hidden <= LIGER_MAX_HIDDEN:
         impls.append(("liger", None))  # the peer: Liger-Kernel's Triton LayerNorm / RMSNorm modules
+    if op == "group_norm_silu" and _has_liger():
+        impls.append(("liger", None))  # Liger's GroupNorm (NCHW only, no activation: SiLU after it)
     return impls
 
 
@@ -129,6 +137,16 @@ def _case(label, impl, backend, dtype, shape, direction, benchmark):
                 fn = lambda t: bn(t, res)  # noqa: E731 - BatchNormAct2d(x, residual)
         else:
             fn = mod
+    elif op == "group_norm_silu":
+        if impl == "liger":
+            from liger_kernel.transformers import LigerGroupNorm
+            norm = LigerGroupNorm(shape[1], 32, eps=1e-5, bias=True)
+        else:
+            norm = torch.nn.GroupNorm(32, shape[1])
+        fn = torch.nn.Sequential(norm, torch.nn.SiLU()).to(DEV, dtype)
+        if impl not in ("torch", "torch-compile", "liger"):
+            fn = fusedtech.nn.convert_model(fn, fuse_activations=True)
+            assert type(fn[0]).__name__ == "GroupNormAct"
     else:
         mod = torch.nn.BatchNorm2d(shape[1]).to(DEV, dtype)
         if impl not in ("torch", "torch-compile"):
@@ -222,13 +240,17 @@ BN_ACT_CASES += [("batch_norm_gelu_nhwc", impl, b, dt, s, "fwd+bwd") for dt in D
                  for impl, b in _impls("batch_norm")]
 DAN_CASES = [("dropout_add_layer_norm", impl, b, dt, (rows_for(h), h), "fwd+bwd") for dt in DTYPES
              for h in ((1024, 4096) if GPU else HIDDEN[1:]) for impl, b in _impls("dropout_add_layer_norm")]
+GN_CASES = [(op, impl, b, dt, s, d) for op in ("group_norm_silu", "group_norm_silu_nhwc") for dt in GN_DTYPES
+            for s in GN_SHAPES for d in ("fwd", "fwd+bwd") for impl, b in _impls("group_norm_silu")
+            if not (impl == "liger" and op.endswith("_nhwc"))]
 # torch.compile of the torch modules (Inductor's generated kernels), on a GPU only: compiling on
 # the CPU would dominate the short CPU run.
 COMPILE_CASES = ([("batch_norm", "torch-compile", None, dt, s, "fwd+bwd") for dt in DTYPES for s in BN_SHAPES]
                  + [(op, "torch-compile", None, dt, BN_SHAPES[0], "fwd+bwd") for op in BN_ACT_OPS for dt in DTYPES]
                  + [("drop_block2d_b7", "torch-compile", None, dt, DROP_BLOCK_SHAPES[0], "fwd+bwd") for dt in DTYPES]
+                 + [("group_norm_silu_nhwc", "torch-compile", None, torch.bfloat16, s, "fwd+bwd") for s in GN_SHAPES[:3]]
                  if GPU else [])
-ALL = NORM_CASES + DROPOUT_CASES + DROP_BLOCK_CASES + BN_CASES + BN_ACT_CASES + DAN_CASES + COMPILE_CASES
+ALL = NORM_CASES + DROPOUT_CASES + DROP_BLOCK_CASES + BN_CASES + BN_ACT_CASES + DAN_CASES + GN_CASES + COMPILE_CASES
 
 
 @pytest.mark.parametrize("op,impl,backend,dtype,shape,direction", ALL,

@@ -251,6 +251,36 @@ def record_batch_norm(rec: Recorder, shapes, dtypes):
                 nk.batch_norm_act_bwd(x, x, w, b, mean, invstd, x, True, 2, True)
 
 
+# (shape, groups, memory format): sizes of 1 (one group, one channel a group, one position), a group
+# split over several programs (1x4x2048), partial tiles and SD-UNet-like groups of 40 channels.
+GROUP_NORM_EDGE_CASES = (((2, 6, 5, 7), 3, torch.contiguous_format), ((3, 4), 2, torch.contiguous_format),
+                         ((1, 1, 2), 1, torch.contiguous_format), ((2, 5, 1), 5, torch.contiguous_format),
+                         ((1, 4, 2048), 1, torch.contiguous_format), ((2, 4, 3, 3), 2, torch.channels_last),
+                         ((2, 8, 3, 3, 3), 8, torch.channels_last_3d), ((2, 8, 3, 3, 3), 8, torch.contiguous_format),
+                         ((2, 1280, 8, 8), 32, torch.contiguous_format), ((2, 1280, 8, 8), 32, torch.channels_last),
+                         ((1, 512, 4, 4), 1, torch.channels_last))
+
+
+def record_group_norm(rec: Recorder, cases, dtypes, activations=(0, 1, 2, 3)):
+    """GroupNorm forward and backward through fusedtech.triton_kernels.group_norm itself: each of
+    `activations` with weight and bias, then no activation, weight or bias."""
+    from fusedtech.triton_kernels import group_norm as gk
+    for dtype in dtypes:
+        for shape, groups, fmt in cases:
+            x = torch.empty(shape, dtype=dtype, memory_format=fmt)
+            c = shape[1]
+            w, b = _e(c, torch.float32), _e(c, torch.float32)
+            mean, rstd = _e((shape[0], groups), torch.float32), _e((shape[0], groups), torch.float32)
+            tag = f"{'x'.join(map(str, shape))} G={groups} {str(fmt)[6:]} {str(dtype)[6:]}"
+            for act in activations:
+                rec.case = f"group_norm act={act} {tag}"
+                gk.group_norm_fwd(x, w, b, groups, 1e-5, act)
+                gk.group_norm_bwd(x, x, w, b, mean, rstd, groups, act)
+            rec.case = f"group_norm no affine {tag}"
+            gk.group_norm_fwd(x, None, None, groups, 1e-5, 0)
+            gk.group_norm_bwd(x, x, None, None, mean, rstd, groups, 0)
+
+
 def record_edge_shapes(rec: Recorder):
     """Every Triton kernel through the public API (forward and backward, optimizer steps) on small
     and odd shapes: sizes of 1, which Triton's JIT passes as constexprs rather than integers (a
@@ -293,6 +323,12 @@ def record_edge_shapes(rec: Recorder):
                     F.batch_norm(x, rm, rv, training=True).sum().backward()
                     rec.case = f"drop_block2d {'x'.join(map(str, shape))} {fmt} {name}"
                     F.drop_block2d(x, 0.2, 3 if min(shape[2:]) >= 3 else 1).sum().backward()
+        # Every case in fp32; the half types and the activations on a few (each compile costs ~0.2 s).
+        record_group_norm(rec, GROUP_NORM_EDGE_CASES, (torch.float32,), (0,))
+        record_group_norm(rec, GROUP_NORM_EDGE_CASES[:2] + GROUP_NORM_EDGE_CASES[5:7], (torch.float16, torch.bfloat16),
+                          (0,))
+        record_group_norm(rec, GROUP_NORM_EDGE_CASES[:1] + GROUP_NORM_EDGE_CASES[5:6], (torch.float32, torch.bfloat16),
+                          (1, 2, 3))
         for dtype in (torch.float32, torch.bfloat16):
             params = [torch.nn.Parameter(torch.randn(*s, dtype=dtype)) for s in ((1,), (3, 5), (17,), (64, 33))]
             for p in params:
@@ -332,6 +368,11 @@ def record_huge_shapes(rec: Recorder):
         rec.case = f"batch_norm 2x2x{big // 4} bfloat16"
         torch.autograd.backward(F.batch_norm(x, rm, rv, w, b, training=True), torch.empty_like(x))
         del x
+        # GroupNorm: 2^32 + 4 elements NCHW (also 2^31 + 2 positions a channel), just over 2^32
+        # channels-last (32 groups of 40 channels, SD-like)
+        record_group_norm(rec, (((2, 2, big // 4), 2, torch.contiguous_format),
+                                ((1, 2, big // 2), 1, torch.contiguous_format),
+                                ((2, 1280, 1024, 1639), 32, torch.channels_last)), (torch.bfloat16,), (0, 3))
         rows, n = 2 ** 21 + 1, 2048
         x = torch.empty(rows, n, dtype=torch.bfloat16, requires_grad=True)
         w, b = torch.ones(n, requires_grad=True), torch.zeros(n, requires_grad=True)

@@ -85,4 +85,14 @@ TORCH_LIBRARY(fusedtech_C, m) {
   m.def(
       "batch_norm_act_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
       "Tensor? extra, bool has_residual, int activation, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // GroupNorm over (N, C, *) in num_groups groups, NCHW or channels_last, then an activation (codes as
+  // BatchNorm's): (output, mean, rstd), the statistics [N, G] in fp32 (float64 for float64).
+  // Backward: (dx, dweight, dbias), the sums [C] always, from the pre-activation recomputed from x.
+  m.def(
+      "group_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, int activation) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int num_groups, "
+      "int activation) -> (Tensor, Tensor, Tensor)");
 }

@@ -168,3 +168,28 @@ def test_empty_auto_and_none_mean_the_automatic_choice_everywhere(monkeypatch, a
     if automatic is not None:
         monkeypatch.setenv("FUSEDTECH_BACKEND", automatic)
         assert _backend.requested_backend() is None
+
+
+def test_every_implementation_table_entry_resolves_to_a_callable():
+    """A misspelt kernel name in any op family's table fails here, for every backend that can load
+    on this machine (the compiled ops need the extension; Triton's entries need triton)."""
+    import importlib
+    import pkgutil
+
+    import fusedtech.ops as ops
+    tables = []
+    for info in pkgutil.iter_modules(ops.__path__):
+        module = importlib.import_module(f"{ops.__name__}.{info.name}")
+        tables += [v for v in vars(module).values() if isinstance(v, _backend.Implementations)]
+    assert {t.op for t in tables} >= {"layer_norm", "batch_norm", "dropout", "dropout_add_layer_norm", "drop_block2d",
+                                      "group_norm", "adam_step", "sgd_step", "rmsprop_step", "adagrad_step",
+                                      "lamb_step", "multi_tensor_norm"}
+    # The compiled entries are torch.ops.fusedtech_C's, whose schemas the cpu extension defines
+    # (with or without a GPU).
+    loadable = ({"torch"} | ({"triton"} if _backend._triton_importable()[0] else set())
+                | ({"cpu", "cuda"} if _backend.cpu_extension() is not None else set()))
+    for table in tables:
+        for backend in table.implemented:
+            if backend in loadable:
+                entry = table.entries[backend]()
+                assert callable(entry) or hasattr(entry, "drop_block_apply"), (table.op, backend)

@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from fusedtech.nn import TimmBatchNormAct2d, TransformersRMSNorm, convert_model
+from fusedtech.nn import TimmBatchNormAct2d, TimmGroupNormAct, TransformersRMSNorm, convert_model
 from fusedtech.nn.convert import FoldedActivation
 
 NO_WORSE_FACTOR = 2.0
@@ -191,6 +191,29 @@ def test_timm_batchnormact_runs_its_drop_and_unfusable_act_after_the_norm():
     converted.act = bn.act = torch.nn.SiLU()  # a child replaced later is what runs
     torch.testing.assert_close(converted(x), bn(x))
     assert converted.state_dict().keys() == bn.state_dict().keys()
+
+
+def test_timm_group_norms_are_replaced_and_compute_as_timm():
+    """timm's GroupNorm, GroupNorm1 (-> fusedtech GroupNorm), GroupNormAct, GroupNorm1Act (-> one
+    GroupNormAct op where the act is one the kernels have, else the norm fused and the act after it)."""
+    timm = _needs("timm")
+    torch.manual_seed(3)
+    layers = timm.layers
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), layers.GroupNorm(16, num_groups=4),
+                                layers.GroupNormAct(16, 4, act_layer=torch.nn.SiLU), layers.GroupNorm1(16),
+                                layers.GroupNormAct(16, 8, act_layer=torch.nn.Hardswish), layers.GroupNorm1Act(16))
+    converted, report = convert_model(copy.deepcopy(model), return_report=True)
+    assert report["replaced"] == {"timm.GroupNorm": 1, "timm.GroupNorm1": 1, "timm.GroupNormAct": 2,
+                                  "timm.GroupNorm1Act": 1}, report
+    assert all(type(m).__module__.startswith("fusedtech.") for m in list(converted)[1:])
+    assert isinstance(converted[2], TimmGroupNormAct) and converted.state_dict().keys() == model.state_dict().keys()
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 6, 5).to(memory_format=memory_format)
+        xt, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yt, yf = model(xt), converted(xf)
+        torch.testing.assert_close(yf, yt, atol=1e-5, rtol=1e-5)
+        (gt,), (gf,) = torch.autograd.grad(yt.sum(), [xt]), torch.autograd.grad(yf.sum(), [xf])
+        torch.testing.assert_close(gf, gt, atol=1e-5, rtol=1e-5)
 
 
 def test_timm_layernorm2d_keeps_the_layout_timm_gives_for_both_memory_formats():

@@ -24,7 +24,7 @@ import torch
 
 from . import functional as F
 from .batchnorm import BatchNormAct2d
-from .normalization import LayerNorm, LayerNorm2d, share_state
+from .normalization import GroupNorm, GroupNormAct, LayerNorm, LayerNorm2d, share_state
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -161,6 +161,21 @@ class TimmBatchNormAct2d(BatchNormAct2d):
         return torch.nn.BatchNorm2d.extra_repr(self)
 
 
+class TimmGroupNormAct(GroupNormAct):
+    """timm's GroupNormAct and GroupNorm1Act (group norm, then `drop`, then `act`), fused as
+    TimmBatchNormAct2d is: the activation inside the norm when `drop` is an identity and `act` one the
+    kernels have, else the norm fused and `drop`, `act` after it; the children looked at on every call."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        drop, act = self._modules["drop"], self._modules["act"]
+        kind = activation_kind(act) if type(drop) is torch.nn.Identity else None
+        y = F.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps, activation=kind or "none")
+        return y if kind is not None else act(drop(y))
+
+    def extra_repr(self):
+        return torch.nn.GroupNorm.extra_repr(self)
+
+
 # The activation modules the fused BatchNormAct2d computes, by the kernels' name for them.
 ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.GELU: "gelu", torch.nn.SiLU: "silu"}
 
@@ -192,7 +207,16 @@ def convert_foreign(module):
             if set(module._modules) != {"drop", "act"}:
                 return None, "timm BatchNormAct2d without its drop and act children"
             return share_state(TimmBatchNormAct2d, module), "timm.BatchNormAct2d"
-        for name, fused in (("LayerNorm", LayerNorm), ("LayerNorm2d", LayerNorm2d)):
+        for name in ("GroupNormAct", "GroupNorm1Act"):
+            if cls is _timm_class("timm.layers.norm_act", name):
+                if set(module._modules) != {"drop", "act"}:
+                    return None, f"timm {name} without its drop and act children"
+                if getattr(module, "_fast_norm", False):
+                    return None, (f"timm {name} in fast-norm mode (it normalises in the autocast dtype): "
+                                  "no fused form with those casts")
+                return share_state(TimmGroupNormAct, module), f"timm.{name}"
+        for name, fused in (("LayerNorm", LayerNorm), ("LayerNorm2d", LayerNorm2d), ("GroupNorm", GroupNorm),
+                            ("GroupNorm1", GroupNorm)):
             if cls is _timm_class("timm.layers.norm", name):
                 if getattr(module, "_fast_norm", False):
                     return None, (f"timm {name} in fast-norm mode (it normalises in the autocast dtype): "

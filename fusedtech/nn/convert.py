@@ -1,8 +1,8 @@
 """convert_model: swap torch.nn modules in a model for their fused drop-ins, in place.
 
 Each fused module class offers ``from_torch(module)``, which returns a fused module sharing the
-torch module's parameters and buffers (same device, dtype and train/eval mode). The table below is
-looked up at call time, so module types whose fused class does not exist yet are left alone.
+torch module's parameters and buffers (same device, dtype and train/eval mode); `_replacements`
+lists them, class by class.
 """
 from __future__ import annotations
 
@@ -16,15 +16,26 @@ import torch.fx
 from .adapters import ACTIVATIONS as _ACTIVATIONS
 from .adapters import activation_kind, convert_foreign
 
-# torch class -> name of the fused class in fusedtech.nn
-_REPLACEMENTS = (
-    (torch.nn.LayerNorm, "LayerNorm"),
-    (torch.nn.RMSNorm, "RMSNorm"),
-    (torch.nn.BatchNorm1d, "BatchNorm1d"),
-    (torch.nn.BatchNorm2d, "BatchNorm2d"),
-    (torch.nn.Dropout, "Dropout"),
-)
 
+
+def _replacements():
+    """(torch class, fused drop-in) pairs, exact types only (fusedtech.nn imports this module, so the
+    table is built on first use)."""
+    from . import batchnorm, dropout, normalization as norm
+    return ((torch.nn.LayerNorm, norm.LayerNorm), (torch.nn.RMSNorm, norm.RMSNorm),
+            (torch.nn.BatchNorm1d, batchnorm.BatchNorm1d), (torch.nn.BatchNorm2d, batchnorm.BatchNorm2d),
+            (torch.nn.GroupNorm, norm.GroupNorm), (torch.nn.InstanceNorm1d, norm.InstanceNorm1d),
+            (torch.nn.InstanceNorm2d, norm.InstanceNorm2d), (torch.nn.InstanceNorm3d, norm.InstanceNorm3d),
+            (torch.nn.Dropout, dropout.Dropout))
+
+
+def _foldable_norm(module, fnn, include) -> bool:
+    """A norm an activation after it can fold into: BatchNorm2d (-> BatchNormAct2d), GroupNorm (->
+    GroupNormAct), torch's or fusedtech's drop-in, where `include` names the torch class."""
+    for torch_cls, fused_cls in ((torch.nn.BatchNorm2d, fnn.BatchNorm2d), (torch.nn.GroupNorm, fnn.GroupNorm)):
+        if type(module) in (torch_cls, fused_cls):
+            return include is None or torch_cls in include
+    return False
 
 
 class FoldedActivation(torch.nn.Identity):
@@ -59,7 +70,7 @@ def _skip_reason(module, include):
     cls = type(module)
     if cls.__module__.startswith("fusedtech."):
         return None
-    for torch_cls, _ in _REPLACEMENTS:
+    for torch_cls, _ in _replacements():
         if cls is torch_cls:
             return "not in include" if include is not None and torch_cls not in include else None
         if isinstance(module, torch_cls):
@@ -77,18 +88,21 @@ def _skip_reason(module, include):
 
 
 def _fold(fnn, bn_at, act_at, between, replaced):
-    """Folds the activation standing at act_at = (owner, name) into the BatchNorm2d at bn_at: the
-    norm becomes a BatchNormAct2d, the activation a FoldedActivation. The fold remembers what stood
+    """Folds the activation standing at act_at = (owner, name) into the BatchNorm2d or GroupNorm at
+    bn_at: the norm becomes a BatchNormAct2d or GroupNormAct, the activation a FoldedActivation. The fold remembers what stood
     at act_at and at each (owner, name) of the identities `between`, and undoes itself once any of
     them is replaced there (not submodules of the norm: that would be a cycle of modules)."""
     (bn_owner, bn_name), (act_owner, act_name) = bn_at, act_at
-    act = act_owner._modules[act_name]
-    fused = bn_owner._modules[bn_name] = fnn.BatchNormAct2d.from_batch_norm(bn_owner._modules[bn_name],
-                                                                            activation_kind(act))
+    act, norm = act_owner._modules[act_name], bn_owner._modules[bn_name]
+    if isinstance(norm, torch.nn.GroupNorm):
+        fused = fnn.GroupNormAct.from_group_norm(norm, activation_kind(act))
+    else:
+        fused = fnn.BatchNormAct2d.from_batch_norm(norm, activation_kind(act))
+    bn_owner._modules[bn_name] = fused
     placeholder = act_owner._modules[act_name] = FoldedActivation(act, bn_owner, bn_name)
     fused.__dict__["_folded_from"] = ((act_owner, act_name, placeholder),) + tuple(
         (owner, name, owner._modules[name]) for owner, name in between)
-    replaced[f"BatchNorm2d+{type(act).__name__}"] += 1
+    replaced[f"{type(norm).__name__}+{type(act).__name__}"] += 1
 
 
 class _ChildrenAsLeaves(torch.fx.Tracer):
@@ -110,13 +124,12 @@ def _has_hooks(module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None))
 
 
-def _fold_traced(model, fnn, replaced, skipped):
+def _fold_traced(model, fnn, replaced, skipped, include):
     """Folds the BatchNorm2d -> activation pairs that a module's forward calls in a row (as in
     `self.act1(self.bn1(x))`, nn.Identity children between allowed), found by tracing with torch.fx
     each module that holds a BatchNorm2d; each pair it finds but cannot fold is reported with why."""
-    norm_types = (torch.nn.BatchNorm2d, fnn.BatchNorm2d)
     for prefix, parent in list(model.named_modules()):
-        if isinstance(parent, torch.nn.Sequential) or not any(type(c) in norm_types for c in parent.children()):
+        if isinstance(parent, torch.nn.Sequential) or not any(_foldable_norm(c, fnn, include) for c in parent.children()):
             continue
 
         def report(target, what, reason):
@@ -133,7 +146,7 @@ def _fold_traced(model, fnn, replaced, skipped):
             continue
         calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
         for node in list(graph.nodes):
-            if node.op != "call_module" or type(bn := parent.get_submodule(node.target)) not in norm_types:
+            if node.op != "call_module" or not _foldable_norm(bn := parent.get_submodule(node.target), fnn, include):
                 continue
             between, last = [], node
             while len(last.users) == 1:
@@ -166,7 +179,7 @@ def _fold_traced(model, fnn, replaced, skipped):
             if len(users) != 1:
                 reason = "its output is also used elsewhere than the activation"
             elif calls[node.target] != 1:
-                reason = "forward calls this BatchNorm2d more than once"
+                reason = f"forward calls this {type(bn).__name__} more than once"
             elif calls[act_node.target] != 1:
                 reason = f"forward calls the activation {act_node.target} more than once (shared by several inputs)"
             elif activation_kind(act) is None:
@@ -189,7 +202,6 @@ def _fold_traced(model, fnn, replaced, skipped):
 def _format_table(report) -> str:
     rows = [(kind, str(n), "replaced") for kind, n in report["replaced"].items()]
     rows += [(f"{s['module'] or '<model>'} ({s['type']})", "-", s["reason"]) for s in report["skipped"]]
-    rows += [(name, "-", "no fused version yet") for name in report["not_fused_yet"]]
     if not rows:
         return "fusedtech.nn.convert_model: nothing to replace"
     header = ("module", "count", "result")
@@ -207,49 +219,44 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
     object unless it is itself a replaced module (then the fused module sharing its parameters and
     buffers); with return_report=True, (model, report). The report's "replaced" counts replaced
     modules per type, "skipped" lists each norm or dropout left alone as {"module": its name,
-    "type": its class, "reason": why}, "not_fused_yet" the torch types seen that have no fused
-    version yet; verbose=True prints it as a table. The norms of timm (BatchNormAct2d, LayerNorm,
+    "type": its class, "reason": why}; verbose=True prints it as a table. The norms of timm (BatchNormAct2d, LayerNorm,
     LayerNorm2d) and HF Transformers (the LlamaRMSNorm, GemmaRMSNorm and T5LayerNorm forms and their
     copies) are swapped too, each for a stand-in computing with the same casts (nn/adapters.py);
-    `include` may name their classes. With fuse_activations, a BatchNorm2d followed by ReLU, GELU
+    `include` may name their classes. With fuse_activations, a BatchNorm2d or GroupNorm followed by ReLU, GELU
     (tanh approximation excluded) or SiLU, in an nn.Sequential or called in a row by a module's
     forward (found by tracing that forward with torch.fx; nn.Identity children between allowed),
-    becomes one BatchNormAct2d and the activation a FoldedActivation (an nn.Identity; state_dict keys stay the
+    becomes one BatchNormAct2d or GroupNormAct and the activation a FoldedActivation (an nn.Identity; state_dict keys stay the
     same), which applies the activation again should the BatchNormAct2d be swapped out later (by
     nn.SyncBatchNorm.convert_sync_batchnorm, say: it makes a plain SyncBatchNorm of it; convert to
     SyncBatchNorm first to keep a sync norm, which convert_model leaves alone); the BatchNormAct2d
     stops activating if the placeholder is replaced. Folding moves a module boundary: hooks on the
     BatchNorm see the activated output, and a slice of the Sequential that ends at the BatchNorm
-    (model[:k]) still activates. `include`, when given, must name nn.BatchNorm2d for the folding."""
+    (model[:k]) still activates. `include`, when given, must name nn.BatchNorm2d / nn.GroupNorm for the folding."""
     from .. import nn as fnn
     replaced: Counter = Counter()
-    missing: set = set()
     skipped: list = []
 
     def fused_class(module):
-        for torch_cls, name in _REPLACEMENTS:
+        for torch_cls, cls in _replacements():
             if type(module) is torch_cls and (include is None or torch_cls in include):
-                cls = getattr(fnn, name, None)
-                if cls is None:
-                    missing.add(torch_cls.__name__)
                 return cls
         return None
 
-    if fuse_activations and (include is None or torch.nn.BatchNorm2d in include):
+    if fuse_activations and (include is None or torch.nn.BatchNorm2d in include or torch.nn.GroupNorm in include):
         for prefix, parent in list(model.named_modules()):
             if not isinstance(parent, torch.nn.Sequential):
                 continue
             names = list(parent._modules)
             for a, b in zip(names, names[1:]):
                 bn, act = parent._modules[a], parent._modules[b]
-                if type(bn) not in (torch.nn.BatchNorm2d, fnn.BatchNorm2d) or type(act) not in _ACTIVATIONS:
+                if not _foldable_norm(bn, fnn, include) or type(act) not in _ACTIVATIONS:
                     continue
                 if activation_kind(act) is None:
                     skipped.append({"module": f"{prefix}.{b}" if prefix else b, "type": type(act).__name__,
                                     "reason": "not folded: GELU's tanh approximation has no fused form"})
                     continue
                 _fold(fnn, (parent, a), (parent, b), [], replaced)
-        _fold_traced(model, fnn, replaced, skipped)
+        _fold_traced(model, fnn, replaced, skipped, include)
     for prefix, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             cls = fused_class(child)
@@ -283,7 +290,7 @@ def convert_model(model: torch.nn.Module, *, include=None, fuse_activations: boo
             skipped.append({"module": "", "type": type(model).__qualname__, "reason": foreign[1]})
     elif (reason := _skip_reason(model, include)) is not None:
         skipped.append({"module": "", "type": type(model).__qualname__, "reason": reason})
-    report = {"replaced": dict(replaced), "skipped": skipped, "not_fused_yet": sorted(missing)}
+    report = {"replaced": dict(replaced), "skipped": skipped}
     if verbose:
         print(_format_table(report))
     return (model, report) if return_report else model

@@ -12,10 +12,12 @@ from .. import _backend
 from ..ops.batch_norm import ACTIVATIONS, update_running_stats
 from ..ops.batch_norm import batch_norm as batch_norm_fwd
 from ..ops.batch_norm import batch_norm_act as batch_norm_act_fwd
+from ..ops.drop_block import drop_block
 from ..ops.dropout import dropout as dropout_apply
 from ..ops.dropout import dropout_add_layer_norm as dropout_add_norm
 from ..ops.dropout import new_seed
-from ..ops.drop_block import drop_block
+from ..ops.group_norm import ACTIVATION_CODES as GROUP_NORM_ACTIVATIONS
+from ..ops.group_norm import group_norm as group_norm_fwd
 from ..ops.layer_norm import layer_norm as layer_norm_fwd
 from ..ops.layer_norm import layer_norm_recompute
 
@@ -327,3 +329,83 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
     gamma = (p * h * w) / ((block_size ** 2) * ((h - block_size + 1) * (w - block_size + 1)))
     out, _ = drop_block(input, new_seed(input.device), float(gamma), int(block_size), float(eps))
     return input.copy_(out) if inplace else out
+
+
+def _group_norm(input, num_groups, weight, bias, eps, activation, what="group_norm", channels="channels"):
+    """torch's checks and words, then the op: act(group_norm(input)) in one pass."""
+    if activation not in GROUP_NORM_ACTIVATIONS:
+        raise ValueError(f"fusedtech: activation must be one of {tuple(GROUP_NORM_ACTIVATIONS)}, got {activation!r}")
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    _check_real("input", input)
+    n, c = input.shape[0], input.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups != 0:
+        raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, but got input of "
+                           f"shape {list(input.shape)} and num_groups={num_groups}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_real(name, t)
+        if t.numel() != c:
+            raise RuntimeError(f"Expected {name} to be a vector of size equal to the number of {channels} in input, "
+                               f"but got {name} of shape {list(t.shape)} and input of shape {list(input.shape)}")
+        if t.device != input.device:
+            raise RuntimeError(f"fusedtech: {name} is on {t.device} but input is on {input.device}")
+    spatial = math.prod(input.shape[2:])
+    if spatial == 0:
+        raise RuntimeError(f"Expected HxW to be greater than 0, got {spatial}")
+    dtype = _AUTOCAST_NORM_DTYPE.get(input.device.type)
+    if dtype is not None and input.dtype in _LOW_PRECISION and torch.is_autocast_enabled(input.device.type):
+        input = input.to(dtype)  # torch's GPU autocast runs group_norm in fp32 (ATen's fp32 list)
+    weight = _dense(weight).reshape(c) if weight is not None else None
+    bias = _dense(bias).reshape(c) if bias is not None else None
+    y, _, _ = group_norm_fwd(input, weight, bias, num_groups, float(eps), GROUP_NORM_ACTIVATIONS[activation])
+    return y
+
+
+def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """torch.nn.functional.group_norm, fused: Welford statistics in fp32 per (sample, group), NCHW and
+    channels_last read in place and written in the input's memory format."""
+    if input.dim() >= 2 and isinstance(num_groups, int) and num_groups > 0:
+        # torch's: more than one value to normalise over in all (N * C / G * spatial)
+        size = list(input.shape)
+        if input.shape[0] * input.shape[1] // num_groups * math.prod(size[2:]) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size([size[0] * size[1] // num_groups, num_groups] + size[2:])}")
+    return _group_norm(input, num_groups, weight, bias, eps, "none")
+
+
+def group_norm_act(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, activation: str = "silu"):
+    """act(group_norm(input)) in one op (activation: silu, gelu, relu or none), the activation applied
+    in fp32 before the one rounding; backward recomputes the pre-activation from the input and the
+    statistics (nothing else is saved)."""
+    return _group_norm(input, num_groups, weight, bias, eps, activation)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5):
+    """torch.nn.functional.instance_norm, fused: with use_input_stats, GroupNorm with one channel per
+    group (and the running statistics, when given, updated as torch does: each blended with the batch
+    mean of the per-instance means and unbiased variances); without, the running statistics normalise
+    (BatchNorm's eval path)."""
+    size = input.size()
+    if use_input_stats and input.dim() >= 2 and math.prod(size[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not use_input_stats:
+        if running_mean is None:
+            raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    c = input.shape[1] if input.dim() >= 2 else 0
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    y = _group_norm(input, c, weight, bias, eps, "none", channels="channels (features)")
+    if running_mean is not None and input.shape[0] > 0:
+        with torch.no_grad():  # torch's: per-instance statistics, averaged over the batch, then blended
+            xs = input.detach().reshape(input.shape[0], c, -1).to(torch.float64 if input.dtype == torch.float64
+                                                                   else torch.float32)
+            var, mean = torch.var_mean(xs, dim=-1, correction=1)
+            update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
+    return y

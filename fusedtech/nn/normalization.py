@@ -76,5 +76,73 @@ class RMSNorm(torch.nn.RMSNorm):
         return share_state(cls, module)
 
 
+class GroupNorm(torch.nn.GroupNorm):
+    """Drop-in for torch.nn.GroupNorm (fp32 Welford statistics; NCHW and channels_last in place)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.GroupNorm) -> "GroupNorm":
+        return share_state(cls, module)
+
+
+class GroupNormAct(torch.nn.GroupNorm):
+    """GroupNorm and the activation after it ("silu", "gelu", "relu" or None) in one op, as the
+    GroupNorm -> SiLU of a diffusion UNet's blocks: the same parameters and state_dict keys as
+    torch.nn.GroupNorm; backward recomputes the pre-activation instead of saving it."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 activation: str | None = "silu", device=None, dtype=None):
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        if activation not in ("silu", "gelu", "relu", "none", None):
+            raise ValueError(f"activation must be 'silu', 'gelu', 'relu' or None, got {activation!r}")
+        self.activation = activation or "none"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps,
+                                self.activation if self.fold_intact() else "none")
+
+    def fold_intact(self) -> bool:
+        """As BatchNormAct2d.fold_intact: False once an activation convert_model folded in here was
+        replaced where it stood (then its placeholder applies the activation again)."""
+        folded = self.__dict__.get("_folded_from")
+        return folded is None or all(owner._modules.get(name) is module for owner, name, module in folded)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", activation={self.activation}"
+
+    @classmethod
+    def from_group_norm(cls, module: torch.nn.GroupNorm, activation: str) -> "GroupNormAct":
+        new = share_state(cls, module)
+        new.activation = activation
+        return new
+
+
+class _FusedInstanceNorm:
+    # torch's _InstanceNorm.forward does the checks (dimensions, channel count, unbatched input)
+    # and calls this with what F.instance_norm takes.
+    def _apply_instance_norm(self, input):
+        return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                               self.training or not self.track_running_stats,
+                               self.momentum if self.momentum is not None else 0.0, self.eps)
+
+    @classmethod
+    def from_torch(cls, module):
+        return share_state(cls, module)
+
+
+class InstanceNorm1d(_FusedInstanceNorm, torch.nn.InstanceNorm1d):
+    """Drop-in for torch.nn.InstanceNorm1d."""
+
+
+class InstanceNorm2d(_FusedInstanceNorm, torch.nn.InstanceNorm2d):
+    """Drop-in for torch.nn.InstanceNorm2d (NCHW and channels_last)."""
+
+
+class InstanceNorm3d(_FusedInstanceNorm, torch.nn.InstanceNorm3d):
+    """Drop-in for torch.nn.InstanceNorm3d."""
+
+
 FusedLayerNorm = LayerNorm
 FusedRMSNorm = RMSNorm
