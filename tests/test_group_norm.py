@@ -464,3 +464,37 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                "_bwd_apply_kernel"}
     for capability in ("80", "90"):
         assert {k for k, ok in compiled[capability] if ok} == kernels, compiled[capability]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu", "relu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [((2, 320, 64, 64), 32), ((3, 40, 7, 9), 8), ((8, 64, 1, 1), 64), ((2, 6, 5, 1), 1)],
+                         ids=_ids)
+def test_gpu_group_norm_act_matches_torch(backend, dtype, activation, channels_last, case):
+    """On a GPU, each compiled backend against torch's GroupNorm then the activation, judged as on
+    the CPU: fp32 within TOL32 of torch's (or nearer float64), fp16/bf16 within twice torch's error."""
+    shape, groups = case
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=g) * 2 + 1).to("cuda", dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g).to("cuda", dtype)
+    w, b = (t.detach().cuda().requires_grad_() for t in _affine(shape[1], dtype, seed=12))
+    act = ACTS[activation]
+    we, be = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ye, ge = _grads(lambda t: act(torch.nn.functional.group_norm(t, groups, we, be)), x.double(), (we, be), dy.double())
+    yt, gt = _grads(lambda t: act(torch.nn.functional.group_norm(t, groups, w, b)), x, (w, b), dy)
+    with fusedtech.use_backend(backend):
+        yf, gf = _grads(lambda t: FF.group_norm_act(t, groups, w, b, activation=activation), x, (w, b), dy)
+    if channels_last:
+        assert yf.is_contiguous(memory_format=torch.channels_last)
+    for ours, torchs, exact in zip((yf,) + gf, (yt,) + gt, (ye,) + ge):
+        if dtype == torch.float32:
+            _assert_matches_torch(ours, torchs, exact)
+        else:
+            scale = max(exact.abs().max().item(), 1.0)
+            err, ref = (ours.double() - exact).abs().max().item(), (torchs.double() - exact).abs().max().item()
+            assert err <= 2 * ref + ATOL[dtype] * scale, (err, ref)
