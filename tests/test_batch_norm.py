@@ -490,7 +490,7 @@ def test_batch_norm_act_low_precision_within_twice_torchs_error(backend, activat
 def test_batch_norm_act_relu_mask_is_the_same_on_every_backend(channels_last, shape, dtype):
     # Forward and backward may run on different backends (backward runs outside use_backend): the
     # packed mask is in logical element order everywhere, and the backward of each reads it so.
-    from fusedtech.ops.batch_norm import _impl  # the backend dispatch the ops use
+    from fusedtech.ops.batch_norm import ACT_APPLY, ACT_BWD, _pick  # the implementation tables the ops use
     g = torch.Generator().manual_seed(6)
     x, dy = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
     if channels_last:
@@ -501,8 +501,8 @@ def test_batch_norm_act_relu_mask_is_the_same_on_every_backend(channels_last, sh
     outs, grads = {}, {}
     for backend in BACKENDS:
         with fusedtech.use_backend(backend):
-            outs[backend] = _impl("batch_norm_act_apply", x)(x, mean, invstd, w, b, None, 1)
-            bwd = _impl("batch_norm_act_bwd", x)
+            outs[backend] = _pick(ACT_APPLY, x)(x, mean, invstd, w, b, None, 1)
+            bwd = _pick(ACT_BWD, x)
             bits = outs["torch"][1] if "torch" in outs else outs[backend][1]
             grads[backend] = (bwd(dy, x, w, b, mean, invstd, bits, True, 1, True),  # with a residual: dres = masked dy
                               bwd(dy, x, w, b, mean, invstd, bits, False, 1, True))
@@ -536,7 +536,7 @@ class _Launches:
 def test_triton_channels_last_walks_row_tiles(monkeypatch, shape, activation, with_residual):
     # A dense channels_last input runs the [rows, channels] tile kernels (coalesced on a GPU), ReLU's
     # logical-order mask included when S % 8 == 0; results match the oracle's.
-    from fusedtech.ops.batch_norm import ACTIVATION_CODES, _impl
+    from fusedtech.ops.batch_norm import ACT_APPLY, ACT_BWD, ACTIVATION_CODES, STATS, _pick
     from fusedtech.triton_kernels import batch_norm as k
     names = ("_stats_rows_kernel", "_apply_rows_kernel", "_bwd_reduce_rows_kernel", "_bwd_apply_rows_kernel")
     counters = {name: _Launches(getattr(k, name)) for name in names}
@@ -550,10 +550,10 @@ def test_triton_channels_last_walks_row_tiles(monkeypatch, shape, activation, wi
     results = {}
     for backend in ("torch", "triton"):
         with fusedtech.use_backend(backend):
-            mean, invstd, unbiased = _impl("batch_norm_stats", x)(x, 1e-5)
-            y, bits = _impl("batch_norm_act_apply", x)(x, mean, invstd, w, b, res, act)
+            mean, invstd, unbiased = _pick(STATS, x)(x, 1e-5)
+            y, bits = _pick(ACT_APPLY, x)(x, mean, invstd, w, b, res, act)
             extra = bits if act == 1 else res
-            grads = _impl("batch_norm_act_bwd", x)(dy, x, w, b, mean, invstd, extra, with_residual, act, True)
+            grads = _pick(ACT_BWD, x)(dy, x, w, b, mean, invstd, extra, with_residual, act, True)
         results[backend] = (mean, invstd, unbiased, y, bits) + tuple(t for t in grads if t is not None)
     for ours, oracle in zip(results["triton"], results["torch"]):
         if ours.dtype == torch.uint8:
