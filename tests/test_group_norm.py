@@ -498,3 +498,28 @@ def test_gpu_group_norm_act_matches_torch(backend, dtype, activation, channels_l
             scale = max(exact.abs().max().item(), 1.0)
             err, ref = (ours.double() - exact).abs().max().item(), (torchs.double() - exact).abs().max().item()
             assert err <= 2 * ref + ATOL[dtype] * scale, (err, ref)
+
+
+def test_the_backward_runs_on_the_backend_the_forward_was_given():
+    """use_backend() is a ContextVar that autograd's device threads need not see: the eager backward
+    takes the backend the forward chose, also when backward() runs outside the block."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu extension is not built")
+    calls = []
+    original = ops.BACKWARD.entries["torch"]
+
+    def recording():
+        fn = original()
+        return lambda *args: calls.append("torch") or fn(*args)
+
+    ops.BACKWARD.entries["torch"] = recording
+    ops.BACKWARD._picked.clear()
+    try:
+        x = torch.randn(2, 4, 3, requires_grad=True)
+        with fusedtech.use_backend("torch"):
+            y = FF.group_norm(x, 2)
+        y.sum().backward()  # outside the block: the automatic choice would be cpu
+    finally:
+        ops.BACKWARD.entries["torch"] = original
+        ops.BACKWARD._picked.clear()
+    assert calls == ["torch"]

@@ -78,8 +78,8 @@ def _group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
                     mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                     activation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias): the per-channel sums always (fp32, float64 for float64)."""
-    return BACKWARD.pick(x.device, float64=x.dtype == torch.float64)(_as_layout_of(dy, x), x, weight, bias, mean,
-                                                                      rstd, num_groups, activation)
+    kernel = BACKWARD.pick(x.device, float64=x.dtype == torch.float64)
+    return kernel(_as_layout_of(dy, x), x, weight, bias, mean, rstd, num_groups, activation)
 
 
 group_norm_bwd = torch.library.custom_op("fusedtech::group_norm_bwd", _group_norm_bwd, mutates_args=())
@@ -97,6 +97,9 @@ def _setup_context(ctx, inputs, output):
     # The x the kernels read (a copy for strided input), so that backward does not copy it again.
     ctx.save_for_backward(in_kernel_layout(x), weight, bias, mean, rstd)
     ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
+    # The backend is chosen here, in the forward's context: use_backend() is a ContextVar, which
+    # autograd's device threads (a CUDA backward) do not see.
+    ctx.kernel = BACKWARD.pick(x.device, float64=x.dtype == torch.float64) if is_eager(ctx) else None
 
 
 def _differentiable_grads(ctx, dy, x, weight, bias):
@@ -115,8 +118,10 @@ def _backward(ctx, dy, dmean, drstd):
     if is_eager(ctx) and torch.is_grad_enabled():  # create_graph=True: double backward
         dx, dw, db = _differentiable_grads(ctx, dy, x, weight, bias)
     else:
-        dx, dw, db = (_group_norm_bwd if is_eager(ctx) else group_norm_bwd)(dy, x, weight, bias, mean, rstd,
-                                                                            ctx.num_groups, ctx.activation)
+        if is_eager(ctx):
+            dx, dw, db = ctx.kernel(_as_layout_of(dy, x), x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+        else:
+            dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
     return dx, _as_dtype_of(dw, weight), _as_dtype_of(db, bias), None, None, None
 
 
