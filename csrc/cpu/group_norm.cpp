@@ -25,11 +25,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -121,12 +123,59 @@ std::vector<A> channel_values(const std::optional<at::Tensor>& t, const at::Tens
 
 // ---- vectors -------------------------------------------------------------------------------------
 
+// bfloat16 and float16 go to and from float kV lanes at a time, in vector registers: a scalar
+// conversion per element (through a buffer) made the reduced dtypes ~4x slower than float32.
+
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
+constexpr int64_t kFloatLanes = Vectorized<float>::size();
+typedef uint16_t u16xV __attribute__((vector_size(kFloatLanes * sizeof(uint16_t))));
+typedef uint32_t u32xV __attribute__((vector_size(kFloatLanes * sizeof(uint32_t))));
+typedef int32_t i32xV __attribute__((vector_size(kFloatLanes * sizeof(int32_t))));
+typedef float f32xV __attribute__((vector_size(kFloatLanes * sizeof(float))));
+
+// kV elements at p, widened (exactly) to float.
+template <typename T>
+inline Vectorized<float> widen(const T* p) {
+  Vectorized<float> out;
+  at::vec::load_to_float(p, out);
+  return out;
+}
+
+// v rounded to T (to nearest, ties to even: as T's own conversion from float), kV lanes.
+template <typename T>
+inline u16xV narrow(const Vectorized<float>& v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // c10's round_to_nearest_even, lane-wise: NaN to 0x7FC0, else (u + 0x7FFF + lsb) >> 16.
+    f32xV f;
+    v.store(reinterpret_cast<float*>(&f));
+    u32xV u;
+    std::memcpy(&u, &f, sizeof(u));
+    const u32xV r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const i32xV nan = f != f;
+    return __builtin_convertvector(nan ? u32xV{} + 0x7FC0u : r, u16xV);
+  } else {
+    // float16: the hardware conversion (round to nearest even, as c10::Half's).
+    const Vectorized<at::Half> h = at::vec::convert_from_float<at::Half>(v, v);
+    u16xV out;
+    h.store(reinterpret_cast<at::Half*>(&out), kFloatLanes);
+    return out;
+  }
+}
+
 // The first k elements of p as a vector of A, the other lanes 0.
 template <typename A, typename T>
 inline Vectorized<A> load(const T* p, int64_t k) {
   using Vec = Vectorized<A>;
   if constexpr (std::is_same_v<T, A>) {
     return k == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, k);
+  } else if constexpr (std::is_same_v<A, float> && kReduced<T>) {
+    if (k == Vec::size()) return widen(p);
+    T buf[Vec::size()];
+    std::memset(static_cast<void*>(buf), 0, sizeof(buf));  // +0 in either dtype
+    std::memcpy(static_cast<void*>(buf), p, k * sizeof(T));
+    return widen(static_cast<const T*>(buf));
   } else {
     A buf[Vec::size()] = {};
     for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<A>(p[i]);
@@ -143,6 +192,9 @@ inline void store(const Vectorized<A>& v, T* p, int64_t k) {
     } else {
       v.store(p, k);
     }
+  } else if constexpr (std::is_same_v<A, float> && kReduced<T>) {
+    const u16xV r = narrow<T>(v);
+    std::memcpy(static_cast<void*>(p), &r, k * sizeof(T));
   } else {
     A buf[Vectorized<A>::size()];
     v.store(buf);
