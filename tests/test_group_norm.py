@@ -523,3 +523,14 @@ def test_the_backward_runs_on_the_backend_the_forward_was_given():
         ops.BACKWARD.entries["torch"] = original
         ops.BACKWARD._picked.clear()
     assert calls == ["torch"]
+
+
+def test_autocast_keeps_torchs_output_dtype_on_cpu():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 4, 3, 3).to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = torch.nn.functional.group_norm(x, 2, torch.ones(4), torch.zeros(4))
+            ours = FF.group_norm(x, 2, torch.ones(4), torch.zeros(4))
+            inst = FF.instance_norm(x)
+        assert ours.dtype == expected.dtype == dtype and inst.dtype == torch.nn.functional.instance_norm(x).dtype
+        torch.testing.assert_close(ours, expected, atol=1.6e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)

@@ -331,7 +331,7 @@ def drop_block2d(input, p: float, block_size: int, inplace: bool = False, eps: f
     return input.copy_(out) if inplace else out
 
 
-def _group_norm(input, num_groups, weight, bias, eps, activation, what="group_norm", channels="channels"):
+def _group_norm(input, num_groups, weight, bias, eps, activation, channels="channels"):
     """torch's checks and words, then the op: act(group_norm(input)) in one pass."""
     if activation not in GROUP_NORM_ACTIVATIONS:
         raise ValueError(f"fusedtech: activation must be one of {tuple(GROUP_NORM_ACTIVATIONS)}, got {activation!r}")
