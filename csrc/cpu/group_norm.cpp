@@ -492,19 +492,6 @@ void for_each_span(const Layout& v, const A* mean_nc, const A* rstd_nc, const A*
   });
 }
 
-template <int A>
-using Act = std::integral_constant<int, A>;
-
-template <typename F>
-void with_activation(int64_t act, F f) {
-  switch (act) {
-    case 1: f(Act<1>{}); break;
-    case 2: f(Act<2>{}); break;
-    case 3: f(Act<3>{}); break;
-    default: f(Act<0>{});
-  }
-}
-
 void check_activation(int64_t act) {
   TORCH_CHECK(act >= 0 && act <= 3, "fusedtech: group_norm activation code must be 0..3, got ", act);
 }

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "fusedtech/common.h"
 
 #include <algorithm>
 #include <tuple>
@@ -271,19 +272,6 @@ int grid_for(int64_t items) {
 
 at::Tensor float_or_undefined(const std::optional<at::Tensor>& t) {
   return t ? t->to(at::kFloat).contiguous() : at::Tensor();
-}
-
-template <int A>
-using Act = std::integral_constant<int, A>;
-
-template <typename F>
-void with_activation(int64_t act, F f) {
-  switch (act) {
-    case 1: f(Act<1>{}); break;
-    case 2: f(Act<2>{}); break;
-    case 3: f(Act<3>{}); break;
-    default: f(Act<0>{});
-  }
 }
 
 template <typename F>

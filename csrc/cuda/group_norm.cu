@@ -465,19 +465,6 @@ int vector_width(const Input& in, size_t elem, std::initializer_list<const at::T
   return (in.rows ? in.sh.c : in.sh.s) % v == 0 ? v : 1;
 }
 
-template <int A>
-using Act = std::integral_constant<int, A>;
-
-template <typename F>
-void with_activation(int64_t act, F f) {
-  switch (act) {
-    case 1: f(Act<1>{}); break;
-    case 2: f(Act<2>{}); break;
-    case 3: f(Act<3>{}); break;
-    default: f(Act<0>{});
-  }
-}
-
 // f(std::integral_constant<int, V>) for V = 16 / sizeof(T) or 1.
 template <typename T, typename F>
 void with_width(int v, F f) {

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FT_HD __host__ __device__ __forceinline__
@@ -52,6 +53,21 @@ FT_HD float ft_max(float a, float b) {
 FT_HD float ft_lerp(float self, float end, float weight) {
   return ft_select((weight < 0.5f) & (weight > -0.5f), self + weight * (end - self),
                    end - (end - self) * (1.0f - weight));
+}
+
+// The activation codes of the fused norm kernels (0 none, 1 relu, 2 gelu, 3 silu) as a compile-time
+// constant: f(Act<code>{}) instantiates one kernel per activation, the code a template argument.
+template <int A>
+using Act = std::integral_constant<int, A>;
+
+template <typename F>
+void with_activation(int64_t act, F f) {
+  switch (act) {
+    case 1: f(Act<1>{}); break;
+    case 2: f(Act<2>{}); break;
+    case 3: f(Act<3>{}); break;
+    default: f(Act<0>{});
+  }
 }
 
 }  // namespace fusedtech
