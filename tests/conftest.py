@@ -32,3 +32,12 @@ def all_device_backends():
     if HAS_CUDA:
         pairs += [("cuda", b) for b in fusedtech.available_backends("cuda")]
     return pairs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo_caches():
+    """Each test file starts with empty torch.compile caches. Compiling a module goes through one code
+    object of torch._dynamo (external_utils' wrapper), whose cache takes 8 entries: a whole suite run
+    in one process filled it, and a later file's fullgraph compile failed on the recompile limit."""
+    torch._dynamo.reset()
+    yield
