@@ -20,7 +20,8 @@ import torch
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 # Preference per device type for the automatic choice.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
-# Per-op exceptions, from measurements (the one policy table: every op's choice goes through select()). LayerNorm/RMSNorm on an H100 (benchmarks/results/
+# Per-op exceptions, from measurements (the one policy table: every op's choice goes through
+# select()). LayerNorm/RMSNorm on an H100 (benchmarks/results/
 # 2026-11-22-h100): the Triton forward kept the GPU busy for 80-105% of copy bandwidth at hidden
 # 1024-16384, the CUDA C++ kernel 29-69%, so Triton goes first there.
 _AUTO_ORDER_BY_OP = {("layer_norm", "cuda"): ("triton", "cuda", "torch"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
-from .normalization import share_state
+from .normalization import FoldsActivation, share_state
 
 
 class _FusedBatchNorm:
@@ -38,7 +38,7 @@ class BatchNorm2d(_FusedBatchNorm, torch.nn.BatchNorm2d):
     """Drop-in for torch.nn.BatchNorm2d (NCHW and channels_last, fp32/fp16/bf16)."""
 
 
-class BatchNormAct2d(_FusedBatchNorm, torch.nn.BatchNorm2d):
+class BatchNormAct2d(FoldsActivation, _FusedBatchNorm, torch.nn.BatchNorm2d):
     """BatchNorm2d, an optional residual add and an activation ("relu", "gelu", "silu" or "none") in
     one op: forward(x, residual=None) = act(bn(x) + residual). Same parameters, buffers and
     state_dict keys as torch.nn.BatchNorm2d; backward recomputes the pre-activation instead of
@@ -53,13 +53,6 @@ class BatchNormAct2d(_FusedBatchNorm, torch.nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._normalize(input, self.activation if self.fold_intact() else "none", residual)
-
-    def fold_intact(self) -> bool:
-        """False once the activation convert_model(fuse_activations=True) folded in here, or an
-        identity that stood between, was replaced where it stood: then this module only normalises
-        and the activation's placeholder applies the activation again."""
-        folded = self.__dict__.get("_folded_from")
-        return folded is None or all(owner._modules.get(name) is module for owner, name, module in folded)
 
     def _normalize(self, input, activation, residual=None):
         factor, use_batch, rm, rv = self._bookkeeping(input)

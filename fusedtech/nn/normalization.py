@@ -76,6 +76,18 @@ class RMSNorm(torch.nn.RMSNorm):
         return share_state(cls, module)
 
 
+class FoldsActivation:
+    """A norm + activation module that convert_model(fuse_activations=True) may have folded an
+    activation into (BatchNormAct2d, GroupNormAct)."""
+
+    def fold_intact(self) -> bool:
+        """False once the activation folded in here, or an identity that stood between, was
+        replaced where it stood: then this module only normalises and the activation's placeholder
+        applies the activation again."""
+        folded = self.__dict__.get("_folded_from")
+        return folded is None or all(owner._modules.get(name) is module for owner, name, module in folded)
+
+
 class GroupNorm(torch.nn.GroupNorm):
     """Drop-in for torch.nn.GroupNorm (fp32 Welford statistics; NCHW and channels_last in place)."""
 
@@ -87,7 +99,7 @@ class GroupNorm(torch.nn.GroupNorm):
         return share_state(cls, module)
 
 
-class GroupNormAct(torch.nn.GroupNorm):
+class GroupNormAct(FoldsActivation, torch.nn.GroupNorm):
     """GroupNorm and the activation after it ("silu", "gelu", "relu" or None) in one op, as the
     GroupNorm -> SiLU of a diffusion UNet's blocks: the same parameters and state_dict keys as
     torch.nn.GroupNorm; backward recomputes the pre-activation instead of saving it."""
@@ -102,12 +114,6 @@ class GroupNormAct(torch.nn.GroupNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps,
                                 self.activation if self.fold_intact() else "none")
-
-    def fold_intact(self) -> bool:
-        """As BatchNormAct2d.fold_intact: False once an activation convert_model folded in here was
-        replaced where it stood (then its placeholder applies the activation again)."""
-        folded = self.__dict__.get("_folded_from")
-        return folded is None or all(owner._modules.get(name) is module for owner, name, module in folded)
 
     def extra_repr(self):
         return super().extra_repr() + f", activation={self.activation}"
