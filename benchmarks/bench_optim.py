@@ -4,8 +4,11 @@ Bytes moved per step, fp32, counting each input read once and each output writte
 Adam/AdamW/LAMB 28 per parameter (read param, grad, exp_avg, exp_avg_sq; write three of them),
 SGD with momentum, RMSprop and Adagrad 20 (read param, grad, one state; write param, state).
 LAMB needs the per-tensor norms before it can update, so it makes a second pass (40 bytes moved);
-its GB/s is still reported on the 28 it must move. GB/s = bytes / time; the copy case moves the
-same bytes (half read, half written) with one device copy.
+its GB/s is still reported on the 28 it must move. Adam/AdamW with 8-bit states (fusedtech's
+``state_dtype="int8"``, bitsandbytes' and torchao's AdamW8bit) move 16 per parameter (param and grad
+4 each, two 1-byte codes read; param and two codes written; the absmax adds 8 bytes per 256
+elements, left out) and keep 2.03 bytes of state per parameter against fp32's 8. GB/s = bytes / time;
+the copy case moves the same bytes (half read, half written) with one device copy.
 """
 from __future__ import annotations
 
@@ -39,6 +42,29 @@ def _deepspeed_cpu_adam():
         return None
 
 
+def _bitsandbytes_8bit(opt_name: str):
+    try:
+        import bitsandbytes
+        return getattr(bitsandbytes.optim, f"{opt_name}8bit")
+    except Exception:  # noqa: BLE001 - absent, or unable to load its native library here
+        return None
+
+
+def _torchao_8bit(opt_name: str):
+    try:
+        from torchao.optim import AdamW8bit
+        return AdamW8bit if opt_name == "AdamW" else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+EIGHT_BIT_BYTES = 16  # per parameter: see the module docstring
+
+
+def bytes_per_param(opt_name: str, impl: str) -> int:
+    return EIGHT_BIT_BYTES if impl.endswith("8bit") else OPTIMIZERS[opt_name][1]
+
+
 def _torch_optimizer_lamb():
     try:
         import torch_optimizer
@@ -66,6 +92,15 @@ def implementations(opt_name: str):
         if backend == "torch" or (backend == "triton" and DEV.type == "cpu"):
             continue  # the reference and the interpreter are for testing, not timing
         impls.append((f"fusedtech-{backend}", lambda ps: fused_cls(ps, **kwargs), backend))
+        if opt_name in ("Adam", "AdamW"):
+            impls.append((f"fusedtech-{backend}-8bit", lambda ps: fused_cls(ps, state_dtype="int8", **kwargs), backend))
+    bnb = _bitsandbytes_8bit(opt_name) if opt_name in ("Adam", "AdamW") else None
+    if bnb is not None:
+        impls.append((f"bitsandbytes-{opt_name}8bit", lambda ps: bnb(ps, **kwargs), None))
+    # torchao compiles one step per parameter shape (minutes on a CPU): full runs only.
+    ao = _torchao_8bit(opt_name) if not QUICK else None
+    if ao is not None:
+        impls.append((f"torchao-{opt_name}8bit", lambda ps: ao(ps, **kwargs), None))
     ds = _deepspeed_cpu_adam() if opt_name in ("Adam", "AdamW") and DEV.type == "cpu" else None
     if ds is not None:
         impls.append(("deepspeed-cpu-adam",
@@ -94,12 +129,15 @@ def test_optimizer_step(benchmark, opt_name, case, impl):
         with fusedtech.use_backend(backend):
             opt.step()
 
+    step()  # state made (8-bit: quantized) outside the timing, as every later step finds it
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
+                      if torch.is_tensor(t) and t.dim() > 0)
     _common.measure(benchmark, step, dev=DEV, op=f"{opt_name}.step", impl=impl, case=case, dtype=torch.float32,
-                    bytes_moved=OPTIMIZERS[opt_name][1] * numel, params=numel, tensors=len(params),
-                    calls=None if DEV.type == "cuda" else 1)
+                    bytes_moved=bytes_per_param(opt_name, impl) * numel, params=numel, tensors=len(params),
+                    calls=None if DEV.type == "cuda" else 1, state_bytes_per_param=round(state_bytes / numel, 3))
 
 
-COPY_BYTES = sorted({b for _, b, _ in OPTIMIZERS.values()})
+COPY_BYTES = sorted({b for _, b, _ in OPTIMIZERS.values()} | {EIGHT_BIT_BYTES})
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -20,6 +20,16 @@ TORCH_LIBRARY(fusedtech_C, m) {
       "Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
+  // Adam with quantized states: each of exp_avgs, exp_avg_sqs, max_exp_avg_sqs is uint8 codes laid out
+  // like params plus a float32 absmax per block of 256 (fusedtech/quantization.h); the first moment
+  // indexes signed_table, the second moments unsigned_table.
+  m.def(
+      "adam_step_quantized_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_absmaxes, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_sq_absmaxes, "
+      "Tensor(f!)[] max_exp_avg_sqs, Tensor(g!)[] max_exp_avg_sq_absmaxes, Tensor(h!)[] master_params, "
+      "Tensor[] steps, Tensor signed_table, Tensor unsigned_table, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] master_params, float lr, Tensor? lr_tensor, float momentum, float dampening, "
@@ -43,6 +53,11 @@ TORCH_LIBRARY(fusedtech_C, m) {
       "bool grad_averaging, bool bias_correction, bool trust_clip, Tensor? grad_scale, Tensor? found_inf) -> ()");
 
   // Global norm of a tensor list (clip_grad_norm_): a 0-d float32 tensor, 2-norm or inf-norm.
+  // Blockwise quantization of a dense tensor (codes uint8 with x's strides, absmax float32 per block)
+  // and its inverse; table: 256 sorted float32 values.
+  m.def("quantize_blockwise(Tensor x, Tensor table, int block) -> (Tensor, Tensor)");
+  m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor table, int block) -> Tensor");
+
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
 
   // LayerNorm / RMSNorm over rows of a contiguous (rows, n) input; fp32 mean/rstd saved.

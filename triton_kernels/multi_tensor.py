@@ -38,11 +38,12 @@ def _upload(rows, device) -> torch.Tensor:
 def pointer_table(lists: list[list[torch.Tensor]], n: int, device: torch.device, names: tuple) -> torch.Tensor:
     """[n, len(lists)] int64 addresses; an empty list gives a column of zeros (an unused operand,
     allowed where its name in `names` ends in '?'). The first list holds the parameters (or the
-    tensors); the kernels read every other list (but 'steps', one-element) element for element
-    with it, so a new table is checked for that first: a wrong list would be read out of bounds."""
+    tensors); the kernels read every other list (but 'steps', one-element, and those whose name ends
+    in '*', which their launcher checks: a quantized state's absmax) element for element with it, so a
+    new table is checked for that first: a wrong list would be read out of bounds."""
     for lst, name in zip(lists, names):
-        if len(lst) != n and (lst or not name.endswith("?")):
-            raise RuntimeError(f"fusedtech: {name.rstrip('?')} has {len(lst)} tensors, expected {n}")
+        if len(lst) != n and (lst or "?" not in name):
+            raise RuntimeError(f"fusedtech: {name.strip('?*')} has {len(lst)} tensors, expected {n}")
     cols = [[t.data_ptr() for t in lst] if lst else [0] * n for lst in lists]
     key = (device, tuple(tuple(c) for c in cols))
     hit = _ptr_cache.get(key)
@@ -60,7 +61,7 @@ def _check_lists(lists, names, device) -> None:
     first = lists[0]
     numels = list(map(torch.Tensor.numel, first))
     for lst, name in zip(lists, names):
-        name = name.rstrip("?")
+        own_layout, name = "*" in name, name.strip("?*")
         if not lst:
             continue
         dtypes, devices = set(map(_dtype, lst)), set(map(_device, lst))
@@ -71,6 +72,8 @@ def _check_lists(lists, names, device) -> None:
         expected = {"grads": first[0].dtype, "master_params": torch.float32, "steps": torch.float32}.get(name)
         if expected is not None and dtype != expected:
             raise RuntimeError(f"fusedtech: {name} must be {expected}, got {dtype}")
+        if own_layout:
+            continue
         if name == "steps":
             if set(map(torch.Tensor.numel, lst)) != {1}:
                 raise RuntimeError("fusedtech: steps must hold one-element tensors")

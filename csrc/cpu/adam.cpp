@@ -6,6 +6,7 @@
 
 #include "../checks.h"
 #include "fusedtech/adam.h"
+#include "fusedtech/quantization.h"
 #include "multi_tensor.h"
 
 namespace fusedtech::cpu {
@@ -30,6 +31,57 @@ __attribute__((noinline)) void adam_chunk(const Chunk& c, P* __restrict param, c
     exp_avg[i] = from_float<S>(m);
     exp_avg_sq[i] = from_float<S>(v);
     if (AMSGRAD) max_exp_avg_sq[i] = from_float<S>(vmax);
+  }
+}
+
+
+// One block's new values into codes and its absmax (the oracle's quantize_blockwise of the block).
+inline void requantize_block(const float* values, int64_t count, uint8_t* codes, float* absmax,
+                             const float* midpoints) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < count; ++k) amax = absmax_update(amax, values[k]);
+  const float inverse = quant_inverse(amax);
+  for (int64_t k = 0; k < count; ++k) codes[k] = static_cast<uint8_t>(quantize_code<8>(values[k] * inverse, midpoints));
+  *absmax = amax;
+}
+
+// Quantized states (8-bit codes and a float32 absmax per kQuantBlock elements; the signed table for
+// the first moment, the unsigned one for the second and its running maximum). Per block: dequantize,
+// update in fp32 (the same adam_update), keep the new moments in a block-sized buffer, then requantize
+// them with the block's new absmax. Chunks start on block boundaries (kChunkElements is a multiple).
+struct QuantTables {
+  const float* signed_table;
+  const float* signed_mids;
+  const float* unsigned_table;
+  const float* unsigned_mids;
+};
+
+template <typename P, bool AMSGRAD, bool MASTER>
+__attribute__((noinline)) void adam_quantized_chunk(
+    const Chunk& c, P* __restrict param, const P* __restrict grad, uint8_t* __restrict m_codes,
+    float* __restrict m_absmax, uint8_t* __restrict v_codes, float* __restrict v_absmax,
+    uint8_t* __restrict vmax_codes, float* __restrict vmax_absmax, float* __restrict master,
+    float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s, const QuantTables q) {
+  float m_new[kQuantBlock], v_new[kQuantBlock], vmax_new[kQuantBlock];
+  for (int64_t begin = c.begin; begin < c.end; begin += kQuantBlock) {
+    const int64_t end = std::min(c.end, begin + kQuantBlock), count = end - begin, blk = begin / kQuantBlock;
+    const float am = m_absmax[blk], av = v_absmax[blk], avmax = AMSGRAD ? vmax_absmax[blk] : 0.0f;
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t i = begin + k;
+      float p = MASTER ? master[i] : to_float(param[i]);
+      float m = dequantize_code(m_codes[i], q.signed_table, am);
+      float v = dequantize_code(v_codes[i], q.unsigned_table, av);
+      float vmax = AMSGRAD ? dequantize_code(vmax_codes[i], q.unsigned_table, avmax) : 0.0f;
+      adam_update(p, to_float(grad[i]) * inv_grad_scale, m, v, vmax, h, s);
+      if (MASTER) master[i] = p;
+      param[i] = from_float<P>(p);
+      m_new[k] = m;
+      v_new[k] = v;
+      if (AMSGRAD) vmax_new[k] = vmax;
+    }
+    requantize_block(m_new, count, m_codes + begin, m_absmax + blk, q.signed_mids);
+    requantize_block(v_new, count, v_codes + begin, v_absmax + blk, q.unsigned_mids);
+    if (AMSGRAD) requantize_block(vmax_new, count, vmax_codes + begin, vmax_absmax + blk, q.unsigned_mids);
   }
 }
 
@@ -94,8 +146,84 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   });
 }
 
+
+void check_quantized(at::TensorList params, at::TensorList codes, const char* codes_name, at::TensorList absmax,
+                     const char* absmax_name) {
+  check_like_params(params, codes, codes_name, at::kByte);
+  check_same_length(params, "params", absmax, absmax_name);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t blocks = (params[i].numel() + kQuantBlock - 1) / kQuantBlock;
+    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].numel() == blocks && absmax[i].is_contiguous() &&
+                    absmax[i].device() == params[i].device(),
+                "fusedtech: ", absmax_name, "[", i, "] must be a contiguous float32 tensor of ", blocks,
+                " values on ", params[i].device(), ", got ", absmax[i].scalar_type(), " of shape ",
+                absmax[i].sizes(), " on ", absmax[i].device());
+  }
+}
+
+void adam_step_quantized_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sqs,
+                             at::TensorList exp_avg_sq_absmaxes, at::TensorList max_exp_avg_sqs,
+                             at::TensorList max_exp_avg_sq_absmaxes, at::TensorList master_params,
+                             at::TensorList steps, const at::Tensor& signed_table, const at::Tensor& unsigned_table,
+                             double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                             double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  check_param_list(params);
+  TORCH_CHECK(params[0].device().is_cpu(), "fusedtech: adam_step_quantized (cpu) got params on ", params[0].device());
+  const bool has_master = !master_params.empty();
+  const auto pdtype = params[0].scalar_type();
+  check_like_params(params, grads, "grads", pdtype);
+  check_quantized(params, exp_avgs, "exp_avgs", exp_avg_absmaxes, "exp_avg_absmaxes");
+  check_quantized(params, exp_avg_sqs, "exp_avg_sqs", exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes");
+  if (amsgrad) check_quantized(params, max_exp_avg_sqs, "max_exp_avg_sqs", max_exp_avg_sq_absmaxes, "max_exp_avg_sq_absmaxes");
+  if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
+  check_steps(params, steps);
+  for (const auto& [table, name] : {std::pair{&signed_table, "signed_table"}, std::pair{&unsigned_table, "unsigned_table"}}) {
+    TORCH_CHECK(table->scalar_type() == at::kFloat && table->numel() == 256 && table->is_contiguous() &&
+                    table->device().is_cpu(),
+                "fusedtech: adam_step_quantized ", name, " must be a contiguous float32 CPU tensor of 256 values");
+  }
+  const StepScalars scalars = step_scalars(lr, lr_tensor, grad_scale, found_inf);
+  if (scalars.skip) return;
+  const AdamHyper h{static_cast<float>(beta1), static_cast<float>(beta2),
+                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                    static_cast<float>(eps), static_cast<float>(weight_decay), decoupled,
+                    amsgrad, maximize};
+  std::vector<AdamTensorScalars> per_tensor(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    per_tensor[t] = adam_tensor_scalars(scalars.lr, beta1, beta2, weight_decay, steps[t].item<double>());
+  }
+  const at::Tensor signed_mids = (signed_table.slice(0, 0, 255) + signed_table.slice(0, 1, 256)) / 2;
+  const at::Tensor unsigned_mids = (unsigned_table.slice(0, 0, 255) + unsigned_table.slice(0, 1, 256)) / 2;
+  const QuantTables q{signed_table.const_data_ptr<float>(), signed_mids.const_data_ptr<float>(),
+                      unsigned_table.const_data_ptr<float>(), unsigned_mids.const_data_ptr<float>()};
+  FT_DISPATCH_FLOAT_TYPES(pdtype, "adam_step_quantized_cpu", [&] {
+    using P = scalar_t;
+    with_bool(amsgrad, [&](auto amsgrad_tag) {
+      with_bool(has_master, [&](auto master_tag) {
+        constexpr bool kAmsgrad = decltype(amsgrad_tag)::value;
+        constexpr bool kMaster = decltype(master_tag)::value;
+        for_each_chunk(params, [&](const Chunk& c) {
+          const int64_t t = c.tensor;
+          adam_quantized_chunk<P, kAmsgrad, kMaster>(
+              c, params[t].data_ptr<P>(), grads[t].const_data_ptr<P>(), exp_avgs[t].data_ptr<uint8_t>(),
+              exp_avg_absmaxes[t].data_ptr<float>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
+              exp_avg_sq_absmaxes[t].data_ptr<float>(), kAmsgrad ? max_exp_avg_sqs[t].data_ptr<uint8_t>() : nullptr,
+              kAmsgrad ? max_exp_avg_sq_absmaxes[t].data_ptr<float>() : nullptr,
+              kMaster ? master_params[t].data_ptr<float>() : nullptr, scalars.inv_grad_scale, h, per_tensor[t], q);
+        });
+      });
+    });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedtech_C, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+TORCH_LIBRARY_IMPL(fusedtech_C, CPU, m) {
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("adam_step_quantized_", &adam_step_quantized_cpu);
+}
 
 }  // namespace fusedtech::cpu

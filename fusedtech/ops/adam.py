@@ -47,3 +47,40 @@ def _(*args) -> None:
 
 def adam_step_(*args) -> None:
     call(_adam_step_op, STEP, *args)
+
+
+STEP_QUANTIZED = _backend.Implementations(
+    "adam_step_quantized",
+    cpu=lambda: torch.ops.fusedtech_C.adam_step_quantized_,
+    triton=lambda: _triton().adam_step_quantized_,
+    torch=lambda: reference.adam_step_quantized_)
+
+
+@torch.library.custom_op(
+    "fusedtech::adam_step_quantized_",
+    mutates_args=("params", "exp_avgs", "exp_avg_absmaxes", "exp_avg_sqs", "exp_avg_sq_absmaxes", "max_exp_avg_sqs",
+                  "max_exp_avg_sq_absmaxes", "master_params"),
+)
+def _adam_step_quantized_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_absmaxes: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], exp_avg_sq_absmaxes: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor], max_exp_avg_sq_absmaxes: list[torch.Tensor],
+    master_params: list[torch.Tensor], steps: list[torch.Tensor], signed_table: torch.Tensor,
+    unsigned_table: torch.Tensor, lr: float, lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float,
+    eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
+    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+) -> None:
+    implementation(STEP_QUANTIZED, params[0].device, params)(
+        params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, max_exp_avg_sqs,
+        max_exp_avg_sq_absmaxes, master_params, steps, signed_table, unsigned_table, lr, lr_tensor, beta1, beta2,
+        eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)
+
+
+@_adam_step_quantized_op.register_fake
+def _(*args) -> None:
+    return None
+
+
+def adam_step_quantized_(*args) -> None:
+    """Adam over blockwise 8-bit states (fusedtech/reference/quantization.py): one call per bucket."""
+    call(_adam_step_quantized_op, STEP_QUANTIZED, *args)

@@ -75,7 +75,8 @@ def check_param(name: str, p: torch.Tensor) -> None:
 
 
 def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
-            initial_state=None, master_weights: bool = False, with_step: bool = True) -> dict:
+            initial_state=None, master_weights: bool = False, with_step: bool = True,
+            quantized: Optional["Quantized"] = None) -> dict:
     """Like _collect, but reuses last step's buckets when the same parameters have gradients and
     every gradient still has its parameter's layout: a step then costs a few microseconds of
     Python per parameter instead of re-validating state (it matters on a GPU, where the kernel for
@@ -84,7 +85,8 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
     # rebuilds the buckets, which hold the state tensors and dicts.
     params = group["params"]
     with_grad = itertools.compress(params, map(operator.is_not, map(_grad, params), itertools.repeat(None)))
-    key = (tuple(map(id, with_grad)), state_keys, master_weights, with_step, id(optimizer.state), len(optimizer.state))
+    key = (tuple(map(id, with_grad)), state_keys, master_weights, with_step, quantized, id(optimizer.state),
+           len(optimizer.state))
     plans = optimizer.__dict__.setdefault("_fusedtech_plans", {})
     plan = plans.get(id(group))
     if plan is not None and plan[0] == key:
@@ -112,7 +114,7 @@ def collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
             return buckets
     unfused: list = []
     buckets = _collect(optimizer, group, state_keys, name=name, initial_state=initial_state,
-                       master_weights=master_weights, with_step=with_step, unfused=unfused)
+                       master_weights=master_weights, with_step=with_step, unfused=unfused, quantized=quantized)
     _defer(optimizer, unfused)
     if all(not b.writeback for b in buckets.values()):
         for b in buckets.values():
@@ -144,8 +146,57 @@ def forget_plans(optimizer) -> None:
     optimizer.__dict__.pop("_fusedtech_plans", None)
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """Blockwise 8-bit states (reference/quantization.py): for each (key, signed) in `keys`,
+    state[key] holds uint8 codes laid out like the parameter and state[key + "_absmax"] a float32
+    absmax per block of 256. Parameters with fewer than `min_numel` elements keep full-precision
+    states. Their buckets are keyed (device, dtype, QUANTIZED)."""
+    keys: tuple
+    min_numel: int
+
+
+QUANTIZED = "int8"
+STATE_DTYPES = (None, QUANTIZED)
+MIN_QUANTIZED_NUMEL = 4096  # bitsandbytes' default: smaller tensors keep full-precision states  # the third item of a quantized bucket's key, where others hold the state dtype
+
+
+def _quantized_state(state: dict, key: str, signed: bool, like: torch.Tensor, p: torch.Tensor):
+    """(codes laid out like `like`, absmax) of state[key], made (zeros), quantized (a full-precision
+    state: a torch checkpoint, or a parameter that grew past min_numel) or relaid out (its blocks
+    follow memory order, so another layout is dequantized and quantized again) as needed."""
+    from ..ops import quantization
+    absmax_key = key + "_absmax"
+    codes, absmax = state.get(key), state.get(absmax_key)
+    if codes is None:
+        codes, absmax = quantization.quantize_blockwise(torch.zeros_like(like, dtype=torch.float32), signed=signed)
+    elif codes.dtype != torch.uint8 or absmax is None:
+        codes, absmax = quantization.quantize_blockwise(torch.empty_like(like, dtype=torch.float32).copy_(codes),
+                                                        signed=signed)
+    elif (codes.device != like.device or codes.stride() != like.stride()
+          or absmax.device != like.device or absmax.dtype != torch.float32 or not absmax.is_contiguous()):
+        values = quantization.dequantize_blockwise(codes.to(like.device), absmax.to(like.device, torch.float32).contiguous(),
+                                                   signed=signed)
+        codes, absmax = quantization.quantize_blockwise(torch.empty_like(like, dtype=torch.float32).copy_(values),
+                                                        signed=signed)
+    else:
+        return codes, absmax
+    state[key], state[absmax_key] = codes, absmax
+    return codes, absmax
+
+
+def dequantized_state(state: dict, key: str, signed: bool) -> None:
+    """state[key] back in float32 (a parameter below min_numel, or a quantized optimizer checkpoint
+    loaded without quantization)."""
+    from ..ops import quantization
+    codes, absmax = state.get(key), state.pop(key + "_absmax", None)
+    if codes is not None and absmax is not None and codes.dtype == torch.uint8:
+        state[key] = quantization.dequantize_blockwise(codes, absmax.float().contiguous(), signed=signed)
+
+
 def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
-             initial_state=None, master_weights: bool = False, with_step: bool = True, unfused=None) -> dict:
+             initial_state=None, master_weights: bool = False, with_step: bool = True, unfused=None,
+             quantized: Optional[Quantized] = None) -> dict:
     """Buckets of the group's parameters that have a gradient, keyed by (device, dtype). Those the
     kernels do not take go to `unfused` when the optimizer can hand them to torch's step, else
     raise.
@@ -166,13 +217,20 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         # No entry for a parameter that keeps no state (SGD without momentum), as torch.
         state = optimizer.state[p] if state_keys or with_step or use_master else optimizer.state.get(p, NO_STATE)
         state_dtype = torch.float32 if use_master else p.dtype
+        quantize = quantized is not None and p.numel() >= quantized.min_numel
+        if quantize and is_distributed(p):
+            raise NotImplementedError(f"{name}: quantized optimizer states of DTensor (FSDP2) parameters are not "
+                                      f"supported yet; use state_dtype=None for them")
         if len(state) == 0:
             if with_step:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            for key in state_keys:
+            for key in () if quantize else state_keys:  # quantized states are made below, like the work tensor
                 init = initial_state(p, key) if initial_state is not None else None
                 state[key] = (torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                               if init is None else init.to(state_dtype))
+        elif quantized is not None and not quantize:
+            for key, signed in quantized.keys:
+                dequantized_state(state, key, signed)
         if use_master and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
 
@@ -184,7 +242,7 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
             grad = grad.contiguous()
         elif not dense(grad):
             grad = grad.contiguous()
-        b = buckets[(p.device, p.dtype, state_dtype)]
+        b = buckets[(p.device, p.dtype, QUANTIZED if quantize else state_dtype)]
         if work is not shard:
             b.writeback.append((shard, work))
         b.params.append(work)
@@ -192,8 +250,14 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         b.distributed = b.distributed or is_distributed(p)
         b.state_dicts.append(state)
         b.grads.append(grad)
-        for key in state_keys:
-            b.states[key].append(matching_state(state, key, work, state_dtype))
+        if quantize:
+            for key, signed in quantized.keys:
+                codes, absmax = _quantized_state(state, key, signed, work, p)
+                b.states[key].append(codes)
+                b.states[key + "_absmax"].append(absmax)
+        else:
+            for key in state_keys:
+                b.states[key].append(matching_state(state, key, work, state_dtype))
         if use_master:
             b.masters.append(matching_state(state, "master_param", work, torch.float32))
         if with_step:
@@ -205,6 +269,8 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
                 step = state["step"] = step.to(device=p.device, dtype=torch.float32)
             b.steps.append(step)
     keys = state_keys + ("step",) * with_step + ("master_param",) * master_weights
+    if quantized is not None:
+        keys += tuple(k + "_absmax" for k, _ in quantized.keys)
     for b in buckets.values():
         b.state_refs = {k: [sd.get(k) for sd in b.state_dicts] for k in keys}
     return buckets
@@ -279,6 +345,21 @@ def restore_fp32_state(optimizer, state_dict: dict, keys: tuple[str, ...]) -> No
             state["master_param"] = p.detach().to(torch.float32, copy=True)
 
 
+def restore_quantized_state(optimizer, state_dict: dict) -> None:
+    """torch's load_state_dict casts every state tensor to its parameter's dtype: quantized codes
+    (uint8) and their float32 absmax are taken again, as saved, from the state_dict being loaded."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        saved = state_dict["state"].get(pid) or {}
+        for key, absmax in saved.items():
+            codes = saved.get(key[:-len("_absmax")])
+            if key.endswith("_absmax") and torch.is_tensor(absmax) and torch.is_tensor(codes) and codes.dtype == torch.uint8:
+                state = optimizer.state[p]
+                state[key] = absmax.to(device=p.device, dtype=torch.float32, copy=True)
+                state[key[:-len("_absmax")]] = codes.to(device=p.device, copy=True)
+
+
 def _duplicate_passes(optimizer, group: dict) -> list:
     """The passes of a group that lists a parameter more than once (see FusedStepMixin._groups):
     dicts with the group's hyperparameters, kept on the optimizer so that collect() reuses their
@@ -315,15 +396,25 @@ class FusedStepMixin:
     # torch class this one subclasses; False where there is none (LAMB): they are refused.
     _torch_fallback = True
 
-    def _fused_setup(self, name: str, master_weights: bool, differentiable: bool) -> None:
+    def _fused_setup(self, name: str, master_weights: bool, differentiable: bool, state_dtype=None,
+                     min_quantized_numel: int = MIN_QUANTIZED_NUMEL) -> None:
         if differentiable:
             raise ValueError(f"fusedtech.optim.{name} does not support differentiable=True; "
                              f"use torch.optim.{name} for higher-order optimization")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"fusedtech.optim.{name}: state_dtype must be None (the parameters' dtype, as torch) "
+                             f"or 'int8' (blockwise 8-bit states), got {state_dtype!r}")
+        if int(min_quantized_numel) < 0:
+            raise ValueError(f"fusedtech.optim.{name}: min_quantized_numel must be >= 0, got {min_quantized_numel}")
         self._fusedtech_name = name
-        if master_weights:  # only then, so param_groups and repr stay exactly torch's otherwise
-            for group in self.param_groups:
-                group["master_weights"] = True
-            self.defaults["master_weights"] = True
+        # Extra options enter param_groups only when set, so param_groups and repr stay exactly torch's
+        # otherwise.
+        extra = {"master_weights": True} if master_weights else {}
+        if state_dtype is not None:
+            extra.update(state_dtype=state_dtype, min_quantized_numel=int(min_quantized_numel))
+        for group in self.param_groups:
+            group.update(extra)
+        self.defaults.update(extra)
         # GradScaler then hands us grad_scale/found_inf instead of unscaling .grad itself.
         self._step_supports_amp_scaling = True
 
@@ -396,11 +487,26 @@ class FusedStepMixin:
         self.__dict__.setdefault("_fusedtech_name", type(self).__name__)
         self._step_supports_amp_scaling = True
 
+    # Options of ours that live in param_groups (only when set); a checkpoint that does not name them
+    # (torch's own) keeps the constructor's, where torch's load would drop them with the old groups.
+    _GROUP_OPTIONS = ("master_weights", "state_dtype", "min_quantized_numel")
+
     def load_state_dict(self, state_dict):
+        kept = [{k: g[k] for k in self._GROUP_OPTIONS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, options in zip(self.param_groups, kept):
+            for key, value in options.items():
+                group.setdefault(key, value)
         forget_plans(self)
         restore_fp32_state(self, state_dict, self._fused_state)
+        restore_quantized_state(self, state_dict)
 
     def _buckets(self, group, keys, **kw):
         return collect(self, group, keys, name=f"fusedtech.optim.{self._fusedtech_name}",
                        master_weights=group.get("master_weights", False), **kw)
+
+    def _quantized(self, group, keys) -> Optional[Quantized]:
+        """The group's quantized states (None: full precision): `keys` are (state key, signed) pairs."""
+        if group.get("state_dtype") is None:
+            return None
+        return Quantized(keys, int(group.get("min_quantized_numel", MIN_QUANTIZED_NUMEL)))

@@ -7,7 +7,8 @@ import inspect
 
 import torch
 
-from ..ops.adam import adam_step_
+from ..ops import quantization
+from ..ops.adam import adam_step_, adam_step_quantized_
 from . import _multi_tensor as mt
 
 _STATE = ("exp_avg", "exp_avg_sq")
@@ -30,17 +31,26 @@ class _FusedAdamStep(mt.FusedStepMixin):
         for group in self._groups():
             amsgrad = group["amsgrad"]
             keys = _STATE + (("max_exp_avg_sq",) if amsgrad else ())
-            buckets = self._buckets(group, keys)
+            # The first moment takes the signed 8-bit map, the second moments the unsigned one.
+            quantized = self._quantized(group, tuple((k, k == "exp_avg") for k in keys))
+            buckets = self._buckets(group, keys, quantized=quantized)
             beta1, beta2 = (float(b) for b in group["betas"])
-            for (device, _, _), b in buckets.items():
+            for (device, _, state_format), b in buckets.items():
                 lr, lr_tensor = mt.lr_args(group["lr"], device)
                 grad_scale, found_inf = mt.scaler_tensors(self, device)
                 torch._foreach_add_(b.steps, 1)
-                adam_step_(b.params, b.grads, b.states["exp_avg"], b.states["exp_avg_sq"],
-                           b.states["max_exp_avg_sq"] if amsgrad else [], b.masters, b.steps,
-                           lr, lr_tensor, beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
-                           bool(group.get("decoupled_weight_decay", decoupled_default)), amsgrad,
-                           bool(group["maximize"]), grad_scale, found_inf)
+                hyper = (lr, lr_tensor, beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
+                         bool(group.get("decoupled_weight_decay", decoupled_default)), amsgrad,
+                         bool(group["maximize"]), grad_scale, found_inf)
+                if state_format == mt.QUANTIZED:
+                    s = b.states
+                    adam_step_quantized_(b.params, b.grads, s["exp_avg"], s["exp_avg_absmax"], s["exp_avg_sq"],
+                                         s["exp_avg_sq_absmax"], s["max_exp_avg_sq"] if amsgrad else [],
+                                         s["max_exp_avg_sq_absmax"] if amsgrad else [], b.masters, b.steps,
+                                         quantization.table(True, device), quantization.table(False, device), *hyper)
+                else:
+                    adam_step_(b.params, b.grads, b.states["exp_avg"], b.states["exp_avg_sq"],
+                               b.states["max_exp_avg_sq"] if amsgrad else [], b.masters, b.steps, *hyper)
                 mt.undo_skipped_steps(b.steps, found_inf)
                 mt.finish(b, self)
         self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
@@ -50,13 +60,16 @@ class _FusedAdamStep(mt.FusedStepMixin):
 class Adam(_FusedAdamStep, torch.optim.Adam):
     """Drop-in for torch.optim.Adam with a fused multi-tensor step.
 
-    Extra keyword: ``master_weights`` keeps fp32 copies of fp16/bf16 parameters (and fp32 states)
-    and updates them inside the fused step. ``foreach`` and ``fused`` are accepted and ignored.
+    Extra keywords: ``master_weights`` keeps fp32 copies of fp16/bf16 parameters (and fp32 states)
+    and updates them inside the fused step; ``state_dtype="int8"`` keeps exp_avg / exp_avg_sq (and
+    max_exp_avg_sq) as blockwise 8-bit codes of tensors with at least ``min_quantized_numel`` elements
+    (see :class:`Adam8bit`). ``foreach`` and ``fused`` are accepted and ignored.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, master_weights=False):
+                 decoupled_weight_decay=False, master_weights=False, state_dtype=None,
+                 min_quantized_numel=mt.MIN_QUANTIZED_NUMEL):
         if differentiable:
             self._fused_setup("Adam", master_weights, differentiable)
         extra = {"decoupled_weight_decay": decoupled_weight_decay} if _TORCH_HAS_DECOUPLED else {}
@@ -65,7 +78,7 @@ class Adam(_FusedAdamStep, torch.optim.Adam):
         if not _TORCH_HAS_DECOUPLED:
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
-        self._fused_setup("Adam", master_weights, differentiable)
+        self._fused_setup("Adam", master_weights, differentiable, state_dtype, min_quantized_numel)
 
 
 class AdamW(_FusedAdamStep, torch.optim.AdamW):
@@ -73,12 +86,39 @@ class AdamW(_FusedAdamStep, torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights=False):
+                 master_weights=False, state_dtype=None, min_quantized_numel=mt.MIN_QUANTIZED_NUMEL):
         if differentiable:
             self._fused_setup("AdamW", master_weights, differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          capturable=capturable)
-        self._fused_setup("AdamW", master_weights, differentiable)
+        self._fused_setup("AdamW", master_weights, differentiable, state_dtype, min_quantized_numel)
+
+
+class Adam8bit(Adam):
+    """Adam with blockwise 8-bit states (bitsandbytes' Adam8bit format): ``Adam(..., state_dtype="int8")``.
+
+    ``state["exp_avg"]`` holds uint8 codes of the signed 8-bit dynamic map, ``state["exp_avg_sq"]``
+    (and ``max_exp_avg_sq``) codes of the unsigned one, laid out like the parameter; each has a
+    float32 ``<key>_absmax`` with one scale per 256 elements in memory order (value = map[code] *
+    absmax). Tensors with fewer than ``min_quantized_numel`` elements keep torch's states. The step
+    dequantizes, updates in fp32 and requantizes in one kernel call per bucket. A torch (full
+    precision) checkpoint loads and is quantized; :func:`fusedtech.optim.dequantize_state_dict` gives
+    one torch.optim.Adam loads. 2 bytes of state per element instead of 8.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 min_quantized_numel=mt.MIN_QUANTIZED_NUMEL, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype=mt.QUANTIZED,
+                         min_quantized_numel=min_quantized_numel, **kwargs)
+
+
+class AdamW8bit(AdamW):
+    """AdamW with blockwise 8-bit states: ``AdamW(..., state_dtype="int8")`` (see :class:`Adam8bit`)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 min_quantized_numel=mt.MIN_QUANTIZED_NUMEL, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype=mt.QUANTIZED,
+                         min_quantized_numel=min_quantized_numel, **kwargs)
 
 
 FusedAdam = Adam

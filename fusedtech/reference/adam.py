@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from . import quantization
+
 
 @torch.no_grad()
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
@@ -48,3 +50,24 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
         param.copy_(p)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
+
+
+@torch.no_grad()
+def adam_step_quantized_(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
+                         max_exp_avg_sqs, max_exp_avg_sq_absmaxes, master_params, steps, signed_table,
+                         unsigned_table, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                         maximize, grad_scale, found_inf) -> None:
+    """Adam with blockwise-quantized states: dequantize, the fp32 step above, requantize each state
+    with its blocks' new absmax (reference/quantization.py)."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    tables = ((exp_avgs, exp_avg_absmaxes, signed_table), (exp_avg_sqs, exp_avg_sq_absmaxes, unsigned_table))
+    if amsgrad:
+        tables += ((max_exp_avg_sqs, max_exp_avg_sq_absmaxes, unsigned_table),)
+    states = [[quantization.dequantize_blockwise(c, a, table) for c, a in zip(codes, absmax)]
+              for codes, absmax, table in tables]
+    adam_step_(params, grads, states[0], states[1], states[2] if amsgrad else [], master_params, steps, lr,
+               lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, None)
+    for (codes, absmax, table), values in zip(tables, states):
+        for c, a, x in zip(codes, absmax, values):
+            quantization.quantize_blockwise_(x, c, a, table)

@@ -1,0 +1,438 @@
+"""Blockwise 8-bit optimizer states: the format (maps, quantize / dequantize on every backend, against
+bitsandbytes) and the 8-bit Adam / AdamW built on it.
+
+Tolerances (written down, never loosened to pass):
+- quantize / dequantize: bit-exact between the oracle, the CPU kernel and Triton (interpreted here),
+  and with bitsandbytes' reference (pure-PyTorch) quantizer.
+- 8-bit step, kernel vs oracle: the fp32 math agrees to rounding (parameters atol 1e-6, rtol 1e-5
+  in fp32; one ulp of the storage dtype plus 1e-3 / 1e-2 for fp16 / bf16, as the fp32-state tests);
+  a state value that lands within rounding of a midpoint between two codes may take the other code, so
+  at most 0.5% of the codes may differ, by one, and the absmax agree to rtol 1e-5.
+- training: 300 steps of a small regression MLP; the final loss of every 8-bit run within 5% of fp32
+  AdamW's, and no further from it than bitsandbytes' AdamW8bit on the same run plus 1% of fp32's loss.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import fusedtech
+from fusedtech import optim
+from fusedtech.ops import quantization as ops
+from fusedtech.reference import quantization as reference
+from conftest import cpu_backends
+from optim_common import assert_compiled_step_matches_eager, clone, make_params, set_grads
+
+BACKENDS = cpu_backends()
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
+FP32_TOL = dict(atol=1e-6, rtol=1e-5)
+LOWP_TOL = {torch.float16: dict(atol=1e-3, rtol=2e-3), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+MAX_CODE_FLIPS = 0.005
+
+try:
+    import bitsandbytes
+    import bitsandbytes.functional as bnb_functional
+except Exception:  # noqa: BLE001 - absent, or present but unable to load on this machine
+    bitsandbytes = None
+needs_bnb = pytest.mark.skipif(bitsandbytes is None, reason="bitsandbytes is not installed")
+
+
+def _awkward(n, dtype=torch.float32, seed=0):
+    """n values with a wide dynamic range; blocks of zeros, a NaN block and an inf where n allows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.logspace(-6, 2, max(n, 1))[:n]
+    if n > 600:
+        x[256:512] = 0  # an all-zero block stays zero
+        x[520] = float("nan")  # its block reads back NaN
+    if n > 900:
+        x[800] = float("inf")
+    return x.to(dtype)
+
+
+def _same(a, b):
+    return torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+def test_maps_are_sorted_with_exact_zero_and_one():
+    for signed in (True, False):
+        table = reference.dynamic_map(signed)
+        assert table.dtype == torch.float32 and table.shape == (256,)
+        assert torch.all(table[1:] > table[:-1])
+        assert 0.0 in table.tolist() and table[-1].item() == 1.0
+        assert (table.min().item() < -0.99) if signed else (table.min().item() == 0.0)
+
+
+@needs_bnb
+def test_maps_are_bitsandbytes_maps():
+    assert torch.equal(reference.dynamic_map(True), bnb_functional.create_dynamic_map(signed=True))
+    assert torch.equal(reference.dynamic_map(False), bnb_functional.create_dynamic_map(signed=False))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 1000, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantize_and_dequantize_are_bit_exact_with_the_oracle(backend, n, dtype, signed):
+    x = _awkward(n, dtype)
+    if not signed:
+        x = x.abs()
+    table = reference.dynamic_map(signed)
+    codes, absmax = reference.quantize_blockwise(x, table)
+    with fusedtech.use_backend(backend):
+        got_codes, got_absmax = ops.quantize_blockwise(x, signed=signed)
+        values = ops.dequantize_blockwise(codes, absmax, signed=signed)
+    assert torch.equal(got_codes, codes)
+    assert _same(got_absmax, absmax)
+    assert _same(values, reference.dequantize_blockwise(codes, absmax, table))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantized_codes_follow_a_channels_last_tensor_in_memory_order(backend):
+    x = _awkward(2 * 8 * 5 * 7).view(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+    with fusedtech.use_backend(backend):
+        codes, absmax = ops.quantize_blockwise(x, signed=True)
+        values = ops.dequantize_blockwise(codes, absmax, signed=True)
+    assert codes.stride() == x.stride() and values.stride() == x.stride()
+    flat_codes, flat_absmax = reference.quantize_blockwise(x.permute(0, 2, 3, 1).reshape(-1), reference.dynamic_map(True))
+    assert torch.equal(codes.permute(0, 2, 3, 1).reshape(-1), flat_codes)
+    assert _same(absmax, flat_absmax)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_round_trip_takes_the_nearest_code(signed):
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    x = x if signed else x.abs()
+    table = reference.dynamic_map(signed)
+    codes, absmax = reference.quantize_blockwise(x, table)
+    values = reference.dequantize_blockwise(codes, absmax, table)
+    scale = absmax.repeat_interleave(reference.BLOCK)[: x.numel()]
+    # The nearest entry: no other table entry is closer to the scaled value.
+    scaled = x * (1.0 / scale)
+    distance = (table[None, :] - scaled[:, None]).abs()
+    chosen = distance.gather(1, codes.long()[:, None]).squeeze(1)
+    assert torch.all(chosen <= distance.min(dim=1).values)
+    # The farthest a scaled value in [-1, 1] ([0, 1] unsigned) can be from its nearest entry: half the
+    # widest gap, or the distance from -1 to the signed map's lowest entry (-0.993).
+    worst = max((table[1:] - table[:-1]).max().item() / 2, table[0].item() - (-1.0 if signed else 0.0))
+    # Plus the float32 rounding of value = entry * absmax and of the difference: two ulps of x.
+    assert torch.all((values - x).abs() <= worst * scale + 2 * x.abs() * 2.0 ** -24)
+
+
+@needs_bnb
+def test_quantizer_is_bitsandbytes_reference_quantizer_bit_for_bit():
+    x = _awkward(100_000)
+    table = reference.dynamic_map(True)
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    bnb_codes, bnb_absmax = op.redispatch(composite, x[:99_840].nan_to_num(posinf=0.0), table, 256)
+    codes, absmax = reference.quantize_blockwise(x[:99_840].nan_to_num(posinf=0.0), table)
+    assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_absmax)
+    dequantized = torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, table, 256, torch.float32)
+    assert torch.equal(dequantized, reference.dequantize_blockwise(codes, absmax, table))
+
+
+@needs_bnb
+def test_bitsandbytes_native_cpu_quantizer_is_never_nearer_than_ours():
+    """bitsandbytes' compiled CPU quantizer takes a farther code for some values (measured: about 0.15%
+    of normal values, up to 4 codes away); ours is the nearest (its reference quantizer's choice)."""
+    x = torch.randn(102_400, generator=torch.Generator().manual_seed(1))
+    table = reference.dynamic_map(True)
+    codes, absmax = reference.quantize_blockwise(x, table)
+    bnb_codes, bnb_absmax = torch.ops.bitsandbytes.quantize_blockwise(x, table, 256)
+    assert torch.equal(absmax, bnb_absmax)
+    scaled = x * (1.0 / absmax.repeat_interleave(256))
+    assert torch.all((table[codes.long()] - scaled).abs() <= (table[bnb_codes.long()] - scaled).abs())
+
+
+# --- the 8-bit optimizers ------------------------------------------------------------------------
+
+def _run(cls, params, steps=20, backend=None, start=0, **kw):
+    opt = cls(params, **kw)
+    _steps(opt, params, steps, backend, start)
+    return opt
+
+
+def _steps(opt, params, steps, backend=None, start=0):
+    for s in range(start, start + steps):
+        set_grads(params, s)
+        with fusedtech.use_backend(backend):
+            opt.step()
+
+
+def _dequantized(opt, p, key):
+    state = opt.state[p]
+    return ops.dequantize_blockwise(state[key], state[key + "_absmax"], signed=key == "exp_avg")
+
+
+def _assert_close_to(ref_opt, ref_params, opt, params, tol):
+    flips = total = 0
+    for p_ref, p in zip(ref_params, params):
+        torch.testing.assert_close(p, p_ref, **tol)
+        s_ref, s = ref_opt.state[p_ref], opt.state[p]
+        assert s_ref.keys() == s.keys()
+        for key, value in s_ref.items():
+            if value.dtype == torch.uint8:
+                flips += int((value != s[key]).sum())
+                total += value.numel()
+                assert (value.int() - s[key].int()).abs().max() <= 1 if value.numel() else True
+            else:
+                torch.testing.assert_close(s[key], value, rtol=1e-5, atol=1e-12, equal_nan=True)
+    assert flips <= MAX_CODE_FLIPS * max(total, 1), f"{flips} of {total} codes differ"
+
+
+CONFIGS = [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True, weight_decay=0.1, maximize=True),
+           dict(lr=torch.tensor(3e-3), betas=(0.8, 0.99), eps=1e-6)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("cls", [optim.Adam8bit, optim.AdamW8bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "amsgrad-wd-max", "lr-tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_8bit_step_matches_the_oracle(backend, cls, config, dtype):
+    # min_quantized_numel=0: every tensor of the awkward list (empty, 1-element, transposed, strided,
+    # a partial last block) is quantized.
+    params = make_params(dtype)
+    ref_params = clone(params)
+    ref = _run(cls, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
+    fused = _run(cls, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
+    _assert_close_to(ref, ref_params, fused, params, FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8bit_oracle_is_the_fp32_step_between_dequantize_and_quantize(backend):
+    """One step from given codes equals: dequantize, torch.optim.AdamW's step in fp32, quantize."""
+    p = torch.nn.Parameter(torch.randn(3000, generator=torch.Generator().manual_seed(5)))
+    opt = optim.AdamW8bit([p], lr=1e-2, min_quantized_numel=0)
+    _steps(opt, [p], 3, backend)
+    p_torch = torch.nn.Parameter(p.detach().clone())
+    t_opt = torch.optim.AdamW([p_torch], lr=1e-2, foreach=False)
+    t_opt.load_state_dict(optim.dequantize_state_dict(opt.state_dict()))
+    _steps(opt, [p], 1, backend, start=3)
+    _steps(t_opt, [p_torch], 1, start=3)
+    torch.testing.assert_close(p, p_torch, **FP32_TOL)
+    for key in ("exp_avg", "exp_avg_sq"):
+        codes, absmax = reference.quantize_blockwise(t_opt.state[p_torch][key], reference.dynamic_map(key == "exp_avg"))
+        assert (codes.int() - opt.state[p][key].int()).abs().max() <= 1
+        assert (codes != opt.state[p][key]).float().mean() <= MAX_CODE_FLIPS
+        torch.testing.assert_close(opt.state[p][key + "_absmax"], absmax, rtol=1e-5, atol=0)
+
+
+def test_small_tensors_keep_torch_states_and_large_ones_are_quantized():
+    small, large = torch.nn.Parameter(torch.randn(4095)), torch.nn.Parameter(torch.randn(64, 64))
+    opt = optim.AdamW8bit([small, large])
+    small.grad, large.grad = torch.randn_like(small), torch.randn_like(large)
+    opt.step()
+    assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    st = opt.state[large]
+    assert set(st) == {"step", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"}
+    assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg"].shape == large.shape
+    assert st["exp_avg_absmax"].dtype == torch.float32 and st["exp_avg_absmax"].shape == (16,)
+    assert opt.param_groups[0]["state_dtype"] == "int8" and opt.param_groups[0]["min_quantized_numel"] == 4096
+
+
+def test_state_bytes_per_parameter_are_about_two():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 10))
+    opt = optim.AdamW8bit(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert state_bytes / n <= 2.1, state_bytes / n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_parameter_keeps_its_layout_in_the_codes(backend):
+    w = torch.nn.Parameter(torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last))
+    w_ref = torch.nn.Parameter(w.detach().contiguous())
+    for p in (w, w_ref):
+        opt = optim.AdamW8bit([p], lr=1e-2, min_quantized_numel=0)
+        for s in range(3):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(s)).to(memory_format=torch.channels_last
+                                                                                          if p is w else torch.contiguous_format)
+            with fusedtech.use_backend(backend):
+                opt.step()
+        if p is w:
+            assert opt.state[w]["exp_avg"].stride() == w.stride()
+            values = _dequantized(opt, w, "exp_avg")
+        else:
+            values_contiguous = _dequantized(opt, w_ref, "exp_avg")
+    assert values.shape == values_contiguous.shape  # blocks differ (memory order), the values stay close
+    torch.testing.assert_close(w, w_ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_skip_changes_neither_codes_nor_scales(backend):
+    params = make_params()
+    opt = _run(optim.AdamW8bit, params, steps=3, backend=backend, min_quantized_numel=0)
+    before = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in params]
+    set_grads(params, 9)
+    opt.grad_scale = torch.tensor(1024.0)
+    opt.found_inf = torch.tensor(1.0)
+    with fusedtech.use_backend(backend):
+        opt.step()
+    del opt.grad_scale, opt.found_inf
+    after = opt.state_dict()
+    for p, w in zip(params, weights):
+        assert torch.equal(p.detach(), w)
+    for pid, state in before["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["state"][pid][key], value), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_gradient_makes_its_block_nan_never_zero(backend):
+    p = torch.nn.Parameter(torch.randn(1024))
+    opt = optim.AdamW8bit([p], lr=1e-2, min_quantized_numel=0)
+    _steps(opt, [p], 2, backend)
+    p.grad = torch.randn_like(p)
+    p.grad[300] = float("nan")
+    with fusedtech.use_backend(backend):
+        opt.step()
+    m = _dequantized(opt, p, "exp_avg")
+    assert torch.isnan(m[256:512]).all() and torch.isfinite(m[:256]).all() and torch.isfinite(m[512:]).all()
+    assert torch.isnan(opt.state[p]["exp_avg_sq_absmax"][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8bit_state_dict_round_trip_continues_bit_identically(backend):
+    params = make_params()
+    opt = _run(optim.AdamW8bit, params, steps=4, backend=backend, lr=1e-2, min_quantized_numel=0, amsgrad=True)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    resumed_params = clone(params)
+    resumed = optim.AdamW8bit(resumed_params, lr=1e-2, min_quantized_numel=0, amsgrad=True)
+    resumed.load_state_dict(loaded)
+    assert resumed.state[resumed_params[1]]["exp_avg"].dtype == torch.uint8
+    _steps(opt, params, 4, backend, start=4)
+    _steps(resumed, resumed_params, 4, backend, start=4)
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert torch.equal(resumed.state[b][key], value), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_checkpoint_loads_into_8bit_and_is_quantized(backend, dtype):
+    params = make_params(dtype)
+    t_opt = _run(torch.optim.AdamW, params, steps=4, lr=1e-2, foreach=False)
+    ours = clone(params)
+    opt = optim.AdamW8bit(ours, lr=1e-2, min_quantized_numel=0)
+    opt.load_state_dict(copy.deepcopy(t_opt.state_dict()))
+    # A step GradScaler skips: the loaded states are converted and nothing else changes.
+    for q in ours:
+        q.grad = torch.zeros_like(q)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    with fusedtech.use_backend(backend):
+        opt.step()
+    del opt.grad_scale, opt.found_inf
+    for p, q in zip(params, ours):
+        assert torch.equal(q, p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            codes, absmax = reference.quantize_blockwise(t_opt.state[p][key], reference.dynamic_map(key == "exp_avg"))
+            assert torch.equal(opt.state[q][key], codes) and torch.equal(opt.state[q][key + "_absmax"], absmax)
+        assert opt.state[q]["step"].item() == t_opt.state[p]["step"].item()
+    _steps(opt, ours, 2, backend, start=4)
+    assert all(torch.isfinite(q).all() for q in ours)
+
+
+def test_dequantized_checkpoint_loads_into_torch_optim():
+    params = make_params()
+    opt = _run(optim.AdamW8bit, params, steps=4, lr=1e-2, min_quantized_numel=0)
+    sd = optim.dequantize_state_dict(opt.state_dict())
+    torch_params = clone(params)
+    t_opt = torch.optim.AdamW(torch_params, lr=1e-2, foreach=False)
+    t_opt.load_state_dict(sd)
+    assert t_opt.state_dict()["param_groups"][0].keys() == torch.optim.AdamW(clone(params)).state_dict()["param_groups"][0].keys()
+    for p, q in zip(params, torch_params):
+        state = t_opt.state[q]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        assert torch.equal(state["exp_avg"], _dequantized(opt, p, "exp_avg"))
+    _steps(t_opt, torch_params, 2, start=4)  # and torch steps from it
+
+
+def test_state_dtype_keyword_on_adam_equals_the_8bit_class():
+    p1, p2 = make_params(), make_params()
+    a = _run(optim.AdamW, p1, steps=3, lr=1e-2, state_dtype="int8", min_quantized_numel=0)
+    b = _run(optim.AdamW8bit, p2, steps=3, lr=1e-2, min_quantized_numel=0)
+    for x, y in zip(p1, p2):
+        assert torch.equal(x, y)
+        for key, value in a.state[x].items():
+            assert torch.equal(b.state[y][key], value)
+
+
+def test_unknown_state_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match="state_dtype"):
+        optim.AdamW(make_params(), state_dtype="int3")
+    with pytest.raises(ValueError, match="min_quantized_numel"):
+        optim.AdamW8bit(make_params(), min_quantized_numel=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_8bit_states_with_master_weights(dtype):
+    params = make_params(dtype)
+    ref_params = clone(params)
+    ref = _run(optim.AdamW8bit, ref_params, backend="torch", lr=1e-2, min_quantized_numel=0, master_weights=True)
+    fused = _run(optim.AdamW8bit, params, lr=1e-2, min_quantized_numel=0, master_weights=True)
+    _assert_close_to(ref, ref_params, fused, params, LOWP_TOL[dtype])
+    assert fused.state[params[1]]["master_param"].dtype == torch.float32
+
+
+def test_compiled_8bit_step_matches_eager():
+    assert_compiled_step_matches_eager(lambda ps: optim.AdamW8bit(ps, lr=1e-2, min_quantized_numel=0))
+
+
+def test_8bit_step_op_passes_opcheck():
+    params = [torch.randn(300), torch.randn(17, 33)]
+    grads = [torch.randn_like(p) for p in params]
+    quantized = [ops.quantize_blockwise(torch.zeros_like(p), signed=s) for s in (True, False) for p in params]
+    m, ma = [q[0] for q in quantized[:2]], [q[1] for q in quantized[:2]]
+    v, va = [q[0] for q in quantized[2:]], [q[1] for q in quantized[2:]]
+    steps = [torch.ones((), dtype=torch.float32) for _ in params]
+    args = (params, grads, m, ma, v, va, [], [], [], steps, ops.table(True, "cpu"), ops.table(False, "cpu"),
+            1e-2, None, 0.9, 0.999, 1e-8, 0.01, True, False, False, None, None)
+    torch.library.opcheck(torch.ops.fusedtech.adam_step_quantized_.default, args)
+
+
+def _train(make_optimizer, steps=300):
+    """Held-out loss after full-batch training of a small MLP on a noisy regression (the noise floor is
+    0.09: held out, the loss cannot fall towards 0 by memorising, so runs compare on what they learnt)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 64, generator=g)
+    y = torch.sin(x[:, :8].sum(1, keepdim=True) / 2) + 0.3 * torch.randn(8192, 1, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(),
+                                torch.nn.Linear(128, 1))
+    opt = make_optimizer(model.parameters())
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x[:4096]), y[:4096])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x[4096:]), y[4096:]).item()
+
+
+@needs_bnb
+def test_300_steps_of_training_end_as_close_to_fp32_adamw_as_bitsandbytes():
+    fp32 = _train(lambda ps: torch.optim.AdamW(ps, lr=3e-3))
+    ours = _train(lambda ps: optim.AdamW8bit(ps, lr=3e-3))
+    theirs = _train(lambda ps: bitsandbytes.optim.AdamW8bit(ps, lr=3e-3))
+    assert abs(ours - fp32) <= 0.05 * fp32, (ours, fp32)
+    assert abs(ours - fp32) <= abs(theirs - fp32) + 0.01 * fp32, (ours, theirs, fp32)
+
+
+def test_300_steps_of_8bit_training_end_within_5_percent_of_fp32():
+    fp32 = _train(lambda ps: torch.optim.AdamW(ps, lr=3e-3))
+    for make in (lambda ps: optim.AdamW8bit(ps, lr=3e-3), lambda ps: optim.Adam8bit(ps, lr=3e-3, amsgrad=True)):
+        loss = _train(make)
+        assert abs(loss - fp32) <= 0.05 * fp32, (loss, fp32)
+
