@@ -89,6 +89,24 @@ def test_quantize_and_dequantize_are_bit_exact_with_the_oracle(backend, n, dtype
     assert _same(values, reference.dequantize_blockwise(codes, absmax, table))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantizer_is_exact_over_the_whole_float_range(backend, signed):
+    """Every 256th float32 bit pattern in [-1, 1] (subnormals, the binades next to every midpoint, both
+    signs), in blocks whose absmax is 1 so that the kernels see the values themselves: the codes of
+    the CPU kernel's bucket search (and Triton's binary search) are the oracle's."""
+    patterns = torch.arange(0, 2**31, 2**8 if backend == "cpu" else 2**14, dtype=torch.int64).to(torch.int32)
+    values = patterns.view(torch.float32)
+    values = values[values <= 1.0]
+    values = torch.cat([values, -values])
+    rows = values[: values.numel() // 255 * 255].view(-1, 255)
+    x = torch.cat([torch.ones(rows.shape[0], 1), rows], 1).reshape(-1)
+    table = reference.dynamic_map(signed)
+    with fusedtech.use_backend(backend):
+        codes, _ = ops.quantize_blockwise(x, signed=signed)
+    assert torch.equal(codes, reference.quantize_blockwise(x, table)[0])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantized_codes_follow_a_channels_last_tensor_in_memory_order(backend):
     x = _awkward(2 * 8 * 5 * 7).view(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)

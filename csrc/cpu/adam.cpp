@@ -6,7 +6,7 @@
 
 #include "../checks.h"
 #include "fusedtech/adam.h"
-#include "fusedtech/quantization.h"
+#include "quantization.h"
 #include "multi_tensor.h"
 
 namespace fusedtech::cpu {
@@ -36,24 +36,19 @@ __attribute__((noinline)) void adam_chunk(const Chunk& c, P* __restrict param, c
 
 
 // One block's new values into codes and its absmax (the oracle's quantize_blockwise of the block).
-inline void requantize_block(const float* values, int64_t count, uint8_t* codes, float* absmax,
-                             const float* midpoints) {
-  float amax = 0.0f;
-  for (int64_t k = 0; k < count; ++k) amax = absmax_update(amax, values[k]);
-  const float inverse = quant_inverse(amax);
-  for (int64_t k = 0; k < count; ++k) codes[k] = static_cast<uint8_t>(quantize_code<8>(values[k] * inverse, midpoints));
+inline void requantize_block(const float* values, int64_t count, uint8_t* codes, float* absmax, const QuantTable& q) {
+  const float amax = block_absmax(values, count);
+  quantize_run(values, count, quant_inverse(amax), codes, q);
   *absmax = amax;
 }
 
 // Quantized states (8-bit codes and a float32 absmax per kQuantBlock elements; the signed table for
-// the first moment, the unsigned one for the second and its running maximum). Per block: dequantize,
-// update in fp32 (the same adam_update), keep the new moments in a block-sized buffer, then requantize
-// them with the block's new absmax. Chunks start on block boundaries (kChunkElements is a multiple).
+// the first moment, the unsigned one for the second and its running maximum). Per block: dequantize
+// into block-sized buffers, update in fp32 there (the same adam_update, a loop the compiler
+// vectorises), then requantize them with the block's new absmax. Chunks start on block boundaries (kChunkElements is a multiple).
 struct QuantTables {
-  const float* signed_table;
-  const float* signed_mids;
-  const float* unsigned_table;
-  const float* unsigned_mids;
+  const QuantTable& first;   // signed: the first moment
+  const QuantTable& second;  // unsigned: the second moments
 };
 
 template <typename P, bool AMSGRAD, bool MASTER>
@@ -63,15 +58,19 @@ __attribute__((noinline)) void adam_quantized_chunk(
     uint8_t* __restrict vmax_codes, float* __restrict vmax_absmax, float* __restrict master,
     float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s, const QuantTables q) {
   float m_new[kQuantBlock], v_new[kQuantBlock], vmax_new[kQuantBlock];
+  const float* signed_values = q.first.values.data();
+  const float* unsigned_values = q.second.values.data();
   for (int64_t begin = c.begin; begin < c.end; begin += kQuantBlock) {
     const int64_t end = std::min(c.end, begin + kQuantBlock), count = end - begin, blk = begin / kQuantBlock;
-    const float am = m_absmax[blk], av = v_absmax[blk], avmax = AMSGRAD ? vmax_absmax[blk] : 0.0f;
+    dequantize_run(m_codes + begin, count, m_absmax[blk], signed_values, m_new);
+    dequantize_run(v_codes + begin, count, v_absmax[blk], unsigned_values, v_new);
+    if (AMSGRAD) dequantize_run(vmax_codes + begin, count, vmax_absmax[blk], unsigned_values, vmax_new);
     for (int64_t k = 0; k < count; ++k) {
       const int64_t i = begin + k;
       float p = MASTER ? master[i] : to_float(param[i]);
-      float m = dequantize_code(m_codes[i], q.signed_table, am);
-      float v = dequantize_code(v_codes[i], q.unsigned_table, av);
-      float vmax = AMSGRAD ? dequantize_code(vmax_codes[i], q.unsigned_table, avmax) : 0.0f;
+      float m = m_new[k];
+      float v = v_new[k];
+      float vmax = AMSGRAD ? vmax_new[k] : 0.0f;
       adam_update(p, to_float(grad[i]) * inv_grad_scale, m, v, vmax, h, s);
       if (MASTER) master[i] = p;
       param[i] = from_float<P>(p);
@@ -79,9 +78,9 @@ __attribute__((noinline)) void adam_quantized_chunk(
       v_new[k] = v;
       if (AMSGRAD) vmax_new[k] = vmax;
     }
-    requantize_block(m_new, count, m_codes + begin, m_absmax + blk, q.signed_mids);
-    requantize_block(v_new, count, v_codes + begin, v_absmax + blk, q.unsigned_mids);
-    if (AMSGRAD) requantize_block(vmax_new, count, vmax_codes + begin, vmax_absmax + blk, q.unsigned_mids);
+    requantize_block(m_new, count, m_codes + begin, m_absmax + blk, q.first);
+    requantize_block(v_new, count, v_codes + begin, v_absmax + blk, q.second);
+    if (AMSGRAD) requantize_block(vmax_new, count, vmax_codes + begin, vmax_absmax + blk, q.second);
   }
 }
 
@@ -180,11 +179,6 @@ void adam_step_quantized_cpu(at::TensorList params, at::TensorList grads, at::Te
   if (amsgrad) check_quantized(params, max_exp_avg_sqs, "max_exp_avg_sqs", max_exp_avg_sq_absmaxes, "max_exp_avg_sq_absmaxes");
   if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
   check_steps(params, steps);
-  for (const auto& [table, name] : {std::pair{&signed_table, "signed_table"}, std::pair{&unsigned_table, "unsigned_table"}}) {
-    TORCH_CHECK(table->scalar_type() == at::kFloat && table->numel() == 256 && table->is_contiguous() &&
-                    table->device().is_cpu(),
-                "fusedtech: adam_step_quantized ", name, " must be a contiguous float32 CPU tensor of 256 values");
-  }
   const StepScalars scalars = step_scalars(lr, lr_tensor, grad_scale, found_inf);
   if (scalars.skip) return;
   const AdamHyper h{static_cast<float>(beta1), static_cast<float>(beta2),
@@ -195,10 +189,7 @@ void adam_step_quantized_cpu(at::TensorList params, at::TensorList grads, at::Te
   for (size_t t = 0; t < params.size(); ++t) {
     per_tensor[t] = adam_tensor_scalars(scalars.lr, beta1, beta2, weight_decay, steps[t].item<double>());
   }
-  const at::Tensor signed_mids = (signed_table.slice(0, 0, 255) + signed_table.slice(0, 1, 256)) / 2;
-  const at::Tensor unsigned_mids = (unsigned_table.slice(0, 0, 255) + unsigned_table.slice(0, 1, 256)) / 2;
-  const QuantTables q{signed_table.const_data_ptr<float>(), signed_mids.const_data_ptr<float>(),
-                      unsigned_table.const_data_ptr<float>(), unsigned_mids.const_data_ptr<float>()};
+  const QuantTables q{quant_table(signed_table), quant_table(unsigned_table)};
   FT_DISPATCH_FLOAT_TYPES(pdtype, "adam_step_quantized_cpu", [&] {
     using P = scalar_t;
     with_bool(amsgrad, [&](auto amsgrad_tag) {
