@@ -169,10 +169,11 @@ setup(
         # tests draw the CIFAR example's and the suite's plots; hypothesis: the property-based fuzz suite.
         # timm, transformers (+ accelerate, for its Trainer): convert_model's tests on their models.
         # expecttest: torch.testing._internal imports it, and the norm tests run PyTorch's own
-        # ModuleInfo inputs (common_modules.module_db) against the drop-ins. bitsandbytes: the 8-bit
-        # optimizer tests compare its maps, its quantizer and its CPU AdamW8bit's training with ours.
+        # ModuleInfo inputs (common_modules.module_db) against the drop-ins. bitsandbytes, torchao: the
+        # 8-bit optimizer tests compare their maps and quantizers (and bitsandbytes' CPU AdamW8bit's
+        # training) with ours.
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "torch-optimizer", "matplotlib", "tqdm",
-                 "hypothesis>=6", "timm", "transformers", "accelerate", "expecttest", "bitsandbytes"],
+                 "hypothesis>=6", "timm", "transformers", "accelerate", "expecttest", "bitsandbytes", "torchao"],
         # deepspeed: DeepSpeedCPUAdam, the CPU bar the optimizer benchmark reports beside torch;
         # timm, transformers: the models of the end-to-end training-step benchmark; bitsandbytes, torchao:
         # the 8-bit AdamW peers.

@@ -46,6 +46,13 @@ inline void check_like_params(at::TensorList params, at::TensorList list, const 
   }
 }
 
+// bf16 stochastic rounding of the parameters: a seed only for bf16 parameters without fp32 masters.
+inline void check_stochastic_round(const std::optional<int64_t>& seed, at::ScalarType param_dtype, bool has_master) {
+  TORCH_CHECK(!seed || (param_dtype == at::kBFloat16 && !has_master),
+              "fusedtech: stochastic_round_seed is for bfloat16 parameters without master_params, got ", param_dtype,
+              has_master ? " parameters with master_params" : " parameters");
+}
+
 // BatchNorm + residual + activation (codes 0 none, 1 relu, 2 gelu, 3 silu): the forward's arguments,
 // and the backward's (ReLU's backward reads the forward's mask, 8 elements a byte).
 inline void check_batch_norm_act(int64_t act, const at::Tensor& x, const std::optional<at::Tensor>& residual) {

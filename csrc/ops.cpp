@@ -13,13 +13,15 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedtech_C, m) {
-  // Optimizers: one call updates every tensor of one (device, dtype) group in place.
+  // Optimizers: one call updates every tensor of one (device, dtype) group in place. A
+  // stochastic_round_seed rounds bfloat16 parameters stochastically (fusedtech/philox.h's
+  // bf16_bits_stochastic) instead of to nearest.
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
       "Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale, "
-      "Tensor? found_inf) -> ()");
+      "Tensor? found_inf, int? stochastic_round_seed=None) -> ()");
   // Adam with quantized states: each of exp_avgs, exp_avg_sqs, max_exp_avg_sqs is uint8 codes laid out
   // like params plus a float32 absmax per block of 256 (fusedtech/quantization.h); the first moment
   // indexes signed_table, the second moments unsigned_table.
@@ -29,7 +31,7 @@ TORCH_LIBRARY(fusedtech_C, m) {
       "Tensor(f!)[] max_exp_avg_sqs, Tensor(g!)[] max_exp_avg_sq_absmaxes, Tensor(h!)[] master_params, "
       "Tensor[] steps, Tensor signed_table, Tensor unsigned_table, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, int? stochastic_round_seed=None) -> ()");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] master_params, float lr, Tensor? lr_tensor, float momentum, float dampening, "

@@ -30,7 +30,11 @@ _AUTO_ORDER_BY_OP = {("layer_norm", "cuda"): ("triton", "cuda", "torch"),
                      ("batch_norm", "cuda"): ("triton", "cuda", "torch"),
                      ("drop_block2d", "cuda"): ("triton", "cuda", "torch"),
                      ("dropout_add_layer_norm", "cuda"): ("triton", "cuda", "torch"),
-                     ("group_norm", "cuda"): ("triton", "cuda", "torch")}
+                     ("group_norm", "cuda"): ("triton", "cuda", "torch"),
+                     # Nor have the 8-bit optimizer states' CUDA C++ kernels.
+                     ("adam_step_quantized", "cuda"): ("triton", "cuda", "torch"),
+                     ("quantize_blockwise", "cuda"): ("triton", "cuda", "torch"),
+                     ("dequantize_blockwise", "cuda"): ("triton", "cuda", "torch")}
 # Multi-tensor steps over large lists. Same H100 run: on GPT-2 small's list (124M fp32 elements)
 # every Triton optimizer step reached 90-94% of copy bandwidth, the CUDA C++ kernels 75-84%; on
 # ResNet-18's (11M elements, host-bound) neither led throughout. Lists of at least

@@ -11,25 +11,46 @@ from aot import compile_for_gpus
 
 ADAM_SIGNATURE = {"ptrs": "*i64", "chunks": "*i64", "hyper": "*fp64", "lr": "fp32", "lr_ptr": "*fp32",
                   "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "beta1": "fp32", "beta2": "fp32",
-                  "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32"}
+                  "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
+                  "seed": "i64"}
+ADAM_QUANTIZED_SIGNATURE = dict(list(ADAM_SIGNATURE.items())[:3] + [("tables", "*fp32")] + list(ADAM_SIGNATURE.items())[3:])
 
 
-@pytest.mark.parametrize("param,state,master", [("float32", "float32", False), ("bfloat16", "bfloat16", False),
-                                                ("float16", "float32", True)])
-@pytest.mark.parametrize("flags", [dict(AMSGRAD=True, HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True,
-                                        HAS_LR_PTR=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True),
-                                   dict(AMSGRAD=False, HAS_WEIGHT_DECAY=False, DECOUPLED=False, MAXIMIZE=False,
-                                        HAS_LR_PTR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)],
-                         ids=["all-options", "plain"])
-def test_adam_triton_kernel_compiles_for_sm80_sm90(param, state, master, flags):
+ADAM_FLAGS = [dict(AMSGRAD=True, HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True, HAS_LR_PTR=True,
+                   HAS_GRAD_SCALE=True, HAS_FOUND_INF=True),
+              dict(AMSGRAD=False, HAS_WEIGHT_DECAY=False, DECOUPLED=False, MAXIMIZE=False, HAS_LR_PTR=False,
+                   HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)]
+
+
+@pytest.mark.parametrize("param,state,master,stochastic", [
+    ("float32", "float32", False, False), ("bfloat16", "bfloat16", False, False), ("float16", "float32", True, False),
+    ("bfloat16", "bfloat16", False, True)], ids=["fp32", "bf16", "fp16-master", "bf16-stochastic-round"])
+@pytest.mark.parametrize("flags", ADAM_FLAGS, ids=["all-options", "plain"])
+def test_adam_triton_kernel_compiles_for_sm80_sm90(param, state, master, stochastic, flags):
     import triton.language as tl
     from fusedtech.triton_kernels.adam import _adam_kernel
-    consts = dict(PARAM=getattr(tl, param), STATE=getattr(tl, state), HAS_MASTER=master, BLOCK=1024, **flags)
+    consts = dict(PARAM=getattr(tl, param), STATE=getattr(tl, state), HAS_MASTER=master, STOCHASTIC_ROUND=stochastic,
+                  BLOCK=1024, **flags)
     for compiled in compile_for_gpus(_adam_kernel, ADAM_SIGNATURE, consts):
         ptx = compiled.asm["ptx"]
         # IEEE sqrt and division, as the parity with torch assumes (not the approximate forms).
         assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
         assert "sqrt.approx.f32" not in ptx
+
+
+@pytest.mark.parametrize("param,master,stochastic", [("float32", False, False), ("bfloat16", False, True),
+                                                     ("float16", True, False)],
+                         ids=["fp32", "bf16-stochastic-round", "fp16-master"])
+@pytest.mark.parametrize("flags", ADAM_FLAGS, ids=["all-options", "plain"])
+def test_8bit_adam_triton_kernel_compiles_for_sm80_sm90(param, master, stochastic, flags):
+    import triton.language as tl
+    from fusedtech.triton_kernels.adam import _adam_quantized_kernel
+    from fusedtech.triton_kernels.quantization import QBLOCK, ROWS
+    consts = dict(PARAM=getattr(tl, param), HAS_MASTER=master, STOCHASTIC_ROUND=stochastic, ROWS=ROWS, QBLOCK=QBLOCK,
+                  **flags)
+    for compiled in compile_for_gpus(_adam_quantized_kernel, ADAM_QUANTIZED_SIGNATURE, consts):
+        ptx = compiled.asm["ptx"]
+        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
 
 
 def _nvcc_usable():

@@ -165,6 +165,28 @@ def test_bitsandbytes_native_cpu_quantizer_is_never_nearer_than_ours():
     assert torch.all((table[codes.long()] - scaled).abs() <= (table[bnb_codes.long()] - scaled).abs())
 
 
+def test_quantizer_agrees_with_torchaos_but_at_ties():
+    """torchao's 8-bit optimizer states use the same maps; its quantizer divides by the absmax (ours,
+    bitsandbytes' rule, multiplies by its float32 reciprocal) and sends a tie up: the codes differ only
+    for values within rounding of a midpoint (measured: 1 in 2^20), by one."""
+    quant_utils = pytest.importorskip("torchao.optim.quant_utils", reason="torchao is not installed")
+    for signed in (True, False):
+        table = reference.dynamic_map(signed)
+        assert torch.equal(torch.tensor(quant_utils.create_dynamic_map(signed), dtype=torch.float32), table)
+        x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+        x = x if signed else x.abs()
+        scaled, scale = quant_utils.scale_tensor(x, 256)
+        theirs = quant_utils.quantize_8bit_with_qmap(scaled, table)
+        ours, absmax = reference.quantize_blockwise(x, table)
+        assert torch.equal(absmax, scale)
+        differ = ours != theirs
+        assert differ.float().mean() <= 1e-5
+        assert (ours.int() - theirs.int()).abs().max() <= 1
+        mids = reference.midpoints(table)
+        nearest_mid = (scaled[differ][:, None] - mids[None, :]).abs().min(dim=1).values
+        assert torch.all(nearest_mid <= 4 * 2.0 ** -24 * scaled[differ].abs().clamp(min=2.0 ** -126))
+
+
 # --- the 8-bit optimizers ------------------------------------------------------------------------
 
 def _run(cls, params, steps=20, backend=None, start=0, **kw):
@@ -454,3 +476,45 @@ def test_300_steps_of_8bit_training_end_within_5_percent_of_fp32():
         loss = _train(make)
         assert abs(loss - fp32) <= 0.05 * fp32, (loss, fp32)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=["default", "amsgrad-wd-max"])
+def test_gpu_8bit_step_matches_the_oracle(backend, dtype, config):
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(dtype)]
+    ref_params = clone(params)
+    ref = _run(optim.AdamW8bit, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
+    fused = _run(optim.AdamW8bit, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
+    _assert_close_to(ref, ref_params, fused, params, FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("n", [1, 257, 4097, 100_000])
+def test_gpu_quantize_is_bit_exact_with_the_oracle(backend, n):
+    x = _awkward(n)
+    for signed in (True, False):
+        codes, absmax = reference.quantize_blockwise(x if signed else x.abs(), reference.dynamic_map(signed))
+        with fusedtech.use_backend(backend):
+            got_codes, got_absmax = ops.quantize_blockwise((x if signed else x.abs()).cuda(), signed=signed)
+            values = ops.dequantize_blockwise(codes.cuda(), absmax.cuda(), signed=signed)
+        assert torch.equal(got_codes.cpu(), codes) and _same(got_absmax.cpu(), absmax)
+        assert _same(values.cpu(), reference.dequantize_blockwise(codes, absmax, reference.dynamic_map(signed)))
+
+
+@pytest.mark.gpu
+def test_gpu_8bit_step_is_captured_in_a_cuda_graph():
+    params = [torch.nn.Parameter(torch.randn(5000, device="cuda")) for _ in range(3)]
+    opt = optim.AdamW8bit(params, lr=torch.tensor(1e-2, device="cuda"), min_quantized_numel=0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # state made outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    before = [p.detach().clone() for p in params]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import chunk_of, chunk_table, load_param, pointer_table, live_end, store_param, tl_dtype
+from .multi_tensor import chunk_of, chunk_table, load_param, pointer_table, live_end, store_param_rounded, tl_dtype
 from .quantization import QBLOCK, ROWS, dequantize, midpoints, quantize, tile_offsets
 from .rounding import round_to
 
@@ -67,11 +67,11 @@ def _adam_update(p, g, m, v, vmax, neg_step_size, bias_correction2_sqrt, decay_f
 
 @triton.jit
 def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
-                 beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, seed,
                  PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
                  AMSGRAD: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 STOCHASTIC_ROUND: tl.constexpr, BLOCK: tl.constexpr):
     row, begin, end = chunk_of(chunks, tl.program_id(0))
     base = ptrs + row * 7
     g_ptr = tl.load(base + 1).to(tl.pointer_type(PARAM))
@@ -103,7 +103,8 @@ def _adam_kernel(ptrs, chunks, hyper, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
                                      DECOUPLED, MAXIMIZE)
         if AMSGRAD:
             tl.store(vmax_ptr + offs, round_to(vmax, STATE), mask=mask)
-        store_param(base, 0, 5, offs, mask, p, PARAM, HAS_MASTER)
+        store_param_rounded(base, 0, 5, offs, mask, p, row, tl.load(step_ptr), seed, PARAM, HAS_MASTER,
+                            STOCHASTIC_ROUND)
         tl.store(m_ptr + offs, round_to(m, STATE), mask=mask)
         tl.store(v_ptr + offs, round_to(v, STATE), mask=mask)
 
@@ -122,7 +123,7 @@ def _hyper(beta1: float, beta2: float, weight_decay: float, device) -> torch.Ten
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
                lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
-               grad_scale, found_inf, *, chunk: int = CHUNK) -> None:
+               grad_scale, found_inf, stochastic_round_seed=None, *, chunk: int = CHUNK) -> None:
     if not params:
         return
     device = params[0].device
@@ -140,11 +141,22 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
         grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
         beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+        _seed(stochastic_round_seed, params[0].dtype, bool(master_params)),
         PARAM=tl_dtype(params[0].dtype), STATE=tl_dtype(state_dtype), HAS_MASTER=bool(master_params),
         AMSGRAD=bool(amsgrad), HAS_WEIGHT_DECAY=weight_decay != 0, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
         HAS_LR_PTR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, BLOCK=block,
+        HAS_FOUND_INF=found_inf is not None, STOCHASTIC_ROUND=stochastic_round_seed is not None, BLOCK=block,
     )
+
+
+def _seed(seed, param_dtype, has_master) -> int:
+    """The kernels' seed argument (0 when rounding to nearest), checked as the C++ kernels check it."""
+    if seed is None:
+        return 0
+    if param_dtype != torch.bfloat16 or has_master:
+        raise RuntimeError(f"fusedtech: stochastic_round_seed is for bfloat16 parameters without master_params, got "
+                           f"{param_dtype} parameters{' with master_params' if has_master else ''}")
+    return int(seed)
 
 
 # Columns of the quantized kernel's pointer table.
@@ -153,11 +165,11 @@ Q_P, Q_G, Q_M, Q_MA, Q_V, Q_VA, Q_VMAX, Q_VMAXA, Q_MASTER, Q_STEP = map(tl.const
 
 @triton.jit
 def _adam_quantized_kernel(ptrs, chunks, hyper, tables, lr, lr_ptr, grad_scale_ptr, found_inf_ptr,
-                           beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                           beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, seed,
                            PARAM: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr,
                            HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                            HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                           ROWS: tl.constexpr, QBLOCK: tl.constexpr):
+                           STOCHASTIC_ROUND: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr):
     """Adam over 8-bit states: each tile's rows are quantization blocks; dequantize, update in fp32,
     requantize with each row's new absmax, all in registers. tables: signed table, its midpoints,
     unsigned table, its midpoints (256 + 255 + 256 + 255 float32)."""
@@ -195,7 +207,8 @@ def _adam_quantized_kernel(ptrs, chunks, hyper, tables, lr, lr_ptr, grad_scale_p
         p, m, v, vmax = _adam_update(p, g, m, v, vmax, neg_step_size, bias_correction2_sqrt, decay_factor, beta2,
                                      one_minus_beta1, one_minus_beta2, eps, weight_decay, AMSGRAD, HAS_WEIGHT_DECAY,
                                      DECOUPLED, MAXIMIZE)
-        store_param(base, Q_P, Q_MASTER, offs, mask, p, PARAM, HAS_MASTER)
+        store_param_rounded(base, Q_P, Q_MASTER, offs, mask, p, row, tl.load(step_ptr), seed, PARAM, HAS_MASTER,
+                            STOCHASTIC_ROUND)
         # Padding (past the tensor's end) quantizes as 0: it never raises a block's absmax.
         m_code, m_absmax = quantize(tl.where(mask, m, 0.0), signed_mids, 8)
         tl.store(m_ptr + offs, m_code.to(tl.uint8), mask=mask)
@@ -229,7 +242,7 @@ def _tables(signed_table: torch.Tensor, unsigned_table: torch.Tensor) -> torch.T
 def adam_step_quantized_(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                          max_exp_avg_sqs, max_exp_avg_sq_absmaxes, master_params, steps, signed_table,
                          unsigned_table, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-                         maximize, grad_scale, found_inf, *, chunk: int = CHUNK) -> None:
+                         maximize, grad_scale, found_inf, stochastic_round_seed=None, *, chunk: int = CHUNK) -> None:
     if not params:
         return
     device = params[0].device
@@ -251,10 +264,12 @@ def adam_step_quantized_(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs,
         float(lr), lr_ptr, grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
         beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+        _seed(stochastic_round_seed, params[0].dtype, bool(master_params)),
         PARAM=tl_dtype(params[0].dtype), HAS_MASTER=bool(master_params), AMSGRAD=bool(amsgrad),
         HAS_WEIGHT_DECAY=weight_decay != 0, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
         HAS_LR_PTR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, ROWS=ROWS, QBLOCK=QBLOCK,
+        HAS_FOUND_INF=found_inf is not None, STOCHASTIC_ROUND=stochastic_round_seed is not None, ROWS=ROWS,
+        QBLOCK=QBLOCK,
     )
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import round_to
+from .rounding import round_bf16_stochastic, round_to, stochastic_round_draws
 
 _CACHE_SIZE = 8
 _ptr_cache: OrderedDict = OrderedDict()
@@ -156,6 +156,18 @@ def store_param(base, col_param, col_master, offs, mask, p, PARAM: tl.constexpr,
     if HAS_MASTER:
         tl.store(tl.load(base + col_master).to(tl.pointer_type(tl.float32)) + offs, p, mask=mask)
     tl.store(tl.load(base + col_param).to(tl.pointer_type(PARAM)) + offs, round_to(p, PARAM), mask=mask)
+
+
+@triton.jit
+def store_param_rounded(base, col_param, col_master, offs, mask, p, row, step, seed, PARAM: tl.constexpr,
+                        HAS_MASTER: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr):
+    """store_param, or for bf16 parameters without masters rounded stochastically (rounding.py)."""
+    if STOCHASTIC_ROUND:
+        draw = stochastic_round_draws(seed, offs, step, row)
+        tl.store(tl.load(base + col_param).to(tl.pointer_type(tl.bfloat16)) + offs, round_bf16_stochastic(p, draw),
+                 mask=mask)
+    else:
+        store_param(base, col_param, col_master, offs, mask, p, PARAM, HAS_MASTER)
 
 
 def launch_scalars(like: torch.Tensor, lr_tensor, grad_scale, found_inf):

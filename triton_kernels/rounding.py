@@ -19,3 +19,28 @@ def round_to(x, DTYPE: tl.constexpr):
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def stochastic_round_draws(seed, offs, step, tensor):
+    """uint32 draws for bf16 stochastic rounding (fusedtech/reference/rounding.py): element offs of
+    tensor `tensor` at `step` takes word offs % 4 of the Philox block (seed; offs // 4, step, tensor)."""
+    counter = offs // 4
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + step.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + tensor.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    w = offs % 4
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return r.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def round_bf16_stochastic(x, draw):
+    """fp32 x to bf16 with the draw's top 16 bits added below the kept ones, then truncated (unbiased);
+    NaN stays a quiet NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (draw >> 16)) >> 16
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)

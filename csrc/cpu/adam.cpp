@@ -15,10 +15,11 @@ namespace {
 // One chunk: a single SIMD loop, each element loaded into fp32 locals, updated, stored back.
 // h and s arrive by value: as locals the compiler knows they cannot alias the arrays, hoists every
 // option test out of the loop and vectorises it.
-template <typename P, typename S, bool AMSGRAD, bool MASTER>
+template <typename P, typename S, bool AMSGRAD, bool MASTER, bool STOCHASTIC>
 __attribute__((noinline)) void adam_chunk(const Chunk& c, P* __restrict param, const P* __restrict grad, S* __restrict exp_avg,
                 S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, float* __restrict master,
-                float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s) {
+                float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s,
+                const uint32_t* __restrict draws) {
   const int64_t begin = c.begin, end = c.end;
   for (int64_t i = begin; i < end; ++i) {
     float p = MASTER ? master[i] : to_float(param[i]);
@@ -27,7 +28,7 @@ __attribute__((noinline)) void adam_chunk(const Chunk& c, P* __restrict param, c
     float vmax = AMSGRAD ? to_float(max_exp_avg_sq[i]) : 0.0f;
     adam_update(p, to_float(grad[i]) * inv_grad_scale, m, v, vmax, h, s);
     if (MASTER) master[i] = p;
-    param[i] = from_float<P>(p);
+    param[i] = round_param<P, STOCHASTIC>(p, draws, i - begin);
     exp_avg[i] = from_float<S>(m);
     exp_avg_sq[i] = from_float<S>(v);
     if (AMSGRAD) max_exp_avg_sq[i] = from_float<S>(vmax);
@@ -51,12 +52,13 @@ struct QuantTables {
   const QuantTable& second;  // unsigned: the second moments
 };
 
-template <typename P, bool AMSGRAD, bool MASTER>
+template <typename P, bool AMSGRAD, bool MASTER, bool STOCHASTIC>
 __attribute__((noinline)) void adam_quantized_chunk(
     const Chunk& c, P* __restrict param, const P* __restrict grad, uint8_t* __restrict m_codes,
     float* __restrict m_absmax, uint8_t* __restrict v_codes, float* __restrict v_absmax,
     uint8_t* __restrict vmax_codes, float* __restrict vmax_absmax, float* __restrict master,
-    float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s, const QuantTables q) {
+    float inv_grad_scale, const AdamHyper h, const AdamTensorScalars s, const QuantTables q,
+    const uint32_t* __restrict draws) {
   float m_new[kQuantBlock], v_new[kQuantBlock], vmax_new[kQuantBlock];
   const float* signed_values = q.first.values.data();
   const float* unsigned_values = q.second.values.data();
@@ -73,7 +75,7 @@ __attribute__((noinline)) void adam_quantized_chunk(
       float vmax = AMSGRAD ? vmax_new[k] : 0.0f;
       adam_update(p, to_float(grad[i]) * inv_grad_scale, m, v, vmax, h, s);
       if (MASTER) master[i] = p;
-      param[i] = from_float<P>(p);
+      param[i] = round_param<P, STOCHASTIC>(p, draws, i - c.begin);
       m_new[k] = m;
       v_new[k] = v;
       if (AMSGRAD) vmax_new[k] = vmax;
@@ -90,7 +92,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
                    double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf,
+                   std::optional<int64_t> stochastic_round_seed) {
   if (params.empty()) return;
   check_param_list(params);
   const bool has_master = !master_params.empty();
@@ -115,32 +118,37 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                     static_cast<float>(eps), static_cast<float>(weight_decay), decoupled,
                     amsgrad, maximize};
   std::vector<AdamTensorScalars> per_tensor(params.size());
+  std::vector<double> step_values(params.size());
   for (size_t t = 0; t < params.size(); ++t) {
-    per_tensor[t] =
-        adam_tensor_scalars(lr, beta1, beta2, weight_decay, steps[t].item<double>());
+    step_values[t] = steps[t].item<double>();
+    per_tensor[t] = adam_tensor_scalars(lr, beta1, beta2, weight_decay, step_values[t]);
   }
+  check_stochastic_round(stochastic_round_seed, pdtype, has_master);
 
   FT_DISPATCH_FLOAT_TYPES(pdtype, "adam_step_cpu", [&] {
     using P = scalar_t;
-    auto run = [&](auto state_tag, auto amsgrad_tag, auto master_tag) {
+    auto run = [&](auto state_tag, auto amsgrad_tag, auto master_tag, auto stochastic_tag) {
       using S = decltype(state_tag);
       constexpr bool kAmsgrad = decltype(amsgrad_tag)::value;
       constexpr bool kMaster = decltype(master_tag)::value;
+      constexpr bool kStochastic = decltype(stochastic_tag)::value;
       for_each_chunk(params, [&](const Chunk& c) {
         const int64_t t = c.tensor;
-        adam_chunk<P, S, kAmsgrad, kMaster>(
+        adam_chunk<P, S, kAmsgrad, kMaster, kStochastic>(
             c, params[t].data_ptr<P>(), grads[t].const_data_ptr<P>(), exp_avgs[t].data_ptr<S>(),
             exp_avg_sqs[t].data_ptr<S>(), kAmsgrad ? max_exp_avg_sqs[t].data_ptr<S>() : nullptr,
             kMaster ? master_params[t].data_ptr<float>() : nullptr, inv_grad_scale, h,
-            per_tensor[t]);
+            per_tensor[t], stochastic_round_draws(stochastic_round_seed, c, step_values[t]));
       });
     };
     using T = std::true_type;
     using F = std::false_type;
     if (has_master) {
-      amsgrad ? run(float{}, T{}, T{}) : run(float{}, F{}, T{});
+      amsgrad ? run(float{}, T{}, T{}, F{}) : run(float{}, F{}, T{}, F{});
+    } else if (stochastic_round_seed) {
+      amsgrad ? run(P{}, T{}, F{}, T{}) : run(P{}, F{}, F{}, T{});
     } else {
-      amsgrad ? run(P{}, T{}, F{}) : run(P{}, F{}, F{});
+      amsgrad ? run(P{}, T{}, F{}, F{}) : run(P{}, F{}, F{}, F{});
     }
   });
 }
@@ -167,7 +175,8 @@ void adam_step_quantized_cpu(at::TensorList params, at::TensorList grads, at::Te
                              at::TensorList steps, const at::Tensor& signed_table, const at::Tensor& unsigned_table,
                              double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
                              double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                             std::optional<int64_t> stochastic_round_seed) {
   if (params.empty()) return;
   check_param_list(params);
   TORCH_CHECK(params[0].device().is_cpu(), "fusedtech: adam_step_quantized (cpu) got params on ", params[0].device());
@@ -186,25 +195,32 @@ void adam_step_quantized_cpu(at::TensorList params, at::TensorList grads, at::Te
                     static_cast<float>(eps), static_cast<float>(weight_decay), decoupled,
                     amsgrad, maximize};
   std::vector<AdamTensorScalars> per_tensor(params.size());
+  std::vector<double> step_values(params.size());
   for (size_t t = 0; t < params.size(); ++t) {
-    per_tensor[t] = adam_tensor_scalars(scalars.lr, beta1, beta2, weight_decay, steps[t].item<double>());
+    step_values[t] = steps[t].item<double>();
+    per_tensor[t] = adam_tensor_scalars(scalars.lr, beta1, beta2, weight_decay, step_values[t]);
   }
+  check_stochastic_round(stochastic_round_seed, pdtype, has_master);
   const QuantTables q{quant_table(signed_table), quant_table(unsigned_table)};
   FT_DISPATCH_FLOAT_TYPES(pdtype, "adam_step_quantized_cpu", [&] {
     using P = scalar_t;
     with_bool(amsgrad, [&](auto amsgrad_tag) {
       with_bool(has_master, [&](auto master_tag) {
+      with_bool(stochastic_round_seed.has_value() && !has_master, [&](auto stochastic_tag) {
         constexpr bool kAmsgrad = decltype(amsgrad_tag)::value;
         constexpr bool kMaster = decltype(master_tag)::value;
+        constexpr bool kStochastic = decltype(stochastic_tag)::value;
         for_each_chunk(params, [&](const Chunk& c) {
           const int64_t t = c.tensor;
-          adam_quantized_chunk<P, kAmsgrad, kMaster>(
+          adam_quantized_chunk<P, kAmsgrad, kMaster, kStochastic>(
               c, params[t].data_ptr<P>(), grads[t].const_data_ptr<P>(), exp_avgs[t].data_ptr<uint8_t>(),
               exp_avg_absmaxes[t].data_ptr<float>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
               exp_avg_sq_absmaxes[t].data_ptr<float>(), kAmsgrad ? max_exp_avg_sqs[t].data_ptr<uint8_t>() : nullptr,
               kAmsgrad ? max_exp_avg_sq_absmaxes[t].data_ptr<float>() : nullptr,
-              kMaster ? master_params[t].data_ptr<float>() : nullptr, scalars.inv_grad_scale, h, per_tensor[t], q);
+              kMaster ? master_params[t].data_ptr<float>() : nullptr, scalars.inv_grad_scale, h, per_tensor[t], q,
+              stochastic_round_draws(stochastic_round_seed, c, step_values[t]));
         });
+      });
       });
     });
   });

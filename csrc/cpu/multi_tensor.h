@@ -10,6 +10,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fusedtech/philox.h"
+
 namespace fusedtech::cpu {
 
 // Large enough to amortise the per-chunk setup (bias corrections, pointer fetches), small enough
@@ -82,6 +84,28 @@ inline StepScalars step_scalars(double lr, const std::optional<at::Tensor>& lr_t
 template <typename Fn>
 void with_bool(bool b, Fn fn) {
   if (b) fn(std::true_type{}); else fn(std::false_type{});
+}
+
+// bf16 stochastic rounding of a chunk's parameters: element i of tensor t at step s takes word i % 4 of
+// the Philox block (seed; counter i / 4, s, t), the Triton kernels' and the oracle's draw. The draws of
+// one chunk, in a per-thread buffer; null when the step rounds to nearest.
+inline const uint32_t* stochastic_round_draws(const std::optional<int64_t>& seed, const Chunk& c, double step) {
+  if (!seed) return nullptr;
+  thread_local std::vector<uint32_t> buffer;
+  buffer.resize(static_cast<size_t>(c.end - c.begin));
+  philox_draws(static_cast<uint64_t>(*seed), c.begin, c.end - c.begin, buffer.data(), static_cast<uint32_t>(step),
+               static_cast<uint32_t>(c.tensor));
+  return buffer.data();
+}
+
+// A parameter's new value in its dtype: to nearest, or for bf16 with draws, stochastically.
+template <typename P, bool STOCHASTIC>
+inline P round_param(float x, const uint32_t* __restrict draws, int64_t k) {
+  if constexpr (STOCHASTIC && std::is_same_v<P, c10::BFloat16>) {
+    return c10::BFloat16(bf16_bits_stochastic(x, draws[k]), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<P>(x);
+  }
 }
 
 template <typename T>

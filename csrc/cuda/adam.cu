@@ -7,6 +7,7 @@
 #include "../checks.h"
 #include "fusedtech/adam.h"
 #include "multi_tensor_apply.cuh"
+#include "quantization.cuh"
 
 namespace fusedtech::cuda {
 namespace {
@@ -118,8 +119,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
                     double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf,
+                    std::optional<int64_t> stochastic_round_seed) {
   if (params.empty()) return;
+  TORCH_CHECK(!stochastic_round_seed,
+              "fusedtech: the cuda backend's adam_step has no stochastic rounding; the triton backend has");
   check_param_list(params);
   const bool has_master = !master_params.empty();
   const auto pdtype = params[0].scalar_type();
@@ -168,8 +172,154 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   });
 }
 
+// Quantized states (fusedtech/quantization.h): a block of 256 threads walks its chunk one
+// quantization block at a time, a thread an element: dequantize, adam_update, then each state's new
+// absmax by a block reduction and its codes. Operands: param, grad, then codes and absmax of exp_avg,
+// exp_avg_sq, max_exp_avg_sq, then master (16 tensors a launch keep the arguments under 4 KiB).
+constexpr int kQuantDepth = 9;
+constexpr int kQuantTensors = 16;
+using QuantMeta = TensorListMeta<kQuantDepth, kQuantTensors>;
+
+struct QuantTables {
+  const float* first;   // signed: exp_avg
+  const float* second;  // unsigned: exp_avg_sq, max_exp_avg_sq
+};
+
+template <typename P, bool AMSGRAD, bool MASTER>
+__global__ void __launch_bounds__(kQuantThreads) adam_quantized_kernel(QuantMeta meta, AdamArgs a, QuantTables q) {
+  if (a.found_inf && *a.found_inf != 0.0f) return;
+  __shared__ float first[256], first_mids[255], second[256], second_mids[255], scratch[8];
+  load_table(q.first, first, first_mids);
+  load_table(q.second, second, second_mids);
+  const BlockChunk c = block_chunk(meta);
+  P* p = static_cast<P*>(meta.addr[0][c.t]);
+  const P* g = static_cast<const P*>(meta.addr[1][c.t]);
+  uint8_t* m_codes = static_cast<uint8_t*>(meta.addr[2][c.t]);
+  float* m_absmax = static_cast<float*>(meta.addr[3][c.t]);
+  uint8_t* v_codes = static_cast<uint8_t*>(meta.addr[4][c.t]);
+  float* v_absmax = static_cast<float*>(meta.addr[5][c.t]);
+  uint8_t* x_codes = static_cast<uint8_t*>(meta.addr[6][c.t]);
+  float* x_absmax = static_cast<float*>(meta.addr[7][c.t]);
+  float* master = static_cast<float*>(meta.addr[8][c.t]);
+  const double lr = a.lr_ptr ? static_cast<double>(*a.lr_ptr) : a.lr;
+  const AdamTensorScalars s = adam_tensor_scalars(lr, a.beta1, a.beta2, a.weight_decay, *meta.step[c.t]);
+  const float inv_scale = a.grad_scale ? 1.0f / *a.grad_scale : 1.0f;
+  const AdamHyper h = a.h;
+  for (int64_t start = c.begin; start < c.end; start += kQuantBlock) {  // chunks begin on block boundaries
+    const int64_t i = start + threadIdx.x, blk = start / kQuantBlock;
+    const bool live = i < c.end;
+    float pf = 0.0f, mf = 0.0f, vf = 0.0f, xf = 0.0f;
+    if (live) {
+      pf = MASTER ? master[i] : static_cast<float>(p[i]);
+      mf = dequantize_code(m_codes[i], first, m_absmax[blk]);
+      vf = dequantize_code(v_codes[i], second, v_absmax[blk]);
+      if (AMSGRAD) xf = dequantize_code(x_codes[i], second, x_absmax[blk]);
+      adam_update(pf, static_cast<float>(g[i]) * inv_scale, mf, vf, xf, h, s);
+      if (MASTER) master[i] = pf;
+      p[i] = static_cast<P>(pf);
+    }
+    // Padding past the tensor's end counts as 0: it never raises an absmax.
+    const float m_max = block_absmax(live ? mf : 0.0f, scratch);
+    const float v_max = block_absmax(live ? vf : 0.0f, scratch);
+    const float x_max = AMSGRAD ? block_absmax(live ? xf : 0.0f, scratch) : 0.0f;
+    if (live) {
+      m_codes[i] = static_cast<uint8_t>(quantize_code<8>(mf * quant_inverse(m_max), first_mids));
+      v_codes[i] = static_cast<uint8_t>(quantize_code<8>(vf * quant_inverse(v_max), second_mids));
+      if (AMSGRAD) x_codes[i] = static_cast<uint8_t>(quantize_code<8>(xf * quant_inverse(x_max), second_mids));
+    }
+    if (threadIdx.x == 0) {
+      m_absmax[blk] = m_max;
+      v_absmax[blk] = v_max;
+      if (AMSGRAD) x_absmax[blk] = x_max;
+    }
+  }
+}
+
+void check_quantized(at::TensorList params, at::TensorList codes, const char* codes_name, at::TensorList absmax,
+                     const char* absmax_name) {
+  check_like_params(params, codes, codes_name, at::kByte);
+  check_same_length(params, "params", absmax, absmax_name);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t blocks = (params[i].numel() + kQuantBlock - 1) / kQuantBlock;
+    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].numel() == blocks && absmax[i].is_contiguous() &&
+                    absmax[i].device() == params[i].device(),
+                "fusedtech: ", absmax_name, "[", i, "] must be a contiguous float32 tensor of ", blocks, " values on ",
+                params[i].device(), ", got ", absmax[i].scalar_type(), " of shape ", absmax[i].sizes(), " on ",
+                absmax[i].device());
+  }
+}
+
+void adam_step_quantized_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sqs,
+                              at::TensorList exp_avg_sq_absmaxes, at::TensorList max_exp_avg_sqs,
+                              at::TensorList max_exp_avg_sq_absmaxes, at::TensorList master_params,
+                              at::TensorList steps, const at::Tensor& signed_table, const at::Tensor& unsigned_table,
+                              double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                              double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                              std::optional<int64_t> stochastic_round_seed) {
+  if (params.empty()) return;
+  TORCH_CHECK(!stochastic_round_seed,
+              "fusedtech: the cuda backend's adam_step_quantized has no stochastic rounding; the triton backend has");
+  check_param_list(params);
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "fusedtech: adam_step_quantized (cuda) got params on ", device);
+  const bool has_master = !master_params.empty();
+  const auto pdtype = params[0].scalar_type();
+  check_like_params(params, grads, "grads", pdtype);
+  check_quantized(params, exp_avgs, "exp_avgs", exp_avg_absmaxes, "exp_avg_absmaxes");
+  check_quantized(params, exp_avg_sqs, "exp_avg_sqs", exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes");
+  if (amsgrad) check_quantized(params, max_exp_avg_sqs, "max_exp_avg_sqs", max_exp_avg_sq_absmaxes, "max_exp_avg_sq_absmaxes");
+  if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
+  check_steps(params, steps);
+  for (const at::Tensor* table : {&signed_table, &unsigned_table}) {
+    TORCH_CHECK(table->scalar_type() == at::kFloat && table->numel() == 256 && table->is_contiguous() &&
+                    table->device() == device,
+                "fusedtech: adam_step_quantized tables must be contiguous float32 tensors of 256 values on ", device);
+  }
+  c10::cuda::CUDAGuard guard(device);
+  AdamArgs args;
+  args.h = AdamHyper{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                     static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
+                     decoupled, amsgrad, maximize};
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.weight_decay = weight_decay;
+  args.lr_ptr = optional_scalar(lr_tensor, "lr", device);
+  args.grad_scale = optional_scalar(grad_scale, "grad_scale", device);
+  args.found_inf = optional_scalar(found_inf, "found_inf", device);
+  const QuantTables tables{signed_table.const_data_ptr<float>(), unsigned_table.const_data_ptr<float>()};
+  const at::TensorList none;
+  const std::array<at::TensorList, kQuantDepth> lists{
+      params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
+      amsgrad ? max_exp_avg_sqs : none, amsgrad ? max_exp_avg_sq_absmaxes : none, master_params};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  FT_DISPATCH_FLOAT_TYPES(pdtype, "adam_step_quantized_cuda", [&] {
+    using P = scalar_t;
+    auto run = [&](auto amsgrad_tag, auto master_tag) {
+      constexpr bool kAmsgrad = decltype(amsgrad_tag)::value;
+      constexpr bool kMaster = decltype(master_tag)::value;
+      multi_tensor_apply<kQuantDepth, kQuantTensors>(lists, steps, [&](const QuantMeta& meta, int blocks) {
+        adam_quantized_kernel<P, kAmsgrad, kMaster><<<blocks, kQuantThreads, 0, stream>>>(meta, args, tables);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (amsgrad) {
+      has_master ? run(T{}, T{}) : run(T{}, F{});
+    } else {
+      has_master ? run(F{}, T{}) : run(F{}, F{});
+    }
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedtech_C, CUDA, m) { m.impl("adam_step_", &adam_step_cuda); }
+TORCH_LIBRARY_IMPL(fusedtech_C, CUDA, m) {
+  m.impl("adam_step_", &adam_step_cuda);
+  m.impl("adam_step_quantized_", &adam_step_quantized_cuda);
+}
 
 }  // namespace fusedtech::cuda

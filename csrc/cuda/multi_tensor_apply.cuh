@@ -21,9 +21,9 @@ constexpr int64_t kChunkElements = 65536;
 
 // Kernel arguments are limited to 4 KiB on the oldest toolkits we build with; this layout stays
 // under that for DEPTH <= 6 with room for the op's own arguments.
-template <int DEPTH>
+template <int DEPTH, int MAX_TENSORS = 32>
 struct TensorListMeta {
-  static constexpr int kMaxTensors = 32;
+  static constexpr int kMaxTensors = MAX_TENSORS;  // fewer for more operands: the 4 KiB stays enough
   static constexpr int kMaxBlocks = 320;
   void* addr[DEPTH][kMaxTensors];
   int64_t numel[kMaxTensors];
@@ -49,8 +49,8 @@ struct BlockChunk {
   int64_t end;
 };
 
-template <int DEPTH>
-__device__ __forceinline__ BlockChunk block_chunk(const TensorListMeta<DEPTH>& meta) {
+template <int DEPTH, int MAX_TENSORS>
+__device__ __forceinline__ BlockChunk block_chunk(const TensorListMeta<DEPTH, MAX_TENSORS>& meta) {
   const int t = meta.block_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkElements;
   return {t, begin, min(meta.numel[t], begin + kChunkElements)};
@@ -65,10 +65,10 @@ __device__ __forceinline__ void for_each_element(const BlockChunk& c, F f) {
 
 // lists[d][t] is operand d of tensor t; lists[0] decides the tensors (empty ones are skipped) and
 // an empty operand list passes null addresses. launch(meta, blocks) starts one kernel.
-template <int DEPTH, typename Launch>
+template <int DEPTH, int MAX_TENSORS = 32, typename Launch>
 void multi_tensor_apply(const std::array<at::TensorList, DEPTH>& lists, at::TensorList steps,
                         Launch launch) {
-  using Meta = TensorListMeta<DEPTH>;
+  using Meta = TensorListMeta<DEPTH, MAX_TENSORS>;
   const at::TensorList tensors = lists[0];
   Meta meta;
   int nt = 0;

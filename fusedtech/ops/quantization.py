@@ -17,12 +17,14 @@ def _triton():
 
 QUANTIZE = _backend.Implementations(
     "quantize_blockwise",
+    cuda=lambda: torch.ops.fusedtech_C.quantize_blockwise,
     cpu=lambda: torch.ops.fusedtech_C.quantize_blockwise,
     triton=lambda: _triton().quantize_blockwise,
     torch=lambda: reference.quantize_blockwise)
 
 DEQUANTIZE = _backend.Implementations(
     "dequantize_blockwise",
+    cuda=lambda: torch.ops.fusedtech_C.dequantize_blockwise,
     cpu=lambda: torch.ops.fusedtech_C.dequantize_blockwise,
     triton=lambda: _triton().dequantize_blockwise,
     torch=lambda: reference.dequantize_blockwise)

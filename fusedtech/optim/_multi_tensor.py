@@ -397,7 +397,7 @@ class FusedStepMixin:
     _torch_fallback = True
 
     def _fused_setup(self, name: str, master_weights: bool, differentiable: bool, state_dtype=None,
-                     min_quantized_numel: int = MIN_QUANTIZED_NUMEL) -> None:
+                     min_quantized_numel: int = MIN_QUANTIZED_NUMEL, bf16_stochastic_round: bool = False) -> None:
         if differentiable:
             raise ValueError(f"fusedtech.optim.{name} does not support differentiable=True; "
                              f"use torch.optim.{name} for higher-order optimization")
@@ -406,12 +406,20 @@ class FusedStepMixin:
                              f"or 'int8' (blockwise 8-bit states), got {state_dtype!r}")
         if int(min_quantized_numel) < 0:
             raise ValueError(f"fusedtech.optim.{name}: min_quantized_numel must be >= 0, got {min_quantized_numel}")
+        if bf16_stochastic_round and master_weights:
+            raise ValueError(f"fusedtech.optim.{name}: bf16_stochastic_round and master_weights are alternatives "
+                             f"(stochastic rounding keeps bf16 parameters without fp32 master copies)")
         self._fusedtech_name = name
         # Extra options enter param_groups only when set, so param_groups and repr stay exactly torch's
         # otherwise.
         extra = {"master_weights": True} if master_weights else {}
         if state_dtype is not None:
             extra.update(state_dtype=state_dtype, min_quantized_numel=int(min_quantized_numel))
+        if bf16_stochastic_round:
+            # Drawn from torch's default generator (torch.manual_seed reproduces a run) and kept in the
+            # state_dict, so a resumed run draws what the uninterrupted one would.
+            extra.update(bf16_stochastic_round=True,
+                         stochastic_round_seed=int(torch.randint(0, 2 ** 62, (), dtype=torch.int64)))
         for group in self.param_groups:
             group.update(extra)
         self.defaults.update(extra)
@@ -489,7 +497,8 @@ class FusedStepMixin:
 
     # Options of ours that live in param_groups (only when set); a checkpoint that does not name them
     # (torch's own) keeps the constructor's, where torch's load would drop them with the old groups.
-    _GROUP_OPTIONS = ("master_weights", "state_dtype", "min_quantized_numel")
+    _GROUP_OPTIONS = ("master_weights", "state_dtype", "min_quantized_numel", "bf16_stochastic_round",
+                      "stochastic_round_seed")
 
     def load_state_dict(self, state_dict):
         kept = [{k: g[k] for k in self._GROUP_OPTIONS if k in g} for g in self.param_groups]
@@ -504,6 +513,13 @@ class FusedStepMixin:
     def _buckets(self, group, keys, **kw):
         return collect(self, group, keys, name=f"fusedtech.optim.{self._fusedtech_name}",
                        master_weights=group.get("master_weights", False), **kw)
+
+    def _stochastic_round_seed(self, group: dict, index: int, dtype: torch.dtype, bucket: Bucket) -> Optional[int]:
+        """The seed of a bucket's stochastic rounding (None: to nearest): bf16 parameters without masters in
+        a group with bf16_stochastic_round. Groups draw distinct streams even where they share a seed."""
+        if not group.get("bf16_stochastic_round") or dtype != torch.bfloat16 or bucket.masters:
+            return None
+        return (int(group["stochastic_round_seed"]) + index * 0x9E3779B97F4A7C15) % (1 << 63)
 
     def _quantized(self, group, keys) -> Optional[Quantized]:
         """The group's quantized states (None: full precision): `keys` are (state key, signed) pairs."""

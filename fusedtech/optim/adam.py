@@ -28,29 +28,32 @@ class _FusedAdamStep(mt.FusedStepMixin):
             with torch.enable_grad():
                 loss = closure()
         decoupled_default = isinstance(self, torch.optim.AdamW)
-        for group in self._groups():
+        for index, group in enumerate(self._groups()):
             amsgrad = group["amsgrad"]
             keys = _STATE + (("max_exp_avg_sq",) if amsgrad else ())
             # The first moment takes the signed 8-bit map, the second moments the unsigned one.
             quantized = self._quantized(group, tuple((k, k == "exp_avg") for k in keys))
             buckets = self._buckets(group, keys, quantized=quantized)
             beta1, beta2 = (float(b) for b in group["betas"])
-            for (device, _, state_format), b in buckets.items():
+            for (device, dtype, state_format), b in buckets.items():
                 lr, lr_tensor = mt.lr_args(group["lr"], device)
                 grad_scale, found_inf = mt.scaler_tensors(self, device)
                 torch._foreach_add_(b.steps, 1)
                 hyper = (lr, lr_tensor, beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
                          bool(group.get("decoupled_weight_decay", decoupled_default)), amsgrad,
                          bool(group["maximize"]), grad_scale, found_inf)
+                seed = self._stochastic_round_seed(group, index, dtype, b)
                 if state_format == mt.QUANTIZED:
                     s = b.states
                     adam_step_quantized_(b.params, b.grads, s["exp_avg"], s["exp_avg_absmax"], s["exp_avg_sq"],
                                          s["exp_avg_sq_absmax"], s["max_exp_avg_sq"] if amsgrad else [],
                                          s["max_exp_avg_sq_absmax"] if amsgrad else [], b.masters, b.steps,
-                                         quantization.table(True, device), quantization.table(False, device), *hyper)
+                                         quantization.table(True, device), quantization.table(False, device), *hyper,
+                                         stochastic_round_seed=seed)
                 else:
                     adam_step_(b.params, b.grads, b.states["exp_avg"], b.states["exp_avg_sq"],
-                               b.states["max_exp_avg_sq"] if amsgrad else [], b.masters, b.steps, *hyper)
+                               b.states["max_exp_avg_sq"] if amsgrad else [], b.masters, b.steps, *hyper,
+                               stochastic_round_seed=seed)
                 mt.undo_skipped_steps(b.steps, found_inf)
                 mt.finish(b, self)
         self._step_unfused()  # float64/complex parameters, sparse gradients: torch's step
@@ -63,13 +66,15 @@ class Adam(_FusedAdamStep, torch.optim.Adam):
     Extra keywords: ``master_weights`` keeps fp32 copies of fp16/bf16 parameters (and fp32 states)
     and updates them inside the fused step; ``state_dtype="int8"`` keeps exp_avg / exp_avg_sq (and
     max_exp_avg_sq) as blockwise 8-bit codes of tensors with at least ``min_quantized_numel`` elements
-    (see :class:`Adam8bit`). ``foreach`` and ``fused`` are accepted and ignored.
+    (see :class:`Adam8bit`); ``bf16_stochastic_round=True`` rounds bf16 parameters stochastically
+    (unbiased: updates below bf16's resolution still move the weights on average) instead of to
+    nearest, an alternative to fp32 master weights. ``foreach`` and ``fused`` are accepted and ignored.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, master_weights=False, state_dtype=None,
-                 min_quantized_numel=mt.MIN_QUANTIZED_NUMEL):
+                 min_quantized_numel=mt.MIN_QUANTIZED_NUMEL, bf16_stochastic_round=False):
         if differentiable:
             self._fused_setup("Adam", master_weights, differentiable)
         extra = {"decoupled_weight_decay": decoupled_weight_decay} if _TORCH_HAS_DECOUPLED else {}
@@ -78,7 +83,8 @@ class Adam(_FusedAdamStep, torch.optim.Adam):
         if not _TORCH_HAS_DECOUPLED:
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
-        self._fused_setup("Adam", master_weights, differentiable, state_dtype, min_quantized_numel)
+        self._fused_setup("Adam", master_weights, differentiable, state_dtype, min_quantized_numel,
+                          bf16_stochastic_round)
 
 
 class AdamW(_FusedAdamStep, torch.optim.AdamW):
@@ -86,12 +92,14 @@ class AdamW(_FusedAdamStep, torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights=False, state_dtype=None, min_quantized_numel=mt.MIN_QUANTIZED_NUMEL):
+                 master_weights=False, state_dtype=None, min_quantized_numel=mt.MIN_QUANTIZED_NUMEL,
+                 bf16_stochastic_round=False):
         if differentiable:
             self._fused_setup("AdamW", master_weights, differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          capturable=capturable)
-        self._fused_setup("AdamW", master_weights, differentiable, state_dtype, min_quantized_numel)
+        self._fused_setup("AdamW", master_weights, differentiable, state_dtype, min_quantized_numel,
+                          bf16_stochastic_round)
 
 
 class Adam8bit(Adam):

@@ -6,13 +6,13 @@ import math
 
 import torch
 
-from . import quantization
+from . import quantization, rounding
 
 
 @torch.no_grad()
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
                lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
-               grad_scale, found_inf) -> None:
+               grad_scale, found_inf, stochastic_round_seed=None) -> None:
     if found_inf is not None and found_inf.item() != 0:
         return
     if lr_tensor is not None:
@@ -47,7 +47,10 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
 
         if master_params:
             master_params[i].copy_(p)
-        param.copy_(p)
+        if stochastic_round_seed is not None:
+            rounding.store_stochastic_(param, p, stochastic_round_seed, int(step), i)
+        else:
+            param.copy_(p)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
 
@@ -56,7 +59,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
 def adam_step_quantized_(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                          max_exp_avg_sqs, max_exp_avg_sq_absmaxes, master_params, steps, signed_table,
                          unsigned_table, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-                         maximize, grad_scale, found_inf) -> None:
+                         maximize, grad_scale, found_inf, stochastic_round_seed=None) -> None:
     """Adam with blockwise-quantized states: dequantize, the fp32 step above, requantize each state
     with its blocks' new absmax (reference/quantization.py)."""
     if found_inf is not None and found_inf.item() != 0:
@@ -67,7 +70,8 @@ def adam_step_quantized_(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs,
     states = [[quantization.dequantize_blockwise(c, a, table) for c, a in zip(codes, absmax)]
               for codes, absmax, table in tables]
     adam_step_(params, grads, states[0], states[1], states[2] if amsgrad else [], master_params, steps, lr,
-               lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, None)
+               lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, None,
+               stochastic_round_seed)
     for (codes, absmax, table), values in zip(tables, states):
         for c, a, x in zip(codes, absmax, values):
             quantization.quantize_blockwise_(x, c, a, table)

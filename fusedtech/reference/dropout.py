@@ -25,11 +25,12 @@ def dropout_draws(seed: int, index: torch.Tensor) -> torch.Tensor:
     return words.gather(0, (index % 4).unsqueeze(0)).squeeze(0)
 
 
-def philox4(seed: int, counter: torch.Tensor):
-    """The four uint32 words (as int64) of the Philox4x32-10 block of each counter (tl.randint4x)."""
+def philox4(seed: int, counter: torch.Tensor, c2: int = 0, c3: int = 0):
+    """The four uint32 words (as int64) of the Philox4x32-10 block of each counter (tl.randint4x; with
+    the upper counter words c2, c3, tl.philox)."""
     c0, c1 = counter & M32, (counter >> 32) & M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+    c2 = torch.full_like(c0, c2 & M32)
+    c3 = torch.full_like(c0, c3 & M32)
     k0, k1 = seed & M32, (seed >> 32) & M32
     for _ in range(10):
         hi_b, lo_b = _mul_parts(c2, 0xCD9E8D57)

@@ -23,9 +23,11 @@ FT_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, 
   c3 = 0xD2511F53u * _c0;
 }
 
-// The four output words of one Philox4x32-10 block: Triton's tl.randint4x(seed, counter).
-FT_HD void philox4(uint64_t seed, uint64_t counter, uint32_t out[4]) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+// The four output words of one Philox4x32-10 block: Triton's tl.randint4x(seed, counter), or with the
+// upper counter words c2, c3 (zero there) tl.philox(seed, counter_lo, counter_hi, c2, c3): the
+// stochastic rounding of the optimizers keys its draws by (element / 4, step, tensor) that way.
+FT_HD void philox4(uint64_t seed, uint64_t counter, uint32_t out[4], uint32_t c2 = 0, uint32_t c3 = 0) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
     philox_round(c0, c1, c2, c3, k0, k1);
@@ -41,7 +43,8 @@ FT_HD void philox4(uint64_t seed, uint64_t counter, uint32_t out[4]) {
 // The draws of elements [first, first + count) into out (CPU): the same words as philox4, with
 // eight blocks evaluated side by side in lanes the compiler vectorises (one block at a time was
 // most of a CPU dropout's time).
-inline void philox_draws(uint64_t seed, int64_t first, int64_t count, uint32_t* out) {
+inline void philox_draws(uint64_t seed, int64_t first, int64_t count, uint32_t* out, uint32_t upper2 = 0,
+                         uint32_t upper3 = 0) {
   constexpr int kBlocks = 8;
   const int64_t end = first + count;
   for (int64_t base = first / 4; base * 4 < end; base += kBlocks) {
@@ -50,7 +53,8 @@ inline void philox_draws(uint64_t seed, int64_t first, int64_t count, uint32_t* 
       const uint64_t counter = static_cast<uint64_t>(base + l);
       c0[l] = static_cast<uint32_t>(counter);
       c1[l] = static_cast<uint32_t>(counter >> 32);
-      c2[l] = c3[l] = 0;
+      c2[l] = upper2;
+      c3[l] = upper3;
     }
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < 10; ++round) {
@@ -66,6 +70,15 @@ inline void philox_draws(uint64_t seed, int64_t first, int64_t count, uint32_t* 
       }
     }
   }
+}
+
+// fp32 -> bf16 bits rounded stochastically: 16 random bits added below the kept ones, then truncated,
+// so x rounds up with probability (its distance from the bf16 below) / (the gap): unbiased. NaN stays
+// a quiet NaN; a value within a gap of the largest bf16 may round to inf, as it would upwards.
+FT_HD uint16_t bf16_bits_stochastic(float x, uint32_t draw) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &x, 4);
+  return static_cast<uint16_t>(x != x ? ((bits >> 16) | 0x40u) : ((bits + (draw >> 16)) >> 16));
 }
 
 // Inverted dropout of one element given its draw: dropped when the draw falls below
