@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include "fusedtech/quantization.h"
+
 namespace fusedtech {
 
 inline void check_same_length(at::TensorList a, const char* a_name, at::TensorList b,
@@ -43,6 +45,21 @@ inline void check_like_params(at::TensorList params, at::TensorList list, const 
       TORCH_CHECK(t.scalar_type() == *dtype, "fusedtech: ", name, "[", i, "] has dtype ",
                   t.scalar_type(), ", expected ", *dtype);
     }
+  }
+}
+
+// A quantized optimizer state: codes (uint8, laid out like params) and one float32 absmax per block.
+inline void check_quantized_state(at::TensorList params, at::TensorList codes, const char* codes_name,
+                                  at::TensorList absmax, const char* absmax_name) {
+  check_like_params(params, codes, codes_name, at::kByte);
+  check_same_length(params, "params", absmax, absmax_name);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t blocks = (params[i].numel() + kQuantBlock - 1) / kQuantBlock;
+    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].numel() == blocks && absmax[i].is_contiguous() &&
+                    absmax[i].device() == params[i].device(),
+                "fusedtech: ", absmax_name, "[", i, "] must be a contiguous float32 tensor of ", blocks, " values on ",
+                params[i].device(), ", got ", absmax[i].scalar_type(), " of shape ", absmax[i].sizes(), " on ",
+                absmax[i].device());
   }
 }
 

@@ -24,7 +24,7 @@ from fusedtech import optim
 from fusedtech.ops import quantization as ops
 from fusedtech.reference import quantization as reference
 from conftest import cpu_backends
-from optim_common import assert_compiled_step_matches_eager, clone, make_params, set_grads
+from optim_common import _steps, assert_compiled_step_matches_eager, clone, make_params, run, set_grads
 
 BACKENDS = cpu_backends()
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
@@ -189,19 +189,6 @@ def test_quantizer_agrees_with_torchaos_but_at_ties():
 
 # --- the 8-bit optimizers ------------------------------------------------------------------------
 
-def _run(cls, params, steps=20, backend=None, start=0, **kw):
-    opt = cls(params, **kw)
-    _steps(opt, params, steps, backend, start)
-    return opt
-
-
-def _steps(opt, params, steps, backend=None, start=0):
-    for s in range(start, start + steps):
-        set_grads(params, s)
-        with fusedtech.use_backend(backend):
-            opt.step()
-
-
 def _dequantized(opt, p, key):
     state = opt.state[p]
     return ops.dequantize_blockwise(state[key], state[key + "_absmax"], signed=key == "exp_avg")
@@ -236,8 +223,8 @@ def test_8bit_step_matches_the_oracle(backend, cls, config, dtype):
     # a partial last block) is quantized.
     params = make_params(dtype)
     ref_params = clone(params)
-    ref = _run(cls, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
-    fused = _run(cls, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
+    ref = run(cls, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
+    fused = run(cls, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
     _assert_close_to(ref, ref_params, fused, params, FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype])
 
 
@@ -308,7 +295,7 @@ def test_channels_last_parameter_keeps_its_layout_in_the_codes(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_skip_changes_neither_codes_nor_scales(backend):
     params = make_params()
-    opt = _run(optim.AdamW8bit, params, steps=3, backend=backend, min_quantized_numel=0)
+    opt = run(optim.AdamW8bit, params, steps=3, backend=backend, min_quantized_numel=0)
     before = copy.deepcopy(opt.state_dict())
     weights = [p.detach().clone() for p in params]
     set_grads(params, 9)
@@ -342,7 +329,7 @@ def test_nan_gradient_makes_its_block_nan_never_zero(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_8bit_state_dict_round_trip_continues_bit_identically(backend):
     params = make_params()
-    opt = _run(optim.AdamW8bit, params, steps=4, backend=backend, lr=1e-2, min_quantized_numel=0, amsgrad=True)
+    opt = run(optim.AdamW8bit, params, steps=4, backend=backend, lr=1e-2, min_quantized_numel=0, amsgrad=True)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
@@ -363,7 +350,7 @@ def test_8bit_state_dict_round_trip_continues_bit_identically(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_torch_checkpoint_loads_into_8bit_and_is_quantized(backend, dtype):
     params = make_params(dtype)
-    t_opt = _run(torch.optim.AdamW, params, steps=4, lr=1e-2, foreach=False)
+    t_opt = run(torch.optim.AdamW, params, steps=4, lr=1e-2, foreach=False)
     ours = clone(params)
     opt = optim.AdamW8bit(ours, lr=1e-2, min_quantized_numel=0)
     opt.load_state_dict(copy.deepcopy(t_opt.state_dict()))
@@ -386,7 +373,7 @@ def test_torch_checkpoint_loads_into_8bit_and_is_quantized(backend, dtype):
 
 def test_dequantized_checkpoint_loads_into_torch_optim():
     params = make_params()
-    opt = _run(optim.AdamW8bit, params, steps=4, lr=1e-2, min_quantized_numel=0)
+    opt = run(optim.AdamW8bit, params, steps=4, lr=1e-2, min_quantized_numel=0)
     sd = optim.dequantize_state_dict(opt.state_dict())
     torch_params = clone(params)
     t_opt = torch.optim.AdamW(torch_params, lr=1e-2, foreach=False)
@@ -401,8 +388,8 @@ def test_dequantized_checkpoint_loads_into_torch_optim():
 
 def test_state_dtype_keyword_on_adam_equals_the_8bit_class():
     p1, p2 = make_params(), make_params()
-    a = _run(optim.AdamW, p1, steps=3, lr=1e-2, state_dtype="int8", min_quantized_numel=0)
-    b = _run(optim.AdamW8bit, p2, steps=3, lr=1e-2, min_quantized_numel=0)
+    a = run(optim.AdamW, p1, steps=3, lr=1e-2, state_dtype="int8", min_quantized_numel=0)
+    b = run(optim.AdamW8bit, p2, steps=3, lr=1e-2, min_quantized_numel=0)
     for x, y in zip(p1, p2):
         assert torch.equal(x, y)
         for key, value in a.state[x].items():
@@ -420,8 +407,8 @@ def test_unknown_state_dtype_is_refused_by_name():
 def test_8bit_states_with_master_weights(dtype):
     params = make_params(dtype)
     ref_params = clone(params)
-    ref = _run(optim.AdamW8bit, ref_params, backend="torch", lr=1e-2, min_quantized_numel=0, master_weights=True)
-    fused = _run(optim.AdamW8bit, params, lr=1e-2, min_quantized_numel=0, master_weights=True)
+    ref = run(optim.AdamW8bit, ref_params, backend="torch", lr=1e-2, min_quantized_numel=0, master_weights=True)
+    fused = run(optim.AdamW8bit, params, lr=1e-2, min_quantized_numel=0, master_weights=True)
     _assert_close_to(ref, ref_params, fused, params, LOWP_TOL[dtype])
     assert fused.state[params[1]]["master_param"].dtype == torch.float32
 
@@ -485,8 +472,8 @@ def test_300_steps_of_8bit_training_end_within_5_percent_of_fp32():
 def test_gpu_8bit_step_matches_the_oracle(backend, dtype, config):
     params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(dtype)]
     ref_params = clone(params)
-    ref = _run(optim.AdamW8bit, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
-    fused = _run(optim.AdamW8bit, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
+    ref = run(optim.AdamW8bit, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
+    fused = run(optim.AdamW8bit, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
     _assert_close_to(ref, ref_params, fused, params, FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype])
 
 

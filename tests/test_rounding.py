@@ -18,24 +18,11 @@ import fusedtech
 from fusedtech import optim
 from fusedtech.reference import rounding as reference
 from conftest import cpu_backends
-from optim_common import clone, make_params, set_grads
+from optim_common import _steps, clone, make_params, run, set_grads
 
 BACKENDS = cpu_backends()
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
 BF16_ULP_AT_ONE = 2.0 ** -7
-
-
-def _run(cls, params, steps=10, backend=None, start=0, **kw):
-    opt = cls(params, **kw)
-    _steps(opt, params, steps, backend, start)
-    return opt
-
-
-def _steps(opt, params, steps, backend=None, start=0):
-    for s in range(start, start + steps):
-        set_grads(params, s)
-        with fusedtech.use_backend(backend):
-            opt.step()
 
 
 def _assert_nearly_identical(a_params, b_params):
@@ -102,9 +89,9 @@ def test_kernels_round_as_the_oracle(backend, cls, kw):
     params = make_params(torch.bfloat16)
     ref_params = clone(params)
     torch.manual_seed(7)
-    ref = _run(cls, ref_params, backend="torch", lr=1e-2, bf16_stochastic_round=True, **kw)
+    ref = run(cls, ref_params, steps=10, backend="torch", lr=1e-2, bf16_stochastic_round=True, **kw)
     torch.manual_seed(7)
-    fused = _run(cls, params, backend=backend, lr=1e-2, bf16_stochastic_round=True, **kw)
+    fused = run(cls, params, steps=10, backend=backend, lr=1e-2, bf16_stochastic_round=True, **kw)
     assert fused.param_groups[0]["stochastic_round_seed"] == ref.param_groups[0]["stochastic_round_seed"]
     _assert_nearly_identical(ref_params, params)
 
@@ -116,7 +103,7 @@ def test_stochastic_rounding_differs_from_nearest_and_leaves_float32_alone(backe
     runs = {}
     for stochastic in (False, True):
         params = clone(bf16) + clone(fp32)
-        _run(optim.AdamW, params, steps=5, backend=backend, lr=1e-3, bf16_stochastic_round=stochastic)
+        run(optim.AdamW, params, steps=5, backend=backend, lr=1e-3, bf16_stochastic_round=stochastic)
         runs[stochastic] = params
     assert not torch.equal(runs[True][0], runs[False][0])
     assert torch.equal(runs[True][1], runs[False][1])
@@ -183,7 +170,7 @@ def test_compiled_stochastic_step_matches_eager():
 
 def test_grad_scaler_skip_leaves_bf16_weights_untouched():
     params = make_params(torch.bfloat16)
-    opt = _run(optim.AdamW, params, steps=2, lr=1e-2, bf16_stochastic_round=True)
+    opt = run(optim.AdamW, params, steps=2, lr=1e-2, bf16_stochastic_round=True)
     before = [p.detach().clone() for p in params]
     set_grads(params, 5)
     opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(1.0)
@@ -196,8 +183,8 @@ def test_gpu_stochastic_rounding_matches_the_oracle():
     params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(torch.bfloat16)]
     ref_params = clone(params)
     torch.manual_seed(7)
-    ref = _run(optim.AdamW, ref_params, backend="torch", lr=1e-2, bf16_stochastic_round=True)
+    ref = run(optim.AdamW, ref_params, steps=10, backend="torch", lr=1e-2, bf16_stochastic_round=True)
     torch.manual_seed(7)
-    fused = _run(optim.AdamW, params, lr=1e-2, bf16_stochastic_round=True)  # auto: Triton (no CUDA C++ rounding)
+    fused = run(optim.AdamW, params, steps=10, lr=1e-2, bf16_stochastic_round=True)  # auto: Triton (no CUDA C++ rounding)
     assert fused.param_groups[0]["stochastic_round_seed"] == ref.param_groups[0]["stochastic_round_seed"]
     _assert_nearly_identical(ref_params, params)

@@ -113,10 +113,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       grad_scale ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.0f;
   if (lr_tensor) lr = lr_tensor->item<double>();
 
-  const AdamHyper h{static_cast<float>(beta1), static_cast<float>(beta2),
-                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                    static_cast<float>(eps), static_cast<float>(weight_decay), decoupled,
-                    amsgrad, maximize};
+  const AdamHyper h = adam_hyper(beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
   std::vector<AdamTensorScalars> per_tensor(params.size());
   std::vector<double> step_values(params.size());
   for (size_t t = 0; t < params.size(); ++t) {
@@ -154,20 +151,6 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 }
 
 
-void check_quantized(at::TensorList params, at::TensorList codes, const char* codes_name, at::TensorList absmax,
-                     const char* absmax_name) {
-  check_like_params(params, codes, codes_name, at::kByte);
-  check_same_length(params, "params", absmax, absmax_name);
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t blocks = (params[i].numel() + kQuantBlock - 1) / kQuantBlock;
-    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].numel() == blocks && absmax[i].is_contiguous() &&
-                    absmax[i].device() == params[i].device(),
-                "fusedtech: ", absmax_name, "[", i, "] must be a contiguous float32 tensor of ", blocks,
-                " values on ", params[i].device(), ", got ", absmax[i].scalar_type(), " of shape ",
-                absmax[i].sizes(), " on ", absmax[i].device());
-  }
-}
-
 void adam_step_quantized_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sqs,
                              at::TensorList exp_avg_sq_absmaxes, at::TensorList max_exp_avg_sqs,
@@ -183,17 +166,14 @@ void adam_step_quantized_cpu(at::TensorList params, at::TensorList grads, at::Te
   const bool has_master = !master_params.empty();
   const auto pdtype = params[0].scalar_type();
   check_like_params(params, grads, "grads", pdtype);
-  check_quantized(params, exp_avgs, "exp_avgs", exp_avg_absmaxes, "exp_avg_absmaxes");
-  check_quantized(params, exp_avg_sqs, "exp_avg_sqs", exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes");
-  if (amsgrad) check_quantized(params, max_exp_avg_sqs, "max_exp_avg_sqs", max_exp_avg_sq_absmaxes, "max_exp_avg_sq_absmaxes");
+  check_quantized_state(params, exp_avgs, "exp_avgs", exp_avg_absmaxes, "exp_avg_absmaxes");
+  check_quantized_state(params, exp_avg_sqs, "exp_avg_sqs", exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes");
+  if (amsgrad) check_quantized_state(params, max_exp_avg_sqs, "max_exp_avg_sqs", max_exp_avg_sq_absmaxes, "max_exp_avg_sq_absmaxes");
   if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
   check_steps(params, steps);
   const StepScalars scalars = step_scalars(lr, lr_tensor, grad_scale, found_inf);
   if (scalars.skip) return;
-  const AdamHyper h{static_cast<float>(beta1), static_cast<float>(beta2),
-                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                    static_cast<float>(eps), static_cast<float>(weight_decay), decoupled,
-                    amsgrad, maximize};
+  const AdamHyper h = adam_hyper(beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
   std::vector<AdamTensorScalars> per_tensor(params.size());
   std::vector<double> step_values(params.size());
   for (size_t t = 0; t < params.size(); ++t) {

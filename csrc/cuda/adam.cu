@@ -113,6 +113,23 @@ const float* optional_scalar(const std::optional<at::Tensor>& t, const char* nam
   return t->data_ptr<float>();
 }
 
+// What both launchers hand their kernels, from the op's arguments.
+AdamArgs adam_args(double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                   double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const at::Device& device) {
+  AdamArgs args;
+  args.h = adam_hyper(beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.weight_decay = weight_decay;
+  args.lr_ptr = optional_scalar(lr_tensor, "lr", device);
+  args.grad_scale = optional_scalar(grad_scale, "grad_scale", device);
+  args.found_inf = optional_scalar(found_inf, "found_inf", device);
+  return args;
+}
+
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::TensorList master_params, at::TensorList steps, double lr,
@@ -142,18 +159,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   c10::cuda::CUDAGuard guard(device);
 
-  AdamArgs args;
-  args.h = AdamHyper{static_cast<float>(beta1), static_cast<float>(beta2),
-                     static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                     static_cast<float>(eps), static_cast<float>(weight_decay), decoupled,
-                     amsgrad, maximize};
-  args.lr = lr;
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.weight_decay = weight_decay;
-  args.lr_ptr = optional_scalar(lr_tensor, "lr", device);
-  args.grad_scale = optional_scalar(grad_scale, "grad_scale", device);
-  args.found_inf = optional_scalar(found_inf, "found_inf", device);
+  const AdamArgs args = adam_args(lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                                  grad_scale, found_inf, device);
 
   const std::array<at::TensorList, kDepth> lists{
       params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
@@ -235,20 +242,6 @@ __global__ void __launch_bounds__(kQuantThreads) adam_quantized_kernel(QuantMeta
   }
 }
 
-void check_quantized(at::TensorList params, at::TensorList codes, const char* codes_name, at::TensorList absmax,
-                     const char* absmax_name) {
-  check_like_params(params, codes, codes_name, at::kByte);
-  check_same_length(params, "params", absmax, absmax_name);
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t blocks = (params[i].numel() + kQuantBlock - 1) / kQuantBlock;
-    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].numel() == blocks && absmax[i].is_contiguous() &&
-                    absmax[i].device() == params[i].device(),
-                "fusedtech: ", absmax_name, "[", i, "] must be a contiguous float32 tensor of ", blocks, " values on ",
-                params[i].device(), ", got ", absmax[i].scalar_type(), " of shape ", absmax[i].sizes(), " on ",
-                absmax[i].device());
-  }
-}
-
 void adam_step_quantized_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sqs,
                               at::TensorList exp_avg_sq_absmaxes, at::TensorList max_exp_avg_sqs,
@@ -267,9 +260,9 @@ void adam_step_quantized_cuda(at::TensorList params, at::TensorList grads, at::T
   const bool has_master = !master_params.empty();
   const auto pdtype = params[0].scalar_type();
   check_like_params(params, grads, "grads", pdtype);
-  check_quantized(params, exp_avgs, "exp_avgs", exp_avg_absmaxes, "exp_avg_absmaxes");
-  check_quantized(params, exp_avg_sqs, "exp_avg_sqs", exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes");
-  if (amsgrad) check_quantized(params, max_exp_avg_sqs, "max_exp_avg_sqs", max_exp_avg_sq_absmaxes, "max_exp_avg_sq_absmaxes");
+  check_quantized_state(params, exp_avgs, "exp_avgs", exp_avg_absmaxes, "exp_avg_absmaxes");
+  check_quantized_state(params, exp_avg_sqs, "exp_avg_sqs", exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes");
+  if (amsgrad) check_quantized_state(params, max_exp_avg_sqs, "max_exp_avg_sqs", max_exp_avg_sq_absmaxes, "max_exp_avg_sq_absmaxes");
   if (has_master) check_like_params(params, master_params, "master_params", at::kFloat);
   check_steps(params, steps);
   for (const at::Tensor* table : {&signed_table, &unsigned_table}) {
@@ -278,17 +271,8 @@ void adam_step_quantized_cuda(at::TensorList params, at::TensorList grads, at::T
                 "fusedtech: adam_step_quantized tables must be contiguous float32 tensors of 256 values on ", device);
   }
   c10::cuda::CUDAGuard guard(device);
-  AdamArgs args;
-  args.h = AdamHyper{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
-                     static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
-                     decoupled, amsgrad, maximize};
-  args.lr = lr;
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.weight_decay = weight_decay;
-  args.lr_ptr = optional_scalar(lr_tensor, "lr", device);
-  args.grad_scale = optional_scalar(grad_scale, "grad_scale", device);
-  args.found_inf = optional_scalar(found_inf, "found_inf", device);
+  const AdamArgs args = adam_args(lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                                  grad_scale, found_inf, device);
   const QuantTables tables{signed_table.const_data_ptr<float>(), unsigned_table.const_data_ptr<float>()};
   const at::TensorList none;
   const std::array<at::TensorList, kQuantDepth> lists{

@@ -21,6 +21,14 @@ struct AdamHyper {
   bool maximize;
 };
 
+// The launchers' AdamHyper from the op's arguments (1 - beta rounded once from double, as torch's Scalar).
+inline AdamHyper adam_hyper(double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
+                            bool maximize) {
+  return AdamHyper{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                   static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
+                   decoupled, amsgrad, maximize};
+}
+
 // Depends on the tensor's step, not on the element: computed once per tensor (per CUDA block or
 // CPU chunk), in double as torch does it in Python floats.
 struct AdamTensorScalars {
