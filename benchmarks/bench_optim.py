@@ -130,11 +130,16 @@ def test_optimizer_step(benchmark, opt_name, case, impl):
             opt.step()
 
     step()  # state made (8-bit: quantized) outside the timing, as every later step finds it
-    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
-                      if torch.is_tensor(t) and t.dim() > 0)
+    state_bytes = sum(_storage_bytes(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
     _common.measure(benchmark, step, dev=DEV, op=f"{opt_name}.step", impl=impl, case=case, dtype=torch.float32,
                     bytes_moved=bytes_per_param(opt_name, impl) * numel, params=numel, tensors=len(params),
                     calls=None if DEV.type == "cuda" else 1, state_bytes_per_param=round(state_bytes / numel, 3))
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes a state tensor keeps; torchao's 8-bit states are tensor subclasses holding codes and scales."""
+    parts = [getattr(t, name) for name in ("codes", "scale") if torch.is_tensor(getattr(t, name, None))]
+    return sum(p.numel() * p.element_size() for p in parts) if parts else t.numel() * t.element_size()
 
 
 COPY_BYTES = sorted({b for _, b, _ in OPTIMIZERS.values()} | {EIGHT_BIT_BYTES})
