@@ -386,6 +386,56 @@ def test_dequantized_checkpoint_loads_into_torch_optim():
     _steps(t_opt, torch_params, 2, start=4)  # and torch steps from it
 
 
+@needs_bnb
+@pytest.mark.parametrize("cls,bnb_name", [(optim.AdamW8bit, "AdamW8bit"), (optim.Adam8bit, "Adam8bit")])
+def test_bitsandbytes_checkpoint_loads_and_continues(cls, bnb_name):
+    """A bitsandbytes 8-bit checkpoint (through torch.save / torch.load) loads: its codes and absmax
+    become ours unchanged (same layout, same maps), its 32-bit states of small tensors become torch's,
+    and a step from it lands where bitsandbytes' own next step does (its update differs from ours by
+    float32 rounding: m = beta1 m + (1 - beta1) g where ours is torch's lerp)."""
+    torch.manual_seed(0)
+    shapes = [(64, 100), (300,), (33, 257)]
+    theirs = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    # No weight decay: bitsandbytes' Adam8bit decays decoupled (as AdamW) where torch's Adam adds it to the gradient.
+    bnb_opt = getattr(bitsandbytes.optim, bnb_name)(theirs, lr=1e-3, weight_decay=0.0)
+    for s in range(3):
+        set_grads(theirs, s, none_every=1000)
+        bnb_opt.step()
+    buf = io.BytesIO()
+    torch.save(bnb_opt.state_dict(), buf)
+    buf.seek(0)
+    ours = clone(theirs)
+    opt = cls(ours, lr=1e-3, weight_decay=0.0)
+    opt.load_state_dict(torch.load(buf, weights_only=False))
+    for p, q in zip(theirs, ours):
+        bnb_state, state = bnb_opt.state[p], opt.state[q]
+        assert state["step"].item() == bnb_state["step"]
+        if bnb_state["state1"].dtype == torch.uint8:
+            assert torch.equal(state["exp_avg"], bnb_state["state1"]) and torch.equal(state["exp_avg_absmax"], bnb_state["absmax1"])
+            assert torch.equal(state["exp_avg_sq"], bnb_state["state2"])
+        else:
+            assert state["exp_avg"].dtype == torch.float32 and torch.equal(state["exp_avg"], bnb_state["state1"])
+    set_grads(theirs, 3, none_every=1000)
+    set_grads(ours, 3, none_every=1000)
+    bnb_opt.step()
+    opt.step()
+    for p, q in zip(theirs, ours):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+
+
+def test_8bit_checkpoint_loads_into_a_full_precision_optimizer():
+    params = make_params()
+    q_opt = run(optim.AdamW8bit, params, steps=3, lr=1e-2, min_quantized_numel=0)
+    full_params = clone(params)
+    full = optim.AdamW(full_params, lr=1e-2)
+    full.load_state_dict(copy.deepcopy(q_opt.state_dict()))
+    for p, q in zip(params, full_params):
+        if p.numel():
+            assert set(full.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
+            assert torch.equal(full.state[q]["exp_avg"], _dequantized(q_opt, p, "exp_avg"))
+    _steps(full, full_params, 2, start=3)
+
+
 def test_state_dtype_keyword_on_adam_equals_the_8bit_class():
     p1, p2 = make_params(), make_params()
     a = run(optim.AdamW, p1, steps=3, lr=1e-2, state_dtype="int8", min_quantized_numel=0)

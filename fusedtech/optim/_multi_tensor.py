@@ -156,12 +156,12 @@ class Quantized:
     min_numel: int
 
 
-QUANTIZED = "int8"
+QUANTIZED = "int8"  # the third item of a quantized bucket's key, where others hold the state dtype
 STATE_DTYPES = (None, QUANTIZED)
-MIN_QUANTIZED_NUMEL = 4096  # bitsandbytes' default: smaller tensors keep full-precision states  # the third item of a quantized bucket's key, where others hold the state dtype
+MIN_QUANTIZED_NUMEL = 4096  # bitsandbytes' default: smaller tensors keep full-precision states
 
 
-def _quantized_state(state: dict, key: str, signed: bool, like: torch.Tensor, p: torch.Tensor):
+def _quantized_state(state: dict, key: str, signed: bool, like: torch.Tensor):
     """(codes laid out like `like`, absmax) of state[key], made (zeros), quantized (a full-precision
     state: a torch checkpoint, or a parameter that grew past min_numel) or relaid out (its blocks
     follow memory order, so another layout is dequantized and quantized again) as needed."""
@@ -252,7 +252,7 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         b.grads.append(grad)
         if quantize:
             for key, signed in quantized.keys:
-                codes, absmax = _quantized_state(state, key, signed, work, p)
+                codes, absmax = _quantized_state(state, key, signed, work)
                 b.states[key].append(codes)
                 b.states[key + "_absmax"].append(absmax)
         else:
@@ -347,17 +347,33 @@ def restore_fp32_state(optimizer, state_dict: dict, keys: tuple[str, ...]) -> No
 
 def restore_quantized_state(optimizer, state_dict: dict) -> None:
     """torch's load_state_dict casts every state tensor to its parameter's dtype: quantized codes
-    (uint8) and their float32 absmax are taken again, as saved, from the state_dict being loaded."""
+    (uint8) and their float32 absmax are taken again, as saved, from the state_dict being loaded, and
+    a bitsandbytes 8-bit optimizer's state is translated (quantized.from_bitsandbytes). A group that
+    keeps full-precision states gets them dequantized."""
+    from .quantized import SIGNED_STATES, from_bitsandbytes
+    from ..ops import quantization
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for pid, p in zip(saved_ids, params):
+    groups = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    for pid, (p, group) in zip(saved_ids, groups):
         saved = state_dict["state"].get(pid) or {}
+        translated = from_bitsandbytes(saved, p, optimizer._bitsandbytes_states)
+        if translated is not None:
+            state = optimizer.state[p]
+            state.clear()
+            state.update(translated)
+            saved = translated
         for key, absmax in saved.items():
             codes = saved.get(key[:-len("_absmax")])
             if key.endswith("_absmax") and torch.is_tensor(absmax) and torch.is_tensor(codes) and codes.dtype == torch.uint8:
                 state = optimizer.state[p]
-                state[key] = absmax.to(device=p.device, dtype=torch.float32, copy=True)
-                state[key[:-len("_absmax")]] = codes.to(device=p.device, copy=True)
+                name = key[:-len("_absmax")]
+                absmax = absmax.to(device=p.device, dtype=torch.float32, copy=True)
+                codes = codes.to(device=p.device, copy=True)
+                if group.get("state_dtype") is None:  # this optimizer keeps torch's states
+                    del state[key]
+                    state[name] = quantization.dequantize_blockwise(codes, absmax, signed=name in SIGNED_STATES)
+                else:
+                    state[key], state[name] = absmax, codes
 
 
 def _duplicate_passes(optimizer, group: dict) -> list:
@@ -477,6 +493,9 @@ class FusedStepMixin:
                 p.grad = grad
             self.__dict__.update(scaler)
 
+    # A bitsandbytes optimizer's state1 / state2 are these state keys here (empty: no translation).
+    _bitsandbytes_states: tuple[str, ...] = ()
+
     # Options an optimizer keeps as attributes (LAMB, as torch_optimizer): pickled with it.
     _fusedtech_attributes: tuple[str, ...] = ()
 
@@ -500,12 +519,18 @@ class FusedStepMixin:
     _GROUP_OPTIONS = ("master_weights", "state_dtype", "min_quantized_numel", "bf16_stochastic_round",
                       "stochastic_round_seed")
 
+    # The state format is this optimizer's own (as its class is): a checkpoint of another format is
+    # converted on loading, not adopted.
+    _FORMAT_OPTIONS = ("state_dtype", "min_quantized_numel")
+
     def load_state_dict(self, state_dict):
         kept = [{k: g[k] for k in self._GROUP_OPTIONS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, options in zip(self.param_groups, kept):
+            for key in self._FORMAT_OPTIONS:
+                group.pop(key, None)
             for key, value in options.items():
-                group.setdefault(key, value)
+                group[key] = value if key in self._FORMAT_OPTIONS else group.get(key, value)
         forget_plans(self)
         restore_fp32_state(self, state_dict, self._fused_state)
         restore_quantized_state(self, state_dict)

@@ -20,6 +20,7 @@ class _FusedAdamStep(mt.FusedStepMixin):
     """step() for Adam-family optimizers."""
 
     _fused_state = _STATE + ("max_exp_avg_sq",)
+    _bitsandbytes_states = _STATE  # bitsandbytes' Adam8bit / AdamW8bit (and 32-bit) checkpoints load
 
     @torch.no_grad()
     def step(self, closure=None):
