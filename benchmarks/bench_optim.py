@@ -4,8 +4,8 @@ Bytes moved per step, fp32, counting each input read once and each output writte
 Adam/AdamW/LAMB 28 per parameter (read param, grad, exp_avg, exp_avg_sq; write three of them),
 SGD with momentum, RMSprop and Adagrad 20 (read param, grad, one state; write param, state).
 LAMB needs the per-tensor norms before it can update, so it makes a second pass (40 bytes moved);
-its GB/s is still reported on the 28 it must move. Adam/AdamW with 8-bit states (fusedtech's
-``state_dtype="int8"``, bitsandbytes' and torchao's AdamW8bit) move 16 per parameter (param and grad
+its GB/s is still reported on the 28 it must move. Adam/AdamW with 8-bit or FP8 states (fusedtech's
+``state_dtype="int8"`` / ``"fp8"``, bitsandbytes' AdamW8bit, torchao's AdamW8bit / AdamWFp8) move 16 per parameter (param and grad
 4 each, two 1-byte codes read; param and two codes written; the absmax adds 8 bytes per 256
 elements, left out) and keep 2.03 bytes of state per parameter against fp32's 8. GB/s = bytes / time;
 the copy case moves the same bytes (half read, half written) with one device copy.
@@ -50,19 +50,20 @@ def _bitsandbytes_8bit(opt_name: str):
         return None
 
 
-def _torchao_8bit(opt_name: str):
+def _torchao_low_bit(opt_name: str) -> dict:
+    """torchao's low-bit AdamW classes by state format ({} if absent)."""
     try:
-        from torchao.optim import AdamW8bit
-        return AdamW8bit if opt_name == "AdamW" else None
+        from torchao.optim import AdamW8bit, AdamWFp8
+        return {"8bit": AdamW8bit, "Fp8": AdamWFp8} if opt_name == "AdamW" else {}
     except Exception:  # noqa: BLE001
-        return None
+        return {}
 
 
 EIGHT_BIT_BYTES = 16  # per parameter: see the module docstring
 
 
 def bytes_per_param(opt_name: str, impl: str) -> int:
-    return EIGHT_BIT_BYTES if impl.endswith("8bit") else OPTIMIZERS[opt_name][1]
+    return EIGHT_BIT_BYTES if impl.endswith(("8bit", "fp8", "Fp8")) else OPTIMIZERS[opt_name][1]
 
 
 def _torch_optimizer_lamb():
@@ -94,13 +95,13 @@ def implementations(opt_name: str):
         impls.append((f"fusedtech-{backend}", lambda ps: fused_cls(ps, **kwargs), backend))
         if opt_name in ("Adam", "AdamW"):
             impls.append((f"fusedtech-{backend}-8bit", lambda ps: fused_cls(ps, state_dtype="int8", **kwargs), backend))
+            impls.append((f"fusedtech-{backend}-fp8", lambda ps: fused_cls(ps, state_dtype="fp8", **kwargs), backend))
     bnb = _bitsandbytes_8bit(opt_name) if opt_name in ("Adam", "AdamW") else None
     if bnb is not None:
         impls.append((f"bitsandbytes-{opt_name}8bit", lambda ps: bnb(ps, **kwargs), None))
     # torchao compiles one step per parameter shape (minutes on a CPU): full runs only.
-    ao = _torchao_8bit(opt_name) if not QUICK else None
-    if ao is not None:
-        impls.append((f"torchao-{opt_name}8bit", lambda ps: ao(ps, **kwargs), None))
+    for suffix, ao in (_torchao_low_bit(opt_name) if not QUICK else {}).items():
+        impls.append((f"torchao-{opt_name}{suffix}", lambda ps, ao=ao: ao(ps, **kwargs), None))
     ds = _deepspeed_cpu_adam() if opt_name in ("Adam", "AdamW") and DEV.type == "cpu" else None
     if ds is not None:
         impls.append(("deepspeed-cpu-adam",
@@ -137,7 +138,7 @@ def test_optimizer_step(benchmark, opt_name, case, impl):
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
-    """Bytes a state tensor keeps; torchao's 8-bit states are tensor subclasses holding codes and scales."""
+    """Bytes a state tensor keeps; torchao's low-bit states are tensor subclasses holding codes and scales."""
     parts = [getattr(t, name) for name in ("codes", "scale") if torch.is_tensor(getattr(t, name, None))]
     return sum(p.numel() * p.element_size() for p in parts) if parts else t.numel() * t.element_size()
 

@@ -346,7 +346,8 @@ def record_edge_shapes(rec: Recorder):
                          lambda ps: fusedtech.optim.Adagrad(ps, lr=1e-2),
                          lambda ps: fusedtech.optim.LAMB(ps, lr=1e-3, weight_decay=0.01),
                          lambda ps: fusedtech.optim.AdamW8bit(ps, lr=1e-3, min_quantized_numel=0),
-                         lambda ps: fusedtech.optim.Adam8bit(ps, lr=1e-3, amsgrad=True, min_quantized_numel=0)):
+                         lambda ps: fusedtech.optim.Adam8bit(ps, lr=1e-3, amsgrad=True, min_quantized_numel=0),
+                         lambda ps: fusedtech.optim.AdamWFp8(ps, lr=1e-3, min_quantized_numel=0)):
                 opt = make(params)
                 rec.case = f"{type(opt).__name__} {str(dtype)[6:]}"
                 opt.step()
@@ -354,8 +355,9 @@ def record_edge_shapes(rec: Recorder):
             rec.case = f"quantize_blockwise {str(dtype)[6:]}"
             from fusedtech.ops import quantization
             for n in (1, 300, 2049):
-                codes, absmax = quantization.quantize_blockwise(torch.randn(n, dtype=dtype), signed=True)
-                quantization.dequantize_blockwise(codes, absmax, signed=True)
+                for fmt in ("int8", "fp8"):
+                    codes, absmax = quantization.quantize_blockwise(torch.randn(n, dtype=dtype), signed=True, state_dtype=fmt)
+                    quantization.dequantize_blockwise(codes, absmax, signed=True, state_dtype=fmt)
 
 
 def record_huge_shapes(rec: Recorder):

@@ -1,5 +1,6 @@
-"""Blockwise 8-bit optimizer states: the format (maps, quantize / dequantize on every backend, against
-bitsandbytes) and the 8-bit Adam / AdamW built on it.
+"""Blockwise quantized optimizer states, 8-bit (dynamic maps) and FP8 (E4M3): the formats (tables,
+quantize / dequantize on every backend, against bitsandbytes, torchao and torch's float8 cast) and the
+Adam / AdamW built on them.
 
 Tolerances (written down, never loosened to pass):
 - quantize / dequantize: bit-exact between the oracle, the CPU kernel and Triton (interpreted here),
@@ -8,8 +9,11 @@ Tolerances (written down, never loosened to pass):
   in fp32; one ulp of the storage dtype plus 1e-3 / 1e-2 for fp16 / bf16, as the fp32-state tests);
   a state value that lands within rounding of a midpoint between two codes may take the other code, so
   at most 0.5% of the codes may differ, by one, and the absmax agree to rtol 1e-5.
-- training: 300 steps of a small regression MLP; the final loss of every 8-bit run within 5% of fp32
-  AdamW's, and no further from it than bitsandbytes' AdamW8bit on the same run plus 1% of fp32's loss.
+- FP8 quantizer vs torch's float8_e4m3fn cast of x * 448 / absmax (torchao's AdamWFp8 quantizer): the
+  same E4M3 value for all but 1e-4 of the elements (a value within float32 rounding of a midpoint,
+  or the sign of a zero), and never more than one E4M3 step apart.
+- training: 300 steps of a small regression MLP; the final loss of every 8-bit and FP8 run within 5% of
+  fp32 AdamW's, and no further from it than bitsandbytes' AdamW8bit on the same run plus 1% of fp32's loss.
 """
 from __future__ import annotations
 
@@ -56,6 +60,12 @@ def _same(a, b):
     return torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
 
 
+# Each quantized format with the signedness of its table (fp8's one table serves both moments).
+TABLES = [("int8", True), ("int8", False), ("fp8", True)]
+TABLE_IDS = ["int8-signed", "int8-unsigned", "fp8"]
+CLASSES = {"int8": (optim.Adam8bit, optim.AdamW8bit), "fp8": (optim.AdamFp8, optim.AdamWFp8)}
+
+
 def test_maps_are_sorted_with_exact_zero_and_one():
     for signed in (True, False):
         table = reference.dynamic_map(signed)
@@ -71,27 +81,64 @@ def test_maps_are_bitsandbytes_maps():
     assert torch.equal(reference.dynamic_map(False), bnb_functional.create_dynamic_map(signed=False))
 
 
+def test_fp8_table_is_e4m3s_finite_values_and_codes_name_their_bits():
+    table = reference.e4m3_map()
+    assert table.dtype == torch.float32 and table.shape == (256,)
+    finite = table[:253]
+    assert torch.all(finite[1:] > finite[:-1]) and torch.isinf(table[253:]).all()
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    assert torch.equal(finite * 448, torch.tensor(sorted(set(every[torch.isfinite(every)].tolist()))))
+    bits = reference.e4m3_bits(torch.arange(253, dtype=torch.uint8))
+    assert torch.equal(bits.view(torch.float8_e4m3fn).float() / 448, finite)
+    assert len(set(bits.tolist())) == 253 and reference.e4m3_bits(torch.tensor([126], dtype=torch.uint8)).item() == 0
+
+
+def test_fp8_quantizer_is_torchs_float8_cast_of_the_scaled_block():
+    """torchao's AdamWFp8 quantizer: absmax / 448 per block of 256, then torch's cast to float8_e4m3fn."""
+    x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 2, 1 << 20)
+    codes, absmax = reference.quantize_blockwise(x, reference.e4m3_map())
+    rows = x.view(-1, 256)
+    theirs = (rows / (rows.abs().amax(1, keepdim=True) / 448)).view(-1).to(torch.float8_e4m3fn).float()
+    ours = reference.e4m3_bits(codes).view(torch.float8_e4m3fn).float()
+    assert torch.equal(absmax, rows.abs().amax(1))
+    differ = ours != theirs
+    assert differ.float().mean() <= 1e-4, differ.float().mean()
+    finite = reference.e4m3_map()[:253] * 448
+    rank = lambda v: torch.searchsorted(finite, v)  # noqa: E731
+    assert (rank(ours[differ]) - rank(theirs[differ])).abs().max() <= 1 if differ.any() else True
+
+
+def test_fp8_quantizer_agrees_with_torchaos():
+    subclass_fp8 = pytest.importorskip("torchao.optim.subclass_fp8", reason="torchao is not installed")
+    x = torch.randn(256 * 1024, generator=torch.Generator().manual_seed(2))
+    their_codes, scale = subclass_fp8.quantize_fp8(x, 256)
+    codes, absmax = reference.quantize_blockwise(x, reference.e4m3_map())
+    torch.testing.assert_close(absmax / 448, scale, rtol=0, atol=0)
+    ours = reference.e4m3_bits(codes).view(torch.float8_e4m3fn).float()
+    assert (ours != their_codes.float()).float().mean() <= 1e-4
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 1000, 4097])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_quantize_and_dequantize_are_bit_exact_with_the_oracle(backend, n, dtype, signed):
+@pytest.mark.parametrize("fmt,signed", TABLES, ids=TABLE_IDS)
+def test_quantize_and_dequantize_are_bit_exact_with_the_oracle(backend, n, dtype, fmt, signed):
     x = _awkward(n, dtype)
     if not signed:
         x = x.abs()
-    table = reference.dynamic_map(signed)
+    table = reference.code_table(fmt, signed)
     codes, absmax = reference.quantize_blockwise(x, table)
     with fusedtech.use_backend(backend):
-        got_codes, got_absmax = ops.quantize_blockwise(x, signed=signed)
-        values = ops.dequantize_blockwise(codes, absmax, signed=signed)
+        got_codes, got_absmax = ops.quantize_blockwise(x, signed=signed, state_dtype=fmt)
+        values = ops.dequantize_blockwise(codes, absmax, signed=signed, state_dtype=fmt)
     assert torch.equal(got_codes, codes)
     assert _same(got_absmax, absmax)
     assert _same(values, reference.dequantize_blockwise(codes, absmax, table))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_quantizer_is_exact_over_the_whole_float_range(backend, signed):
+@pytest.mark.parametrize("fmt,signed", TABLES, ids=TABLE_IDS)
+def test_quantizer_is_exact_over_the_whole_float_range(backend, fmt, signed):
     """Every 256th float32 bit pattern in [-1, 1] (subnormals, the binades next to every midpoint, both
     signs), in blocks whose absmax is 1 so that the kernels see the values themselves: the codes of
     the CPU kernel's bucket search (and Triton's binary search) are the oracle's."""
@@ -101,9 +148,9 @@ def test_quantizer_is_exact_over_the_whole_float_range(backend, signed):
     values = torch.cat([values, -values])
     rows = values[: values.numel() // 255 * 255].view(-1, 255)
     x = torch.cat([torch.ones(rows.shape[0], 1), rows], 1).reshape(-1)
-    table = reference.dynamic_map(signed)
+    table = reference.code_table(fmt, signed)
     with fusedtech.use_backend(backend):
-        codes, _ = ops.quantize_blockwise(x, signed=signed)
+        codes, _ = ops.quantize_blockwise(x, signed=signed, state_dtype=fmt)
     assert torch.equal(codes, reference.quantize_blockwise(x, table)[0])
 
 
@@ -119,11 +166,11 @@ def test_quantized_codes_follow_a_channels_last_tensor_in_memory_order(backend):
     assert _same(absmax, flat_absmax)
 
 
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_round_trip_takes_the_nearest_code(signed):
+@pytest.mark.parametrize("fmt,signed", TABLES, ids=TABLE_IDS)
+def test_round_trip_takes_the_nearest_code(fmt, signed):
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
     x = x if signed else x.abs()
-    table = reference.dynamic_map(signed)
+    table = reference.code_table(fmt, signed)
     codes, absmax = reference.quantize_blockwise(x, table)
     values = reference.dequantize_blockwise(codes, absmax, table)
     scale = absmax.repeat_interleave(reference.BLOCK)[: x.numel()]
@@ -133,8 +180,10 @@ def test_round_trip_takes_the_nearest_code(signed):
     chosen = distance.gather(1, codes.long()[:, None]).squeeze(1)
     assert torch.all(chosen <= distance.min(dim=1).values)
     # The farthest a scaled value in [-1, 1] ([0, 1] unsigned) can be from its nearest entry: half the
-    # widest gap, or the distance from -1 to the signed map's lowest entry (-0.993).
-    worst = max((table[1:] - table[:-1]).max().item() / 2, table[0].item() - (-1.0 if signed else 0.0))
+    # widest gap, or the distance from -1 to the signed map's lowest entry (-0.993); fp8's +inf
+    # padding is no gap.
+    finite = table[torch.isfinite(table)]
+    worst = max((finite[1:] - finite[:-1]).max().item() / 2, finite[0].item() - (-1.0 if signed else 0.0))
     # Plus the float32 rounding of value = entry * absmax and of the difference: two ulps of x.
     assert torch.all((values - x).abs() <= worst * scale + 2 * x.abs() * 2.0 ** -24)
 
@@ -191,7 +240,8 @@ def test_quantizer_agrees_with_torchaos_but_at_ties():
 
 def _dequantized(opt, p, key):
     state = opt.state[p]
-    return ops.dequantize_blockwise(state[key], state[key + "_absmax"], signed=key == "exp_avg")
+    return ops.dequantize_blockwise(state[key], state[key + "_absmax"], signed=key == "exp_avg",
+                                    state_dtype=opt.param_groups[0]["state_dtype"])
 
 
 def _assert_close_to(ref_opt, ref_params, opt, params, tol):
@@ -215,10 +265,10 @@ CONFIGS = [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True, weight_decay=0.1, maximize
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("cls", [optim.Adam8bit, optim.AdamW8bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [optim.Adam8bit, optim.AdamW8bit, optim.AdamFp8, optim.AdamWFp8], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "amsgrad-wd-max", "lr-tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_8bit_step_matches_the_oracle(backend, cls, config, dtype):
+def test_quantized_step_matches_the_oracle(backend, cls, config, dtype):
     # min_quantized_numel=0: every tensor of the awkward list (empty, 1-element, transposed, strided,
     # a partial last block) is quantized.
     params = make_params(dtype)
@@ -229,10 +279,11 @@ def test_8bit_step_matches_the_oracle(backend, cls, config, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_8bit_oracle_is_the_fp32_step_between_dequantize_and_quantize(backend):
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_oracle_is_the_fp32_step_between_dequantize_and_quantize(backend, fmt):
     """One step from given codes equals: dequantize, torch.optim.AdamW's step in fp32, quantize."""
     p = torch.nn.Parameter(torch.randn(3000, generator=torch.Generator().manual_seed(5)))
-    opt = optim.AdamW8bit([p], lr=1e-2, min_quantized_numel=0)
+    opt = CLASSES[fmt][1]([p], lr=1e-2, min_quantized_numel=0)
     _steps(opt, [p], 3, backend)
     p_torch = torch.nn.Parameter(p.detach().clone())
     t_opt = torch.optim.AdamW([p_torch], lr=1e-2, foreach=False)
@@ -241,7 +292,7 @@ def test_8bit_oracle_is_the_fp32_step_between_dequantize_and_quantize(backend):
     _steps(t_opt, [p_torch], 1, start=3)
     torch.testing.assert_close(p, p_torch, **FP32_TOL)
     for key in ("exp_avg", "exp_avg_sq"):
-        codes, absmax = reference.quantize_blockwise(t_opt.state[p_torch][key], reference.dynamic_map(key == "exp_avg"))
+        codes, absmax = reference.quantize_blockwise(t_opt.state[p_torch][key], reference.code_table(fmt, key == "exp_avg"))
         assert (codes.int() - opt.state[p][key].int()).abs().max() <= 1
         assert (codes != opt.state[p][key]).float().mean() <= MAX_CODE_FLIPS
         torch.testing.assert_close(opt.state[p][key + "_absmax"], absmax, rtol=1e-5, atol=0)
@@ -261,9 +312,10 @@ def test_small_tensors_keep_torch_states_and_large_ones_are_quantized():
     assert opt.param_groups[0]["state_dtype"] == "int8" and opt.param_groups[0]["min_quantized_numel"] == 4096
 
 
-def test_state_bytes_per_parameter_are_about_two():
+@pytest.mark.parametrize("cls", [optim.AdamW8bit, optim.AdamWFp8], ids=lambda c: c.__name__)
+def test_state_bytes_per_parameter_are_about_two(cls):
     model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 10))
-    opt = optim.AdamW8bit(model.parameters())
+    opt = cls(model.parameters())
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
@@ -313,9 +365,10 @@ def test_grad_scaler_skip_changes_neither_codes_nor_scales(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_gradient_makes_its_block_nan_never_zero(backend):
+@pytest.mark.parametrize("cls", [optim.AdamW8bit, optim.AdamWFp8], ids=lambda c: c.__name__)
+def test_nan_gradient_makes_its_block_nan_never_zero(backend, cls):
     p = torch.nn.Parameter(torch.randn(1024))
-    opt = optim.AdamW8bit([p], lr=1e-2, min_quantized_numel=0)
+    opt = cls([p], lr=1e-2, min_quantized_numel=0)
     _steps(opt, [p], 2, backend)
     p.grad = torch.randn_like(p)
     p.grad[300] = float("nan")
@@ -327,15 +380,16 @@ def test_nan_gradient_makes_its_block_nan_never_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_8bit_state_dict_round_trip_continues_bit_identically(backend):
+@pytest.mark.parametrize("cls", [optim.AdamW8bit, optim.AdamWFp8], ids=lambda c: c.__name__)
+def test_quantized_state_dict_round_trip_continues_bit_identically(backend, cls):
     params = make_params()
-    opt = run(optim.AdamW8bit, params, steps=4, backend=backend, lr=1e-2, min_quantized_numel=0, amsgrad=True)
+    opt = run(cls, params, steps=4, backend=backend, lr=1e-2, min_quantized_numel=0, amsgrad=True)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     resumed_params = clone(params)
-    resumed = optim.AdamW8bit(resumed_params, lr=1e-2, min_quantized_numel=0, amsgrad=True)
+    resumed = cls(resumed_params, lr=1e-2, min_quantized_numel=0, amsgrad=True)
     resumed.load_state_dict(loaded)
     assert resumed.state[resumed_params[1]]["exp_avg"].dtype == torch.uint8
     _steps(opt, params, 4, backend, start=4)
@@ -348,11 +402,12 @@ def test_8bit_state_dict_round_trip_continues_bit_identically(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_torch_checkpoint_loads_into_8bit_and_is_quantized(backend, dtype):
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_torch_checkpoint_loads_into_quantized_states(backend, dtype, fmt):
     params = make_params(dtype)
     t_opt = run(torch.optim.AdamW, params, steps=4, lr=1e-2, foreach=False)
     ours = clone(params)
-    opt = optim.AdamW8bit(ours, lr=1e-2, min_quantized_numel=0)
+    opt = CLASSES[fmt][1](ours, lr=1e-2, min_quantized_numel=0)
     opt.load_state_dict(copy.deepcopy(t_opt.state_dict()))
     # A step GradScaler skips: the loaded states are converted and nothing else changes.
     for q in ours:
@@ -364,16 +419,17 @@ def test_torch_checkpoint_loads_into_8bit_and_is_quantized(backend, dtype):
     for p, q in zip(params, ours):
         assert torch.equal(q, p)
         for key in ("exp_avg", "exp_avg_sq"):
-            codes, absmax = reference.quantize_blockwise(t_opt.state[p][key], reference.dynamic_map(key == "exp_avg"))
+            codes, absmax = reference.quantize_blockwise(t_opt.state[p][key], reference.code_table(fmt, key == "exp_avg"))
             assert torch.equal(opt.state[q][key], codes) and torch.equal(opt.state[q][key + "_absmax"], absmax)
         assert opt.state[q]["step"].item() == t_opt.state[p]["step"].item()
     _steps(opt, ours, 2, backend, start=4)
     assert all(torch.isfinite(q).all() for q in ours)
 
 
-def test_dequantized_checkpoint_loads_into_torch_optim():
+@pytest.mark.parametrize("cls", [optim.AdamW8bit, optim.AdamWFp8], ids=lambda c: c.__name__)
+def test_dequantized_checkpoint_loads_into_torch_optim(cls):
     params = make_params()
-    opt = run(optim.AdamW8bit, params, steps=4, lr=1e-2, min_quantized_numel=0)
+    opt = run(cls, params, steps=4, lr=1e-2, min_quantized_numel=0)
     sd = optim.dequantize_state_dict(opt.state_dict())
     torch_params = clone(params)
     t_opt = torch.optim.AdamW(torch_params, lr=1e-2, foreach=False)
@@ -423,6 +479,33 @@ def test_bitsandbytes_checkpoint_loads_and_continues(cls, bnb_name):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("source,target", [(optim.AdamW8bit, optim.AdamWFp8), (optim.AdamWFp8, optim.AdamW8bit)],
+                         ids=["int8-to-fp8", "fp8-to-int8"])
+def test_a_checkpoint_of_one_format_loads_into_the_other_as_its_values(source, target):
+    """The codes of one format mean nothing in the other: they are dequantized with the saved format's
+    table (the saved param groups name it) and quantized again in the loading optimizer's."""
+    params = make_params()
+    src = run(source, params, steps=3, lr=1e-2, min_quantized_numel=0)
+    ours = clone(params)
+    opt = target(ours, lr=1e-2, min_quantized_numel=0)
+    opt.load_state_dict(copy.deepcopy(src.state_dict()))
+    fmt = opt.param_groups[0]["state_dtype"]
+    assert fmt == target(clone(params)).param_groups[0]["state_dtype"]
+    # A step GradScaler skips: the loaded states are converted and nothing else changes.
+    for q in ours:
+        q.grad = torch.zeros_like(q)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    for p, q in zip(params, ours):
+        assert torch.equal(q, p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            codes, absmax = reference.quantize_blockwise(_dequantized(src, p, key), reference.code_table(fmt, key == "exp_avg"))
+            assert torch.equal(opt.state[q][key], codes) and torch.equal(opt.state[q][key + "_absmax"], absmax)
+    _steps(opt, ours, 2, start=3)
+    assert all(torch.isfinite(q).all() for q in ours)
+
+
 def test_8bit_checkpoint_loads_into_a_full_precision_optimizer():
     params = make_params()
     q_opt = run(optim.AdamW8bit, params, steps=3, lr=1e-2, min_quantized_numel=0)
@@ -436,10 +519,11 @@ def test_8bit_checkpoint_loads_into_a_full_precision_optimizer():
     _steps(full, full_params, 2, start=3)
 
 
-def test_state_dtype_keyword_on_adam_equals_the_8bit_class():
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_state_dtype_keyword_on_adam_equals_the_quantized_class(fmt):
     p1, p2 = make_params(), make_params()
-    a = run(optim.AdamW, p1, steps=3, lr=1e-2, state_dtype="int8", min_quantized_numel=0)
-    b = run(optim.AdamW8bit, p2, steps=3, lr=1e-2, min_quantized_numel=0)
+    a = run(optim.AdamW, p1, steps=3, lr=1e-2, state_dtype=fmt, min_quantized_numel=0)
+    b = run(CLASSES[fmt][1], p2, steps=3, lr=1e-2, min_quantized_numel=0)
     for x, y in zip(p1, p2):
         assert torch.equal(x, y)
         for key, value in a.state[x].items():
@@ -499,17 +583,19 @@ def _train(make_optimizer, steps=300):
 
 
 @needs_bnb
-def test_300_steps_of_training_end_as_close_to_fp32_adamw_as_bitsandbytes():
+def test_300_steps_of_quantized_training_end_as_close_to_fp32_adamw_as_bitsandbytes():
     fp32 = _train(lambda ps: torch.optim.AdamW(ps, lr=3e-3))
-    ours = _train(lambda ps: optim.AdamW8bit(ps, lr=3e-3))
     theirs = _train(lambda ps: bitsandbytes.optim.AdamW8bit(ps, lr=3e-3))
-    assert abs(ours - fp32) <= 0.05 * fp32, (ours, fp32)
-    assert abs(ours - fp32) <= abs(theirs - fp32) + 0.01 * fp32, (ours, theirs, fp32)
+    for cls in (optim.AdamW8bit, optim.AdamWFp8):
+        ours = _train(lambda ps: cls(ps, lr=3e-3))
+        assert abs(ours - fp32) <= 0.05 * fp32, (cls.__name__, ours, fp32)
+        assert abs(ours - fp32) <= abs(theirs - fp32) + 0.01 * fp32, (cls.__name__, ours, theirs, fp32)
 
 
-def test_300_steps_of_8bit_training_end_within_5_percent_of_fp32():
+def test_300_steps_of_quantized_training_end_within_5_percent_of_fp32():
     fp32 = _train(lambda ps: torch.optim.AdamW(ps, lr=3e-3))
-    for make in (lambda ps: optim.AdamW8bit(ps, lr=3e-3), lambda ps: optim.Adam8bit(ps, lr=3e-3, amsgrad=True)):
+    for make in (lambda ps: optim.AdamW8bit(ps, lr=3e-3), lambda ps: optim.Adam8bit(ps, lr=3e-3, amsgrad=True),
+                 lambda ps: optim.AdamWFp8(ps, lr=3e-3), lambda ps: optim.AdamFp8(ps, lr=3e-3, amsgrad=True)):
         loss = _train(make)
         assert abs(loss - fp32) <= 0.05 * fp32, (loss, fp32)
 
@@ -519,11 +605,12 @@ def test_300_steps_of_8bit_training_end_within_5_percent_of_fp32():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", CONFIGS[:2], ids=["default", "amsgrad-wd-max"])
-def test_gpu_8bit_step_matches_the_oracle(backend, dtype, config):
+@pytest.mark.parametrize("cls", [optim.AdamW8bit, optim.AdamWFp8], ids=lambda c: c.__name__)
+def test_gpu_quantized_step_matches_the_oracle(backend, dtype, config, cls):
     params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(dtype)]
     ref_params = clone(params)
-    ref = run(optim.AdamW8bit, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
-    fused = run(optim.AdamW8bit, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
+    ref = run(cls, ref_params, backend="torch", min_quantized_numel=0, **copy.deepcopy(config))
+    fused = run(cls, params, backend=backend, min_quantized_numel=0, **copy.deepcopy(config))
     _assert_close_to(ref, ref_params, fused, params, FP32_TOL if dtype == torch.float32 else LOWP_TOL[dtype])
 
 
@@ -532,13 +619,14 @@ def test_gpu_8bit_step_matches_the_oracle(backend, dtype, config):
 @pytest.mark.parametrize("n", [1, 257, 4097, 100_000])
 def test_gpu_quantize_is_bit_exact_with_the_oracle(backend, n):
     x = _awkward(n)
-    for signed in (True, False):
-        codes, absmax = reference.quantize_blockwise(x if signed else x.abs(), reference.dynamic_map(signed))
+    for fmt, signed in TABLES:
+        table = reference.code_table(fmt, signed)
+        codes, absmax = reference.quantize_blockwise(x if signed else x.abs(), table)
         with fusedtech.use_backend(backend):
-            got_codes, got_absmax = ops.quantize_blockwise((x if signed else x.abs()).cuda(), signed=signed)
-            values = ops.dequantize_blockwise(codes.cuda(), absmax.cuda(), signed=signed)
+            got_codes, got_absmax = ops.quantize_blockwise((x if signed else x.abs()).cuda(), signed=signed, state_dtype=fmt)
+            values = ops.dequantize_blockwise(codes.cuda(), absmax.cuda(), signed=signed, state_dtype=fmt)
         assert torch.equal(got_codes.cpu(), codes) and _same(got_absmax.cpu(), absmax)
-        assert _same(values.cpu(), reference.dequantize_blockwise(codes, absmax, reference.dynamic_map(signed)))
+        assert _same(values.cpu(), reference.dequantize_blockwise(codes, absmax, table))
 
 
 @pytest.mark.gpu

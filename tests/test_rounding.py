@@ -83,8 +83,9 @@ def test_updates_below_bf16_resolution_move_the_weights_only_when_rounded_stocha
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("cls,kw", [(optim.AdamW, {}), (optim.Adam, dict(amsgrad=True, weight_decay=0.1)),
-                                    (optim.AdamW8bit, dict(min_quantized_numel=0))],
-                         ids=["AdamW", "Adam-amsgrad-wd", "AdamW8bit"])
+                                    (optim.AdamW8bit, dict(min_quantized_numel=0)),
+                                    (optim.AdamWFp8, dict(min_quantized_numel=0))],
+                         ids=["AdamW", "Adam-amsgrad-wd", "AdamW8bit", "AdamWFp8"])
 def test_kernels_round_as_the_oracle(backend, cls, kw):
     params = make_params(torch.bfloat16)
     ref_params = clone(params)

@@ -194,16 +194,18 @@ def _adam_quantized_kernel(ptrs, chunks, hyper, tables, lr, lr_ptr, grad_scale_p
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = dequantize(tl.load(m_ptr + offs, mask=mask, other=0), signed,
                        tl.load(ma_ptr + blocks, mask=row_mask, other=0.0))
-        v = dequantize(tl.load(v_ptr + offs, mask=mask, other=0), unsigned,
-                       tl.load(va_ptr + blocks, mask=row_mask, other=0.0))
+        # Lanes past the end read code 0, which is no zero in every table (-1 in E4M3's): zeroed, so
+        # their square roots stay real.
+        v = tl.where(mask, dequantize(tl.load(v_ptr + offs, mask=mask, other=0), unsigned,
+                                      tl.load(va_ptr + blocks, mask=row_mask, other=0.0)), 0.0)
         if HAS_GRAD_SCALE:
             g = g * inv_scale
         vmax = v
         if AMSGRAD:
             vmax_ptr = tl.load(base + Q_VMAX).to(tl.pointer_type(tl.uint8))
             vmaxa_ptr = tl.load(base + Q_VMAXA).to(tl.pointer_type(tl.float32))
-            vmax = dequantize(tl.load(vmax_ptr + offs, mask=mask, other=0), unsigned,
-                              tl.load(vmaxa_ptr + blocks, mask=row_mask, other=0.0))
+            vmax = tl.where(mask, dequantize(tl.load(vmax_ptr + offs, mask=mask, other=0), unsigned,
+                                             tl.load(vmaxa_ptr + blocks, mask=row_mask, other=0.0)), 0.0)
         p, m, v, vmax = _adam_update(p, g, m, v, vmax, neg_step_size, bias_correction2_sqrt, decay_factor, beta2,
                                      one_minus_beta1, one_minus_beta2, eps, weight_decay, AMSGRAD, HAS_WEIGHT_DECAY,
                                      DECOUPLED, MAXIMIZE)

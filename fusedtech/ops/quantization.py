@@ -32,16 +32,17 @@ DEQUANTIZE = _backend.Implementations(
 _device_tables: dict = {}
 
 
-def table(signed: bool, device) -> torch.Tensor:
-    """The 8-bit dynamic map (signed: first moments; unsigned: second moments) on `device`, cached."""
-    key = (signed, torch.device(device))
+def table(signed: bool, device, state_dtype: str = "int8") -> torch.Tensor:
+    """The table of a quantized state format on `device`, cached: the 8-bit dynamic map (signed: first
+    moments; unsigned: second moments) or, for "fp8", E4M3's (both)."""
+    key = (state_dtype, signed, torch.device(device))
     hit = _device_tables.get(key)
     if hit is None:
-        hit = _device_tables[key] = reference.dynamic_map(signed).to(device)
+        hit = _device_tables[key] = reference.code_table(state_dtype, signed).to(device)
     return hit
 
 
-def quantize_blockwise(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, *, signed: bool, state_dtype: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes laid out like x, float32 absmax per block of 256) of a dense tensor."""
     if x.is_sparse or not x.is_floating_point():
         raise TypeError(f"fusedtech: quantize_blockwise takes a dense floating-point tensor, got {x.dtype}"
@@ -50,9 +51,10 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, 
         x = x.contiguous()
     if x.dtype == torch.float64:
         x = x.float()
-    return QUANTIZE.pick(x.device)(x, table(signed, x.device), BLOCK)
+    return QUANTIZE.pick(x.device)(x, table(signed, x.device, state_dtype), BLOCK)
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool) -> torch.Tensor:
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool,
+                         state_dtype: str = "int8") -> torch.Tensor:
     """float32 values laid out like codes."""
-    return DEQUANTIZE.pick(codes.device)(codes, absmax, table(signed, codes.device), BLOCK)
+    return DEQUANTIZE.pick(codes.device)(codes, absmax, table(signed, codes.device, state_dtype), BLOCK)

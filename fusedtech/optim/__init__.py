@@ -5,7 +5,7 @@ from torch.optim import *  # noqa: F401,F403 - the namespace we mirror
 from torch.optim import Optimizer, lr_scheduler, swa_utils  # noqa: F401
 
 from .adagrad import Adagrad, FusedAdagrad  # noqa: F401
-from .adam import Adam, Adam8bit, AdamW, AdamW8bit, FusedAdam, FusedAdamW  # noqa: F401
+from .adam import Adam, Adam8bit, AdamFp8, AdamW, AdamW8bit, AdamWFp8, FusedAdam, FusedAdamW  # noqa: F401
 from .lamb import LAMB, FusedLAMB, Lamb  # noqa: F401
 from .rmsprop import FusedRMSprop, RMSprop  # noqa: F401
 from .quantized import dequantize_state_dict  # noqa: F401

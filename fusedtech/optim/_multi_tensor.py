@@ -148,20 +148,22 @@ def forget_plans(optimizer) -> None:
 
 @dataclass(frozen=True)
 class Quantized:
-    """Blockwise 8-bit states (reference/quantization.py): for each (key, signed) in `keys`,
-    state[key] holds uint8 codes laid out like the parameter and state[key + "_absmax"] a float32
-    absmax per block of 256. Parameters with fewer than `min_numel` elements keep full-precision
-    states. Their buckets are keyed (device, dtype, QUANTIZED)."""
+    """Blockwise quantized states (reference/quantization.py) of format `state_dtype` ("int8" or
+    "fp8"): for each (key, signed) in `keys`, state[key] holds uint8 codes laid out like the parameter
+    and state[key + "_absmax"] a float32 absmax per block of 256. Parameters with fewer than
+    `min_numel` elements keep full-precision states. Their buckets are keyed (device, dtype,
+    state_dtype), where others hold the torch state dtype."""
     keys: tuple
     min_numel: int
+    state_dtype: str
 
 
-QUANTIZED = "int8"  # the third item of a quantized bucket's key, where others hold the state dtype
-STATE_DTYPES = (None, QUANTIZED)
+QUANTIZED_STATE_DTYPES = ("int8", "fp8")
+STATE_DTYPES = (None,) + QUANTIZED_STATE_DTYPES
 MIN_QUANTIZED_NUMEL = 4096  # bitsandbytes' default: smaller tensors keep full-precision states
 
 
-def _quantized_state(state: dict, key: str, signed: bool, like: torch.Tensor):
+def _quantized_state(state: dict, key: str, signed: bool, like: torch.Tensor, state_dtype: str):
     """(codes laid out like `like`, absmax) of state[key], made (zeros), quantized (a full-precision
     state: a torch checkpoint, or a parameter that grew past min_numel) or relaid out (its blocks
     follow memory order, so another layout is dequantized and quantized again) as needed."""
@@ -169,29 +171,31 @@ def _quantized_state(state: dict, key: str, signed: bool, like: torch.Tensor):
     absmax_key = key + "_absmax"
     codes, absmax = state.get(key), state.get(absmax_key)
     if codes is None:
-        codes, absmax = quantization.quantize_blockwise(torch.zeros_like(like, dtype=torch.float32), signed=signed)
+        codes, absmax = quantization.quantize_blockwise(torch.zeros_like(like, dtype=torch.float32), signed=signed,
+                                                        state_dtype=state_dtype)
     elif codes.dtype != torch.uint8 or absmax is None:
         codes, absmax = quantization.quantize_blockwise(torch.empty_like(like, dtype=torch.float32).copy_(codes),
-                                                        signed=signed)
+                                                        signed=signed, state_dtype=state_dtype)
     elif (codes.device != like.device or codes.stride() != like.stride()
           or absmax.device != like.device or absmax.dtype != torch.float32 or not absmax.is_contiguous()):
         values = quantization.dequantize_blockwise(codes.to(like.device), absmax.to(like.device, torch.float32).contiguous(),
-                                                   signed=signed)
+                                                   signed=signed, state_dtype=state_dtype)
         codes, absmax = quantization.quantize_blockwise(torch.empty_like(like, dtype=torch.float32).copy_(values),
-                                                        signed=signed)
+                                                        signed=signed, state_dtype=state_dtype)
     else:
         return codes, absmax
     state[key], state[absmax_key] = codes, absmax
     return codes, absmax
 
 
-def dequantized_state(state: dict, key: str, signed: bool) -> None:
+def dequantized_state(state: dict, key: str, signed: bool, state_dtype: str) -> None:
     """state[key] back in float32 (a parameter below min_numel, or a quantized optimizer checkpoint
     loaded without quantization)."""
     from ..ops import quantization
     codes, absmax = state.get(key), state.pop(key + "_absmax", None)
     if codes is not None and absmax is not None and codes.dtype == torch.uint8:
-        state[key] = quantization.dequantize_blockwise(codes, absmax.float().contiguous(), signed=signed)
+        state[key] = quantization.dequantize_blockwise(codes, absmax.float().contiguous(), signed=signed,
+                                                       state_dtype=state_dtype)
 
 
 def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
@@ -230,7 +234,7 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
                               if init is None else init.to(state_dtype))
         elif quantized is not None and not quantize:
             for key, signed in quantized.keys:
-                dequantized_state(state, key, signed)
+                dequantized_state(state, key, signed, quantized.state_dtype)
         if use_master and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
 
@@ -242,7 +246,7 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
             grad = grad.contiguous()
         elif not dense(grad):
             grad = grad.contiguous()
-        b = buckets[(p.device, p.dtype, QUANTIZED if quantize else state_dtype)]
+        b = buckets[(p.device, p.dtype, quantized.state_dtype if quantize else state_dtype)]
         if work is not shard:
             b.writeback.append((shard, work))
         b.params.append(work)
@@ -252,7 +256,7 @@ def _collect(optimizer, group: dict, state_keys: tuple[str, ...], *, name: str,
         b.grads.append(grad)
         if quantize:
             for key, signed in quantized.keys:
-                codes, absmax = _quantized_state(state, key, signed, work)
+                codes, absmax = _quantized_state(state, key, signed, work, quantized.state_dtype)
                 b.states[key].append(codes)
                 b.states[key + "_absmax"].append(absmax)
         else:
@@ -349,15 +353,17 @@ def restore_quantized_state(optimizer, state_dict: dict) -> None:
     """torch's load_state_dict casts every state tensor to its parameter's dtype: quantized codes
     (uint8) and their float32 absmax are taken again, as saved, from the state_dict being loaded, and
     a bitsandbytes 8-bit optimizer's state is translated (quantized.from_bitsandbytes). A group that
-    keeps full-precision states gets them dequantized."""
+    keeps full-precision states, or another format (int8 codes loaded into an fp8 optimizer), gets
+    them dequantized (its step quantizes them in its own format)."""
     from .quantized import SIGNED_STATES, from_bitsandbytes
     from ..ops import quantization
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    saved_ids = [(i, g.get("state_dtype") or "int8") for g in state_dict["param_groups"] for i in g["params"]]
     groups = [(p, g) for g in optimizer.param_groups for p in g["params"]]
-    for pid, (p, group) in zip(saved_ids, groups):
+    for (pid, saved_format), (p, group) in zip(saved_ids, groups):
         saved = state_dict["state"].get(pid) or {}
         translated = from_bitsandbytes(saved, p, optimizer._bitsandbytes_states)
         if translated is not None:
+            saved_format = "int8"
             state = optimizer.state[p]
             state.clear()
             state.update(translated)
@@ -369,9 +375,10 @@ def restore_quantized_state(optimizer, state_dict: dict) -> None:
                 name = key[:-len("_absmax")]
                 absmax = absmax.to(device=p.device, dtype=torch.float32, copy=True)
                 codes = codes.to(device=p.device, copy=True)
-                if group.get("state_dtype") is None:  # this optimizer keeps torch's states
+                if group.get("state_dtype") != saved_format:  # torch's states, or another format
                     del state[key]
-                    state[name] = quantization.dequantize_blockwise(codes, absmax, signed=name in SIGNED_STATES)
+                    state[name] = quantization.dequantize_blockwise(codes, absmax, signed=name in SIGNED_STATES,
+                                                                    state_dtype=saved_format)
                 else:
                     state[key], state[name] = absmax, codes
 
@@ -418,8 +425,8 @@ class FusedStepMixin:
             raise ValueError(f"fusedtech.optim.{name} does not support differentiable=True; "
                              f"use torch.optim.{name} for higher-order optimization")
         if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"fusedtech.optim.{name}: state_dtype must be None (the parameters' dtype, as torch) "
-                             f"or 'int8' (blockwise 8-bit states), got {state_dtype!r}")
+            raise ValueError(f"fusedtech.optim.{name}: state_dtype must be None (the parameters' dtype, as torch), "
+                             f"'int8' (blockwise 8-bit states) or 'fp8' (blockwise E4M3 states), got {state_dtype!r}")
         if int(min_quantized_numel) < 0:
             raise ValueError(f"fusedtech.optim.{name}: min_quantized_numel must be >= 0, got {min_quantized_numel}")
         if bf16_stochastic_round and master_weights:
@@ -550,4 +557,4 @@ class FusedStepMixin:
         """The group's quantized states (None: full precision): `keys` are (state key, signed) pairs."""
         if group.get("state_dtype") is None:
             return None
-        return Quantized(keys, int(group.get("min_quantized_numel", MIN_QUANTIZED_NUMEL)))
+        return Quantized(keys, int(group.get("min_quantized_numel", MIN_QUANTIZED_NUMEL)), group["state_dtype"])

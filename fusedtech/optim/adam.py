@@ -44,12 +44,13 @@ class _FusedAdamStep(mt.FusedStepMixin):
                          bool(group.get("decoupled_weight_decay", decoupled_default)), amsgrad,
                          bool(group["maximize"]), grad_scale, found_inf)
                 seed = self._stochastic_round_seed(group, index, dtype, b)
-                if state_format == mt.QUANTIZED:
+                if state_format in mt.QUANTIZED_STATE_DTYPES:
                     s = b.states
                     adam_step_quantized_(b.params, b.grads, s["exp_avg"], s["exp_avg_absmax"], s["exp_avg_sq"],
                                          s["exp_avg_sq_absmax"], s["max_exp_avg_sq"] if amsgrad else [],
                                          s["max_exp_avg_sq_absmax"] if amsgrad else [], b.masters, b.steps,
-                                         quantization.table(True, device), quantization.table(False, device), *hyper,
+                                         quantization.table(True, device, state_format),
+                                         quantization.table(False, device, state_format), *hyper,
                                          stochastic_round_seed=seed)
                 else:
                     adam_step_(b.params, b.grads, b.states["exp_avg"], b.states["exp_avg_sq"],
@@ -67,7 +68,7 @@ class Adam(_FusedAdamStep, torch.optim.Adam):
     Extra keywords: ``master_weights`` keeps fp32 copies of fp16/bf16 parameters (and fp32 states)
     and updates them inside the fused step; ``state_dtype="int8"`` keeps exp_avg / exp_avg_sq (and
     max_exp_avg_sq) as blockwise 8-bit codes of tensors with at least ``min_quantized_numel`` elements
-    (see :class:`Adam8bit`); ``bf16_stochastic_round=True`` rounds bf16 parameters stochastically
+    (see :class:`Adam8bit`), ``state_dtype="fp8"`` as blockwise E4M3 (see :class:`AdamFp8`); ``bf16_stochastic_round=True`` rounds bf16 parameters stochastically
     (unbiased: updates below bf16's resolution still move the weights on average) instead of to
     nearest, an alternative to fp32 master weights. ``foreach`` and ``fused`` are accepted and ignored.
     """
@@ -117,7 +118,7 @@ class Adam8bit(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  min_quantized_numel=mt.MIN_QUANTIZED_NUMEL, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype=mt.QUANTIZED,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype="int8",
                          min_quantized_numel=min_quantized_numel, **kwargs)
 
 
@@ -126,7 +127,31 @@ class AdamW8bit(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  min_quantized_numel=mt.MIN_QUANTIZED_NUMEL, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype=mt.QUANTIZED,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype="int8",
+                         min_quantized_numel=min_quantized_numel, **kwargs)
+
+
+class AdamFp8(Adam):
+    """Adam with blockwise FP8 (E4M3) states, as torchao's AdamFp8: ``Adam(..., state_dtype="fp8")``.
+
+    Both moments are E4M3 numbers times a float32 scale per 256 elements (absmax / 448): the uint8
+    codes in ``state["exp_avg"]`` / ``state["exp_avg_sq"]`` are ranks into E4M3's sorted finite values
+    (``fusedtech.reference.quantization.e4m3_bits`` gives their float8_e4m3fn bits), the scales'
+    absmax under ``<key>_absmax``, as :class:`Adam8bit` keeps its codes. 2 bytes of state per element.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 min_quantized_numel=mt.MIN_QUANTIZED_NUMEL, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype="fp8",
+                         min_quantized_numel=min_quantized_numel, **kwargs)
+
+
+class AdamWFp8(AdamW):
+    """AdamW with blockwise FP8 (E4M3) states: ``AdamW(..., state_dtype="fp8")`` (see :class:`AdamFp8`)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 min_quantized_numel=mt.MIN_QUANTIZED_NUMEL, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype="fp8",
                          min_quantized_numel=min_quantized_numel, **kwargs)
 
 

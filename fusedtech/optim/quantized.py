@@ -1,4 +1,5 @@
-"""Checkpoints of optimizers with quantized states (``state_dtype="int8"``): the state_dict keeps the
+"""Checkpoints of optimizers with quantized states (``state_dtype="int8"`` or ``"fp8"``, named in each
+param group): the state_dict keeps the
 uint8 codes under the state's own key and the float32 scales under ``<key>_absmax``;
 :func:`dequantize_state_dict` turns it into the full-precision state_dict torch.optim loads, and
 :func:`from_bitsandbytes` reads a bitsandbytes 8-bit (or 32-bit) optimizer's per-parameter state."""
@@ -20,6 +21,7 @@ def dequantize_state_dict(state_dict: dict) -> dict:
     """A copy of `state_dict` (no tensor shared) with every quantized state in float32 and the quantization options
     dropped from its param groups: what ``torch.optim.Adam(...).load_state_dict`` takes."""
     out = {"state": {}, "param_groups": copy.deepcopy(state_dict["param_groups"])}
+    formats = {pid: group.get("state_dtype") or "int8" for group in out["param_groups"] for pid in group["params"]}
     for group in out["param_groups"]:
         for key in _GROUP_OPTIONS:
             group.pop(key, None)
@@ -31,7 +33,8 @@ def dequantize_state_dict(state_dict: dict) -> dict:
             absmax = state.get(key + "_absmax")
             if torch.is_tensor(codes) and codes.dtype == torch.uint8 and torch.is_tensor(absmax):
                 new[key] = quantization.dequantize_blockwise(codes, absmax.float().contiguous(),
-                                                             signed=key in SIGNED_STATES)
+                                                             signed=key in SIGNED_STATES,
+                                                             state_dtype=formats.get(pid, "int8"))
                 del new[key + "_absmax"]
         out["state"][pid] = new
     return out

@@ -14,6 +14,12 @@ spaced fractions, more of them in the larger decades; signed for first moments, 
 resolution on [0, 1]) for second moments. Built the same way here (float32 linspace, midpoints and
 products), they are bitsandbytes' tables bit for bit, so its checkpoints'
 codes mean the same values.
+
+The FP8 table (``state_dtype="fp8"``, both moments, as torchao's AdamWFp8) holds the values of E4M3
+(torch.float8_e4m3fn) scaled to [-1, 1]: a block's values are E4M3 numbers times absmax / 448. A code
+is a value's rank among E4M3's 253 finite values (0 is -448, 126 is zero, 252 is 448), so the same
+sorted-table search quantizes it: the nearest E4M3 value of x * 448 / absmax (up to the float32
+rounding of the scaled table). :func:`e4m3_bits` gives the float8_e4m3fn bit pattern of each code.
 """
 from __future__ import annotations
 
@@ -39,6 +45,37 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     table = torch.tensor(sorted(values), dtype=torch.float32)
     assert table.numel() == 256
     return table
+
+
+@functools.lru_cache(maxsize=None)
+def e4m3_map() -> torch.Tensor:
+    """The 256 sorted float32 entries of the FP8 table: E4M3's 253 finite values (one zero) / 448,
+    then three +inf no value quantizes to (their midpoints are inf: a table of 256, as the kernels
+    take; CPU; do not modify)."""
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = sorted(set(values[torch.isfinite(values)].tolist()))  # NaN (0x7F, 0xFF) out, -0 == 0
+    table = torch.tensor(finite, dtype=torch.float32) / 448.0
+    assert table.numel() == 253
+    return torch.cat([table, torch.full((3,), float("inf"))])
+
+
+def e4m3_bits(codes: torch.Tensor) -> torch.Tensor:
+    """The torch.float8_e4m3fn bit patterns (uint8) of FP8-table codes: rank r < 126 is the negative
+    value 0xFE - r, rank r >= 126 the non-negative value r - 126."""
+    c = codes.to(torch.int16)
+    return torch.where(c < 126, 0xFE - c, c - 126).to(torch.uint8)
+
+
+QUANTIZED_STATE_DTYPES = ("int8", "fp8")
+
+
+def code_table(state_dtype: str, signed: bool) -> torch.Tensor:
+    """The table of a quantized state format: 8-bit dynamic maps (signed for first moments) or E4M3's."""
+    if state_dtype == "int8":
+        return dynamic_map(signed)
+    if state_dtype == "fp8":
+        return e4m3_map()
+    raise ValueError(f"fusedtech: a quantized state_dtype is one of {QUANTIZED_STATE_DTYPES}, got {state_dtype!r}")
 
 
 def midpoints(table: torch.Tensor) -> torch.Tensor:
